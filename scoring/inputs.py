@@ -1,0 +1,177 @@
+"""Boundary checks shared by the transferability scores.
+
+Every public score validates its inputs here, before any heavy work, and raises a `ValueError` or
+`TypeError` that names the argument, what was expected and what came. Inside `jax.jit` the inputs are
+abstract: shapes and dtypes are still checked, values (finiteness, label sets) cannot be and are not.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(x) -> bool:
+    """True when `x` is an abstract value inside a jax transformation (its values are unknown)."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """The float dtype scores compute in: float64 for float64 input (when x64 is on), else float32.
+
+    Half precision and integer inputs are promoted to float32: eigendecompositions and log-evidences
+    are not meaningful in bfloat16.
+    """
+    if jnp.dtype(dtype) == jnp.float64 and jax.config.jax_enable_x64:
+        return jnp.dtype(jnp.float64)
+    return jnp.dtype(jnp.float32)
+
+
+def _as_array(x, name: str):
+    if is_traced(x) or isinstance(x, jax.Array | np.ndarray):
+        return x
+    if isinstance(x, list | tuple) or np.isscalar(x):
+        return np.asarray(x)
+    raise TypeError(f"{name} must be an array (NumPy or JAX); got {type(x).__name__}")
+
+
+def _check_finite(x, name: str) -> None:
+    if is_traced(x):
+        return
+    if not bool(jnp.all(jnp.isfinite(x))):
+        bad = int(jnp.sum(~jnp.isfinite(x)))
+        raise ValueError(f"{name} must be finite; found {bad} NaN or infinite values")
+
+
+def check_features(features, name: str = "features", min_samples: int = 2) -> jax.Array:
+    """Checks a feature matrix and returns it as a JAX array in its compute dtype.
+
+    Args:
+        features: [N, D] real array, N ≥ 2 samples and D ≥ 1 dimensions, all finite.
+        name: the argument's name, for error messages.
+        min_samples: the smallest N accepted.
+
+    Returns:
+        [N, D] array of dtype `compute_dtype(features.dtype)`.
+
+    Raises:
+        TypeError: not an array, or not of a real numeric dtype.
+        ValueError: wrong rank, N < 2, D == 0, or NaN/inf values.
+    """
+    features = _as_array(features, name)
+    if not (
+        jnp.issubdtype(features.dtype, jnp.floating) or jnp.issubdtype(features.dtype, jnp.integer)
+    ):
+        raise TypeError(f"{name} must be a real-valued array; got dtype {features.dtype}")
+    if features.ndim != 2:
+        raise ValueError(f"{name} must have shape [N, D]; got shape {tuple(features.shape)}")
+    n, d = features.shape
+    if n < min_samples:
+        raise ValueError(f"{name} needs at least {min_samples} samples (rows); got N={n}")
+    if d == 0:
+        raise ValueError(f"{name} needs at least 1 dimension (column); got D=0")
+    _check_finite(features, name)
+    return jnp.asarray(features, compute_dtype(features.dtype))
+
+
+class Labels(NamedTuple):
+    """Class labels mapped to contiguous indices.
+
+    Attributes:
+        index: [N] int32 class index of each sample, in [0, num_classes).
+        classes: [C] the original label value of each index (sorted), or None when unknown (traced input).
+        num_classes: C.
+    """
+
+    index: jax.Array
+    classes: np.ndarray | None
+    num_classes: int
+
+
+def check_labels(
+    labels, num_samples: int, *, num_classes: int | None = None, name: str = "labels"
+) -> Labels:
+    """Checks integer class labels and maps them to contiguous indices.
+
+    Args:
+        labels: [N] integer labels. Without `num_classes` the classes are the sorted distinct values
+          present, so labels need not be contiguous (e.g. {3, 7, 9} → indices {0, 1, 2}).
+        num_samples: N, the number of feature rows the labels must match.
+        num_classes: if given, labels must lie in [0, num_classes) and all `num_classes` classes are
+          used. Required inside `jax.jit`, where the distinct values cannot be read.
+        name: the argument's name, for error messages.
+
+    Returns:
+        `Labels` with the class index per sample.
+
+    Raises:
+        TypeError: labels are not integers.
+        ValueError: wrong shape or length, fewer than 2 classes, labels outside [0, num_classes).
+    """
+    labels = _as_array(labels, name)
+    if not (jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == bool):
+        raise TypeError(
+            f"{name} must be integer class labels [N]; got dtype {labels.dtype}. For real-valued or "
+            "multi-label targets pass regression=True; for float-coded classes cast with .astype(int)"
+        )
+    if labels.ndim != 1:
+        raise ValueError(f"{name} must have shape [N]; got shape {tuple(labels.shape)}")
+    if labels.shape[0] != num_samples:
+        raise ValueError(
+            f"{name} has {labels.shape[0]} entries but features have N={num_samples} rows"
+        )
+    if num_classes is not None:
+        if not isinstance(num_classes, int | np.integer) or num_classes < 2:
+            raise ValueError(f"num_classes must be an int ≥ 2; got {num_classes!r}")
+        if not is_traced(labels):
+            lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+            if lo < 0 or hi >= num_classes:
+                raise ValueError(
+                    f"{name} must lie in [0, num_classes={num_classes}); found values in [{lo}, {hi}]"
+                )
+            classes = np.arange(num_classes)
+        else:
+            classes = None
+        return Labels(jnp.asarray(labels, jnp.int32), classes, int(num_classes))
+    if is_traced(labels):
+        raise ValueError(
+            f"{name} is abstract (inside jax.jit), so its class set cannot be read: pass num_classes "
+            "(as a static argument) with labels in [0, num_classes)"
+        )
+    classes, index = np.unique(np.asarray(labels), return_inverse=True)
+    if classes.size < 2:
+        raise ValueError(f"{name} must contain at least 2 classes; found {classes.size}")
+    return Labels(jnp.asarray(index.reshape(-1), jnp.int32), classes, int(classes.size))
+
+
+def check_targets(targets, num_samples: int, dtype, name: str = "targets") -> jax.Array:
+    """Checks real-valued regression (or multi-label 0/1) targets.
+
+    Args:
+        targets: [N] or [N, C] real targets, finite.
+        num_samples: N, the number of feature rows the targets must match.
+        dtype: the compute dtype to cast to.
+        name: the argument's name, for error messages.
+
+    Returns:
+        [N, C] array of `dtype` (a [N] input becomes [N, 1]).
+
+    Raises:
+        TypeError: not a numeric array.
+        ValueError: wrong shape or length, C == 0, or NaN/inf values.
+    """
+    targets = _as_array(targets, name)
+    if not (jnp.issubdtype(targets.dtype, jnp.number) or targets.dtype == bool):
+        raise TypeError(f"{name} must be a numeric array; got dtype {targets.dtype}")
+    if targets.ndim not in (1, 2):
+        raise ValueError(f"{name} must have shape [N] or [N, C]; got shape {tuple(targets.shape)}")
+    if targets.shape[0] != num_samples:
+        raise ValueError(
+            f"{name} has {targets.shape[0]} rows but features have N={num_samples} rows"
+        )
+    if targets.ndim == 2 and targets.shape[1] == 0:
+        raise ValueError(f"{name} must have at least one column; got shape {tuple(targets.shape)}")
+    _check_finite(targets, name)
+    targets = jnp.asarray(targets, dtype)
+    return targets[:, None] if targets.ndim == 1 else targets

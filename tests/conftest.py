@@ -1,0 +1,10 @@
+"""Test setup: 8 fake CPU devices, so every multi-device path runs on a laptop or CI."""
+
+import os
+
+# Must happen before JAX initialises its backends (i.e. before any array is made).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+jax.config.update("jax_num_cpu_devices", 8)

@@ -1,0 +1,275 @@
+"""LogME against the public reference implementation's outputs and against exact identities."""
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+import scoring
+
+FIXTURES = np.load(pathlib.Path(__file__).parent / "fixtures" / "logme_reference.npz")
+CASES = sorted({k.split("/")[0] for k in FIXTURES.files if not k.startswith("src")})
+TALL_CASES = [c for c in CASES if f"{c}/alpha" in FIXTURES.files]
+
+
+def case(name):
+    """(features [N, D] float64, targets, regression) of a fixture case."""
+    feats = FIXTURES[f"{name}/features"]
+    if f"{name}/targets" in FIXTURES.files:
+        return feats, FIXTURES[f"{name}/targets"], True
+    return feats, FIXTURES[f"{name}/labels"], False
+
+
+@pytest.fixture
+def x64():
+    with jax.enable_x64(True):
+        yield
+
+
+def test_fixture_has_the_documented_cases():
+    assert set(CASES) == {
+        "cls_tall", "cls_wide", "cls_lowrank", "cls_scaled", "cls_many",
+        "reg_multi", "reg_wide", "multilabel",
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_score_matches_reference_in_float64(x64, name):
+    feats, targets, regression = case(name)
+    result = scoring.logme(feats, targets, regression=regression)
+    assert result.score.dtype == jnp.float64
+    np.testing.assert_allclose(float(result.score), FIXTURES[f"{name}/score"], rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", TALL_CASES)
+def test_parameters_and_predictions_match_reference_in_float64(x64, name):
+    feats, targets, regression = case(name)
+    result = scoring.logme(feats, targets, regression=regression)
+    np.testing.assert_allclose(result.alpha, FIXTURES[f"{name}/alpha"], rtol=1e-6)
+    np.testing.assert_allclose(result.beta, FIXTURES[f"{name}/beta"], rtol=1e-6)
+    np.testing.assert_allclose(result.weights, FIXTURES[f"{name}/weights"], rtol=1e-6, atol=0)
+    preds = np.asarray(scoring.logme_predict(result, feats))
+    if regression:
+        np.testing.assert_allclose(preds, FIXTURES[f"{name}/predict"], rtol=1e-6, atol=1e-12)
+    else:
+        np.testing.assert_array_equal(preds.argmax(-1), FIXTURES[f"{name}/predict"])
+
+
+def test_wide_case_differs_from_reference_default_code_as_documented():
+    # Issue #23 of the reference: its default path forgets the zero eigenvalues when N < D.
+    for name in ("cls_wide", "reg_wide"):
+        assert abs(FIXTURES[f"{name}/score"] - FIXTURES[f"{name}/score_reference_code"]) > 1.0
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_float32_score_is_close_to_float64(name):
+    feats, targets, regression = case(name)
+    targets = targets.astype(np.float32) if regression else targets
+    result = scoring.logme(feats.astype(np.float32), targets, regression=regression)
+    assert result.score.dtype == jnp.float32
+    assert np.all(np.isfinite(result.evidence))
+    np.testing.assert_allclose(float(result.score), FIXTURES[f"{name}/score"], atol=2e-3)
+
+
+def one_hot_targets(name):
+    feats, targets, regression = case(name)
+    if regression:
+        return feats, targets
+    return feats, (targets[:, None] == np.unique(targets)[None]).astype(np.float64)
+
+
+@pytest.mark.parametrize("name", ["cls_tall", "cls_wide", "reg_multi", "reg_wide"])
+def test_evidence_equals_gaussian_marginal_likelihood_at_convergence(x64, name):
+    # log p(y | F, α, β) = log N(y; 0, I/β + F Fᵀ/α), computed densely with SciPy.
+    feats, targets_NC = one_hot_targets(name)
+    result = scoring.logme(feats, targets_NC, regression=True, eps=0.0, tol=1e-13, max_iter=500)
+    n = feats.shape[0]
+    for c in range(targets_NC.shape[1]):
+        alpha, beta = float(result.alpha[c]), float(result.beta[c])
+        cov = np.eye(n) / beta + feats @ feats.T / alpha
+        log_p = scipy.stats.multivariate_normal(np.zeros(n), cov).logpdf(targets_NC[:, c])
+        # 1e-7: when N < D the fit is near-exact, β is large and the dense covariance is
+        # ill-conditioned, which costs SciPy's Cholesky a few digits.
+        np.testing.assert_allclose(float(result.evidence[c]) * n, log_p, rtol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["cls_tall", "cls_lowrank", "reg_multi", "reg_wide"])
+@pytest.mark.parametrize(("tol", "rtol"), [(1e-13, 1e-8), (1e-3, 2e-2)])
+def test_stationarity_identities_hold(x64, name, tol, rtol):
+    # At a fixed point α‖m‖² = γ and β‖Fm − y‖² = N − γ, with γ = Σ λ/(λ + α/β).
+    feats, targets_NC = one_hot_targets(name)
+    result = scoring.logme(feats, targets_NC, regression=True, eps=0.0, tol=tol, max_iter=500)
+    # The nonzero spectrum from the smaller of FᵀF and FFᵀ: the other one's zero eigenvalues come
+    # out of eigvalsh as noise, which matters when α/β is tiny (N < D fits y almost exactly).
+    small_gram = feats.T @ feats if feats.shape[0] >= feats.shape[1] else feats @ feats.T
+    eig = np.clip(np.linalg.eigvalsh(small_gram), 0, None)
+    for c in range(targets_NC.shape[1]):
+        alpha, beta = float(result.alpha[c]), float(result.beta[c])
+        m = np.asarray(result.weights[c])
+        gamma = np.sum(eig / (eig + alpha / beta))
+        n = feats.shape[0]
+        np.testing.assert_allclose(alpha * m @ m, gamma, rtol=rtol)
+        residual = beta * np.sum((feats @ m - targets_NC[:, c]) ** 2)
+        # When N < D both sides are ~0 (y is fit exactly), so compare absolutely there.
+        np.testing.assert_allclose(residual, n - gamma, rtol=rtol, atol=1e-6)
+
+
+def test_classification_equals_regression_on_one_hot_columns(x64):
+    feats, labels, _ = case("cls_many")
+    by_labels = scoring.logme(feats, labels)
+    by_one_hot = scoring.logme(feats, one_hot_targets("cls_many")[1], regression=True)
+    np.testing.assert_allclose(by_labels.evidence, by_one_hot.evidence, rtol=1e-12)
+
+
+def test_labels_need_not_be_contiguous(x64):
+    feats, labels, _ = case("cls_tall")
+    relabelled = np.array([3, 7, 9, 20, 21])[labels]
+    np.testing.assert_allclose(
+        scoring.logme(feats, relabelled).score, FIXTURES["cls_tall/score"], atol=1e-8
+    )
+
+
+@pytest.mark.parametrize("name", ["cls_tall", "cls_wide", "reg_multi"])
+def test_jit_matches_no_jit(name):
+    feats, targets, regression = case(name)
+    feats = feats.astype(np.float32)
+    if regression:
+        targets = targets.astype(np.float32)
+        kwargs = dict(regression=True)
+    else:
+        kwargs = dict(num_classes=int(targets.max()) + 1)
+    eager = scoring.logme(feats, targets, **kwargs)
+    jitted = jax.jit(scoring.logme, static_argnames=("regression", "num_classes"))(
+        feats, targets, **kwargs
+    )
+    for a, b in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(jitted.score), FIXTURES[f"{name}/score"], atol=2e-3)
+
+
+def test_jit_with_traced_solver_arguments():
+    feats, targets, _ = case("reg_multi")
+    fn = jax.jit(scoring.logme, static_argnames="regression")
+    a = fn(
+        feats.astype(np.float32), targets.astype(np.float32), regression=True, max_iter=3, tol=1e-4
+    )
+    b = scoring.logme(
+        feats.astype(np.float32), targets.astype(np.float32), regression=True, max_iter=3, tol=1e-4
+    )
+    np.testing.assert_allclose(a.score, b.score, rtol=1e-6)
+
+
+def test_jit_with_abstract_labels_needs_num_classes():
+    feats, labels, _ = case("cls_tall")
+    with pytest.raises(ValueError, match="num_classes"):
+        jax.jit(scoring.logme, static_argnames="regression")(feats.astype(np.float32), labels)
+
+
+def test_max_iter_bounds_the_fixed_point(x64):
+    feats, targets, regression = case("reg_multi")
+    one_step = scoring.logme(feats, targets, regression=True, max_iter=1)
+    # After one step from α = β = 1: α = γ/(‖m‖² + eps) with m = (FᵀF + I)⁻¹Fᵀy.
+    gram = feats.T @ feats
+    m = np.linalg.solve(gram + np.eye(gram.shape[0]), feats.T @ targets[:, 0])
+    gamma = np.trace(np.linalg.solve(gram + np.eye(gram.shape[0]), gram))
+    np.testing.assert_allclose(float(one_step.alpha[0]), gamma / (m @ m + 1e-5), rtol=1e-9)
+
+
+def test_logme_from_gram_equals_logme(x64):
+    for name in ("cls_many", "reg_multi", "cls_lowrank"):
+        feats, targets_NC = one_hot_targets(name)
+        direct = scoring.logme(feats, targets_NC, regression=True)
+        streamed = scoring.logme_from_gram(
+            feats.T @ feats, feats.T @ targets_NC, np.sum(targets_NC**2, 0), feats.shape[0]
+        )
+        for a, b in zip(jax.tree.leaves(direct), jax.tree.leaves(streamed), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_integer_features_are_scored_in_float32():
+    rng = np.random.default_rng(0)
+    feats = rng.integers(-5, 5, size=(50, 4))
+    labels = rng.integers(0, 3, size=50)
+    result = scoring.logme(feats, labels)
+    assert result.score.dtype == jnp.float32 and np.isfinite(float(result.score))
+
+
+# Bad input: each raises a clear error naming the argument, before any heavy work.
+
+GOOD_FEATS = np.random.default_rng(1).normal(size=(20, 5)).astype(np.float32)
+GOOD_LABELS = np.arange(20) % 3
+
+
+@pytest.mark.parametrize(
+    ("features", "targets", "kwargs", "error", "match"),
+    [
+        (
+            np.where(np.eye(20, 5) > 0, np.nan, GOOD_FEATS),
+            GOOD_LABELS,
+            {},
+            ValueError,
+            "features must be finite; found 5",
+        ),
+        (
+            np.where(np.eye(20, 5) > 0, np.inf, GOOD_FEATS),
+            GOOD_LABELS,
+            {},
+            ValueError,
+            "features must be finite",
+        ),
+        (GOOD_FEATS[:1], GOOD_LABELS[:1], {}, ValueError, "at least 2 samples"),
+        (GOOD_FEATS[:, :0], GOOD_LABELS, {}, ValueError, "D=0"),
+        (GOOD_FEATS[0], GOOD_LABELS, {}, ValueError, r"features must have shape \[N, D\]"),
+        (GOOD_FEATS, np.zeros(20, int), {}, ValueError, "at least 2 classes"),
+        (GOOD_FEATS, GOOD_LABELS[:19], {}, ValueError, "targets has 19 entries"),
+        (GOOD_FEATS, GOOD_LABELS + 0.5, {}, TypeError, "regression=True"),
+        (
+            GOOD_FEATS,
+            np.stack([GOOD_LABELS] * 2, 1),
+            {},
+            ValueError,
+            r"targets must have shape \[N\]",
+        ),
+        (GOOD_FEATS, GOOD_LABELS, {"num_classes": 2}, ValueError, "num_classes=2"),
+        (GOOD_FEATS, GOOD_LABELS, {"num_classes": 1}, ValueError, "num_classes must be an int ≥ 2"),
+        (GOOD_FEATS, GOOD_LABELS, {"max_iter": 0}, ValueError, "max_iter"),
+        (GOOD_FEATS, GOOD_LABELS, {"tol": -1.0}, ValueError, "tol"),
+        (GOOD_FEATS, GOOD_LABELS, {"eps": float("nan")}, ValueError, "eps"),
+        (
+            GOOD_FEATS,
+            np.full((20, 2), np.nan),
+            {"regression": True},
+            ValueError,
+            "targets must be finite",
+        ),
+        (GOOD_FEATS, np.ones((19, 2)), {"regression": True}, ValueError, "targets has 19 rows"),
+        (GOOD_FEATS, np.ones((20, 0)), {"regression": True}, ValueError, "at least one column"),
+        ("features", GOOD_LABELS, {}, TypeError, "features must be a real-valued array"),
+        ({"a": 1}, GOOD_LABELS, {}, TypeError, "features must be an array"),
+        (GOOD_FEATS.astype(bool), GOOD_LABELS, {}, TypeError, "real-valued"),
+    ],
+)
+def test_bad_input_raises(features, targets, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        scoring.logme(features, targets, **kwargs)
+
+
+def test_bad_statistics_raise():
+    gram = GOOD_FEATS.T @ GOOD_FEATS
+    with pytest.raises(ValueError, match="fty_DC must have D=5 rows"):
+        scoring.logme_from_gram(gram, np.ones((4, 2)), np.ones(2), 20)
+    with pytest.raises(ValueError, match="yy_C must have C=2"):
+        scoring.logme_from_gram(gram, np.ones((5, 2)), np.ones(3), 20)
+    with pytest.raises(ValueError, match="num_samples"):
+        scoring.logme_from_gram(gram, np.ones((5, 2)), np.ones(2), 1)
+    with pytest.raises(ValueError, match="gram_DD must be finite"):
+        scoring.logme_from_gram(gram * np.nan, np.ones((5, 2)), np.ones(2), 20)
+
+
+def test_predict_rejects_mismatched_dimensions():
+    result = scoring.logme(GOOD_FEATS, GOOD_LABELS)
+    with pytest.raises(ValueError, match="D=4 dimensions but the result was fit on D=5"):
+        scoring.logme_predict(result, GOOD_FEATS[:, :4])
