@@ -1,0 +1,259 @@
+"""Tests for training.train_step: what one step changes, its options, and its sharded form."""
+
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from tiny_classifier import init_tiny, random_variables
+
+from training import loop, masks, optim
+from training import train_step as step_lib
+
+NUM_CLASSES = 3
+
+
+def _setup(mode, *, ssf=True, batch_norm=False, ema=None, compute_dtype="float32", **step_kw):
+    model, variables = init_tiny(ssf=ssf, batch_norm=batch_norm, num_classes=NUM_CLASSES)
+    params = variables["params"]
+    mask = masks.trainable_mask(params, mode)
+    trainable, _ = masks.split_params(params, mask)
+    decay = masks.flatten_params(masks.weight_decay_mask(params))
+    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1)
+    optimizer, _ = optim.init_optimizer(config, trainable, decay)
+    state = step_lib.init_train_state(variables, mask, optimizer, ema=ema is not None)
+    step_config = step_lib.StepConfig(
+        num_classes=NUM_CLASSES, ema_decay=ema, compute_dtype=compute_dtype,
+        update_batch_stats=(mode == "full"), **step_kw,
+    )  # fmt: skip
+    step = step_lib.make_train_step(model.apply, optimizer, step_config)
+    return model, variables, state, step
+
+
+def _batch(seed=0, size=8, batch=8):
+    rng = np.random.default_rng(seed)
+    return {
+        "image": jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32),
+        "label": jnp.asarray(rng.integers(0, NUM_CLASSES, batch), jnp.int32),
+    }
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in before if not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))}
+
+
+SSF_LEAVES = {"ssf_bn/scale", "ssf_bn/shift", "ssf_conv/scale", "ssf_conv/shift",
+              "ssf_norm/scale", "ssf_norm/shift"}  # fmt: skip
+
+
+# eager is slow op by op, so only the ssf mode runs both ways
+@pytest.mark.parametrize(
+    ("mode", "expected", "jit"),
+    [
+        ("linear", {"head/bias", "head/kernel"}, True),
+        ("ssf", {"head/bias", "head/kernel"} | SSF_LEAVES, True),
+        ("ssf", {"head/bias", "head/kernel"} | SSF_LEAVES, False),
+        ("bitfit", {"head/bias", "head/kernel", "bn/bias", "conv/bias", "hidden/bias", "norm/bias"},
+         True),
+    ],
+)  # fmt: skip
+def test_step_changes_only_the_mode_leaves(mode, expected, jit):
+    _, variables, state, step = _setup(mode, batch_norm=True)
+    before = masks.flatten_params(variables["params"])
+    step = jax.jit(step) if jit else step
+    new_state, metrics = step(state, _batch(), jax.random.key(0))
+    after = masks.flatten_params(new_state.params())
+    assert _changed(before, after) == expected
+    assert int(new_state.step) == 1
+    assert np.isfinite(float(metrics["loss"]))
+    # frozen BatchNorm statistics stay as they were outside full fine-tuning
+    for k, v in masks.flatten_params(variables["batch_stats"]).items():
+        np.testing.assert_array_equal(masks.flatten_params(new_state.batch_stats)[k], v)
+
+
+def test_full_step_changes_every_leaf_and_updates_batch_stats():
+    _, variables, state, step = _setup("full", batch_norm=True)
+    new_state, _ = jax.jit(step)(state, _batch(), jax.random.key(0))
+    before = masks.flatten_params(variables["params"])
+    assert _changed(before, masks.flatten_params(new_state.params())) == set(before)
+    # momentum 0.5: new mean = 0.5·old + 0.5·batch mean of the conv output
+    assert _changed(
+        masks.flatten_params(variables["batch_stats"]),
+        masks.flatten_params(new_state.batch_stats),
+    ) == {"bn/mean", "bn/var"}
+
+
+def test_gradient_is_taken_only_wrt_trainable_leaves():
+    # the gradient tree the optimizer sees has exactly the trainable keys: frozen leaves are
+    # never differentiated (not differentiated then zeroed)
+    model, _, state, _ = _setup("ssf")
+    seen = {}
+
+    def update(grads, opt_state, params=None):
+        seen["keys"] = set(grads)
+        return jax.tree.map(jnp.zeros_like, grads), opt_state
+
+    spy = optax.GradientTransformation(lambda p: optax.EmptyState(), update)
+    step = step_lib.make_train_step(model.apply, spy, step_lib.StepConfig(num_classes=3))
+    state = state.replace(opt_state=spy.init(state.trainable))
+    step(state, _batch(), jax.random.key(0))
+    assert seen["keys"] == set(state.trainable)
+    assert not seen["keys"] & set(state.frozen)
+
+
+def test_ema_is_decay_weighted_average_of_trainable_weights():
+    _, _, state, step = _setup("ssf", ema=0.9)
+    new_state, _ = jax.jit(step)(state, _batch(), jax.random.key(0))
+    for k, old in state.trainable.items():
+        expected = 0.9 * np.asarray(old) + 0.1 * np.asarray(new_state.trainable[k])
+        np.testing.assert_allclose(np.asarray(new_state.ema[k]), expected, rtol=1e-6, atol=1e-7)
+    assert set(new_state.ema) == set(state.trainable)
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+    _, _, state, step = _setup("full", compute_dtype="bfloat16")
+    new_state, metrics = jax.jit(step)(state, _batch(), jax.random.key(0))
+    assert all(v.dtype == jnp.float32 for v in new_state.trainable.values())
+    assert np.isfinite(float(metrics["loss"]))
+    # the loss (of the weights before the update) agrees with a float32 forward to bf16 precision
+    model, variables = init_tiny(ssf=True, num_classes=NUM_CLASSES)
+    batch = _batch()
+    logits = np.asarray(model.apply(variables, batch["image"]), np.float64)
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    loss32 = -log_probs[np.arange(8), np.asarray(batch["label"])].mean()
+    np.testing.assert_allclose(float(metrics["loss"]), loss32, rtol=2e-2)
+
+
+def test_soft_targets_smooth_as_szegedy():
+    targets = np.asarray(step_lib.soft_targets(jnp.array([0, 2]), 4, 0.1))
+    expected = np.full((2, 4), 0.1 / 4)
+    expected[0, 0] += 0.9
+    expected[1, 2] += 0.9
+    np.testing.assert_allclose(targets, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_mixup_mixes_with_the_reversed_batch(jit):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(4, 2, 2, 3)).astype(np.float32)
+    y = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+    fn = jax.jit(step_lib.mixup) if jit else step_lib.mixup
+    mx, my = fn(jnp.asarray(x), jnp.asarray(y), 0.3)
+    np.testing.assert_allclose(np.asarray(mx), 0.3 * x + 0.7 * x[::-1], rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(my), 0.3 * y + 0.7 * y[::-1], rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_cutmix_label_weight_equals_pasted_area(jit):
+    b, h, w = 4, 10, 12
+    x = np.broadcast_to(np.arange(b, dtype=np.float32)[:, None, None, None], (b, h, w, 1))
+    y = np.eye(b, dtype=np.float32)
+    fn = jax.jit(step_lib.cutmix) if jit else step_lib.cutmix
+    for seed in range(5):
+        mx, my = fn(jnp.asarray(x), jnp.asarray(y), 0.6, jax.random.key(seed))
+        mx, my = np.asarray(mx), np.asarray(my)
+        for i in range(b):
+            pasted = np.mean(mx[i] == b - 1 - i)  # pixels that came from the reversed batch
+            np.testing.assert_allclose(my[i, i], 1 - pasted, rtol=1e-6)
+            np.testing.assert_allclose(my[i, b - 1 - i], pasted, rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_mix_picks_mixup_or_cutmix_per_batch(jit):
+    config = step_lib.StepConfig(num_classes=4, mixup_alpha=0.8, cutmix_alpha=1.0)
+    b = 4
+    x = np.broadcast_to(np.arange(b, dtype=np.float32)[:, None, None, None], (b, 6, 6, 1))
+    y = np.eye(b, dtype=np.float32)
+    mix = lambda key: step_lib._mix(config, jnp.asarray(x), jnp.asarray(y), key)
+    mix = jax.jit(mix) if jit else mix
+    kinds = set()
+    for seed in range(12):
+        mx, my = (np.asarray(a) for a in mix(jax.random.key(seed)))
+        np.testing.assert_allclose(my.sum(1), 1.0, rtol=1e-6)
+        lam = my[0, 0]
+        if np.all(np.isin(mx, x)):  # every pixel copied from some image: cutmix
+            kinds.add("cutmix")
+            np.testing.assert_allclose(np.mean(mx[0] == 0), lam, rtol=1e-6)
+        else:  # mixup: λ·x + (1-λ)·x[::-1]
+            kinds.add("mixup")
+            np.testing.assert_allclose(mx, lam * x + (1 - lam) * x[::-1], rtol=1e-5, atol=1e-6)
+    assert kinds == {"mixup", "cutmix"}
+
+
+def test_sharded_step_equals_single_device_step():
+    _, _, state, step = _setup("ssf", batch_norm=True)
+    batch = _batch(batch=16)
+    expected, expected_metrics = jax.jit(step)(state, batch, jax.random.key(0))
+    mesh = loop.data_mesh()
+    assert mesh.size == 8
+    sharded = loop.shard_batch(jax.device_get(batch), mesh)
+    assert sharded["image"].sharding == NamedSharding(mesh, P("data"))
+    state_r = jax.device_put(state, NamedSharding(mesh, P()))
+    got, metrics = jax.jit(step)(state_r, sharded, jax.random.key(0))
+    for k in expected.trainable:
+        np.testing.assert_allclose(
+            np.asarray(got.trainable[k]), np.asarray(expected.trainable[k]), rtol=1e-5, atol=1e-6
+        )
+    np.testing.assert_allclose(float(metrics["loss"]), float(expected_metrics["loss"]), rtol=1e-6)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_eval_step_sums_ignore_padding(jit):
+    model, variables = init_tiny(num_classes=NUM_CLASSES)
+    batch = _batch(batch=8)
+    batch["weight"] = jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
+    fn = step_lib.make_eval_step(model.apply)
+    fn = jax.jit(fn) if jit else fn
+    sums = fn(variables["params"], {}, batch)
+    logits = np.asarray(model.apply(variables, batch["image"]), np.float64)[:5]
+    labels = np.asarray(batch["label"])[:5]
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    np.testing.assert_allclose(float(sums["loss_sum"]), -log_probs[np.arange(5), labels].sum(),
+                               rtol=1e-5)
+    assert float(sums["correct"]) == float((logits.argmax(-1) == labels).sum())
+    assert float(sums["count"]) == 5.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_classes": 1}, "num_classes must be >= 2"),
+        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
+        ({"mixup_alpha": -1.0}, "mixup_alpha and cutmix_alpha must be >= 0"),
+        ({"ema_decay": 1.0}, r"ema_decay must be in \(0, 1\)"),
+        ({"compute_dtype": "float16"}, "compute_dtype must be one of"),
+    ],
+)
+def test_bad_step_config_is_a_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        step_lib.StepConfig(**{"num_classes": 3, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("name", "mode", "head"),
+    [("vit_tiny", "ssf", "head"), ("resnet_tiny", "ssf", "fc")],
+)
+def test_jaxmodels_step_changes_only_mode_leaves(name, mode, head):
+    import jaxmodels
+
+    model = jaxmodels.create(name, num_classes=NUM_CLASSES, ssf=True)
+    variables = random_variables(model)  # (random head: ViT's zero head would block gradients)
+    params = variables["params"]
+    mask = masks.trainable_mask(params, mode, head)
+    trainable, _ = masks.split_params(params, mask)
+    decay = masks.flatten_params(masks.weight_decay_mask(params))
+    optimizer, _ = optim.init_optimizer(optim.OptimConfig(learning_rate=0.01), trainable, decay)
+    state = step_lib.init_train_state(variables, mask, optimizer)
+    step = step_lib.make_train_step(
+        model.apply, optimizer,
+        step_lib.StepConfig(num_classes=NUM_CLASSES, update_batch_stats=False),
+    )  # fmt: skip
+    new_state, _ = jax.jit(step)(state, _batch(size=32), jax.random.key(0))
+    before = masks.flatten_params(params)
+    changed = _changed(before, masks.flatten_params(new_state.params()))
+    is_ssf = lambda k: any(part.startswith("ssf_") for part in k.split("/"))
+    expected = {k for k in before if k.startswith(head + "/") or (mode == "ssf" and is_ssf(k))}
+    assert changed == expected

@@ -1,0 +1,1 @@
+"""training: producing new weights — pipelines, fine-tuning, masks, checkpoints, soups."""
