@@ -1,0 +1,231 @@
+"""Benchmark every transferability score against LogME, and the streamed path against extraction.
+
+Run:
+    python scripts/bench_scores.py            # (N, D, C) = (10000, 1024, 100), a few minutes on 2 CPU cores
+    python scripts/bench_scores.py --quick    # (2000, 256, 20), well under a minute
+
+Part 1 times, in one process and on the same generated features (float32, class means plus a
+decaying spectrum, as deep features look) and source-head probabilities (K = 1000 classes), warm
+calls of `scoring.logme` and of each peer: hscore, regularized_hscore, transrate, gbc, sfda, nleep,
+leep, nce. It prints each score's time and its speed relative to LogME (LogME time / score time;
+> 1 means faster than LogME). The regularised H-score paper (Ibrahim et al. 2022) reports it
+3–10× faster than LogME; that LogME was the reference NumPy code, so the run also times a float64
+NumPy LogME that follows the reference's steps (row `logme_numpy_reference`) and prints the
+regularised H-score's speed against both.
+Scores are timed in interleaved rounds (each score once per round, median over rounds), so load
+from other processes on a shared machine hits all of them alike. N-LEEP fits a 5·C-component
+full-covariance Gaussian mixture with scikit-learn on the host; it is timed once (no warm-up,
+sklearn's EM dominates), and can be skipped with --no-nleep.
+
+Part 2 times feature extraction alone (`jaxmodels.extract_features`) against the streamed path
+(`jaxmodels.stream_reduce` folding features into `scoring.ScoreStats`, then LogME and H-score from
+the statistics) on random images for a random-init model, and prints the overhead of streamed
+scoring over extraction (target ≤ 5%).
+
+Writes all numbers to --out (JSON).
+"""
+
+import argparse
+import json
+import math
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxmodels
+import scoring
+from scoring import stats as stats_lib
+
+FULL = (10000, 1024, 100)
+QUICK = (2000, 256, 20)
+SOURCE_CLASSES = 1000
+
+
+def make_task(n, d, c, seed=0):
+    """float32 features with class structure and a decaying spectrum; source probabilities [N, K]."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, size=n)
+    means = rng.normal(size=(c, d)) / math.sqrt(d) * 4
+    scales = np.exp(-np.arange(d) / (d / 8))
+    feats = (means[labels] + rng.normal(size=(n, d)) * scales).astype(np.float32)
+    logits = rng.normal(size=(n, SOURCE_CLASSES)) + 3 * np.eye(c, SOURCE_CLASSES)[labels]
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return feats, labels, (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def numpy_reference_logme(feats, labels):
+    """LogME the way the published reference code runs it (float64 NumPy, an SVD of FᵀF, then a
+    Python loop over the classes with the fixed point of You et al., JMLR 2022, Alg. 2), written
+    here from the paper's math: the baseline the regularised H-score paper's speed claim is
+    measured against."""
+    f = feats.astype(np.float64)
+    n, d = f.shape
+    _, eig, vh = np.linalg.svd(f.T @ f)
+    sigma = np.sqrt(eig)
+    k = int(np.sum(sigma > 1e-10))
+    eig, u = eig[:k], f @ vh[:k].T / sigma[:k]
+    evidences = []
+    for cls in np.unique(labels):
+        y = (labels == cls).astype(np.float64)
+        x2 = (u.T @ y) ** 2
+        res_out = y @ y - x2.sum()
+        alpha = beta = 1.0
+        for _ in range(11):
+            t = alpha / beta
+            gamma = np.sum(eig / (eig + t))
+            m2 = np.sum(eig * x2 / (t + eig) ** 2)
+            res2 = np.sum(x2 / (1 + eig / t) ** 2) + res_out
+            alpha, beta = gamma / (m2 + 1e-5), (n - gamma) / (res2 + 1e-5)
+            if abs(alpha / beta - t) / t <= 1e-3:
+                break
+        evidence = (
+            d / 2 * np.log(alpha)
+            + n / 2 * np.log(beta)
+            - 0.5 * np.sum(np.log(alpha + beta * eig))
+            - (d - k) / 2 * np.log(alpha)
+            - beta / 2 * res2
+            - alpha / 2 * m2
+            - n / 2 * np.log(2 * np.pi)
+        )
+        evidences.append(evidence / n)
+    return float(np.mean(evidences))
+
+
+def timed(fn, repeats, warmup=True):
+    """Median wall time of `repeats` calls (after one warm-up call that compiles)."""
+    if warmup:
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def interleaved(calls, repeats):
+    """Median wall time per call, timing every call once per round so that load changes on a
+    shared machine hit all of them alike."""
+    for call in calls.values():
+        jax.block_until_ready(call())  # compile
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            jax.block_until_ready(call())
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def bench_scores(n, d, c, repeats, with_nleep):
+    feats, labels, probs = make_task(n, d, c)
+    feats_j, labels_j = jnp.asarray(feats), jnp.asarray(labels)
+    source_j = jnp.asarray(probs.argmax(axis=1))
+    calls = {
+        "logme": lambda: scoring.logme(feats_j, labels_j, num_classes=c).score,
+        "hscore": lambda: scoring.hscore(feats_j, labels_j, num_classes=c),
+        "regularized_hscore": lambda: scoring.regularized_hscore(feats_j, labels_j, num_classes=c),
+        "transrate": lambda: scoring.transrate(feats_j, labels_j),
+        "gbc": lambda: scoring.gbc(feats_j, labels_j, num_classes=c),
+        "sfda": lambda: scoring.sfda(feats_j, labels_j, num_classes=c),
+        "leep": lambda: scoring.leep(probs, labels_j, num_classes=c),
+        "nce": lambda: scoring.nce(
+            source_j, labels_j, num_classes=c, num_source_classes=SOURCE_CLASSES
+        ),
+    }
+    calls["logme_numpy_reference"] = lambda: numpy_reference_logme(feats, labels)
+    rows = interleaved(calls, repeats)
+    if with_nleep:
+        rows["nleep"] = timed(lambda: scoring.nleep(feats, labels), 1, warmup=False)
+    return {name: {"seconds": t, "speed_vs_logme": rows["logme"] / t} for name, t in rows.items()}
+
+
+def bench_stream(model_name, num_images, batch_size, repeats):
+    spec = jaxmodels.spec(model_name, num_classes=10)
+    size = spec.preprocessing.image_size
+    model = jaxmodels.create(model_name, num_classes=10)
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(num_images, size, size, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, size=num_images)
+    variables = model.init(jax.random.key(0), images[:1])
+    dim = spec.feature_dim
+
+    def extract():
+        return jaxmodels.extract_features(
+            model, variables, images, batch_size=batch_size, progress=False
+        )
+
+    def streamed():
+        acc = jaxmodels.stream_reduce(
+            model,
+            variables,
+            images,
+            labels=labels,
+            init=stats_lib.init(dim, 10),
+            update=stats_lib.update,
+            batch_size=batch_size,
+            progress=False,
+        )
+        return scoring.logme_from_stats(acc).score, scoring.hscore_from_stats(acc)
+
+    times = interleaved({"extract": extract, "stream": streamed}, repeats)
+    t_extract, t_stream = times["extract"], times["stream"]
+    return {
+        "model": model_name,
+        "num_images": num_images,
+        "batch_size": batch_size,
+        "extract_seconds": t_extract,
+        "stream_and_score_seconds": t_stream,
+        "overhead": t_stream / t_extract - 1,
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help=f"(N, D, C) = {QUICK} instead of {FULL}"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="timed warm calls per score (median)"
+    )
+    parser.add_argument("--no-nleep", action="store_true", help="skip N-LEEP (slow: host GMM)")
+    parser.add_argument("--stream-model", default="resnet18", help="model for part 2 (random init)")
+    parser.add_argument("--stream-images", type=int, default=512, help="images for part 2")
+    parser.add_argument("--out", default="bench_scores.json", help="JSON output path")
+    args = parser.parse_args()
+
+    n, d, c = QUICK if args.quick else FULL
+    print(f"Part 1: scores at (N, D, C) = ({n}, {d}, {c}), float32, {jax.devices()[0].platform}")
+    scores = bench_scores(n, d, c, args.repeats, not args.no_nleep)
+    print(f"\n{'score':<20s} {'seconds':>9s} {'speed vs LogME':>15s}")
+    for name, row in scores.items():
+        print(f"{name:<20s} {row['seconds']:9.3f} {row['speed_vs_logme']:14.2f}x")
+
+    reference = scores["logme_numpy_reference"]["seconds"]
+    print(
+        "regularized_hscore vs the reference-style NumPy LogME: "
+        f"{reference / scores['regularized_hscore']['seconds']:.2f}x faster "
+        "(the paper's claim: 3-10x faster than LogME)"
+    )
+
+    model = "resnet_tiny" if args.quick else args.stream_model
+    num_images = 256 if args.quick else args.stream_images
+    print(f"\nPart 2: streamed scoring vs extraction alone ({model}, {num_images} images)")
+    stream = bench_stream(model, num_images, 64, 1 if args.quick else 3)
+    print(
+        f"extract {stream['extract_seconds']:.3f} s, stream + LogME + H-score "
+        f"{stream['stream_and_score_seconds']:.3f} s: overhead {100 * stream['overhead']:+.1f}%"
+    )
+    result = {"size": {"N": n, "D": d, "C": c}, "scores": scores, "stream": stream}
+    pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

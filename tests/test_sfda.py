@@ -1,0 +1,118 @@
+"""SFDA against a NumPy/SciPy recomputation of the authors' algorithm (generalised eigenproblem)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+
+import scoring
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def numpy_fda_posteriors(x, y, shrinkage=None):
+    """Regularised FDA as the authors describe it: S_b = S_t − S_w, scipy.linalg.eigh(S_b, S_w)."""
+    d = x.shape[1]
+    classes = np.unique(y)
+    priors = np.array([np.mean(y == c) for c in classes])
+    means = np.stack([x[y == c].mean(axis=0) for c in classes])
+    within = sum(p * np.cov(x[y == c].T, bias=True) for p, c in zip(priors, classes, strict=True))
+    if shrinkage is None:  # 3 rounds of the authors' two-step power iteration
+        v = within.sum(axis=1)
+        for _ in range(3):
+            u = within @ v
+            u /= np.linalg.norm(u)
+            v = within @ u
+            v /= np.linalg.norm(v)
+        shrinkage = max(np.exp(-5 * (v @ within @ u)), 1e-10)
+
+    def shrink(s):
+        return (1 - shrinkage) * s + shrinkage * np.trace(s) / d * np.eye(d)
+
+    shrunk_within = shrink(within)
+    between = shrink(np.cov(x.T, bias=True)) - shrunk_within
+    evals, evecs = scipy.linalg.eigh(between, shrunk_within)
+    evecs = evecs[:, np.argsort(evals)[::-1]]
+    coef = means @ evecs @ evecs.T
+    intercept = -0.5 * np.diag(means @ coef.T) + np.log(priors)
+    return softmax(x @ coef.T + intercept), shrinkage, means
+
+
+def numpy_sfda(x, y):
+    classes, index = np.unique(y, return_inverse=True)
+    probs, shrinkage, means = numpy_fda_posteriors(x, index)
+    probs = softmax(probs)
+    others = np.stack([(means.sum(0) - means[c]) / (len(classes) - 1) for c in range(len(classes))])
+    own = probs[np.arange(len(x)), index][:, None]
+    mixed = own * x + (1 - own) * others[index]
+    mixed_probs, _, _ = numpy_fda_posteriors(mixed, index, shrinkage)
+    return mixed_probs[np.arange(len(x)), index].mean()
+
+
+@pytest.mark.parametrize(
+    ("mode", "separation"),
+    [("eager_call", 0.05), ("under_jit", 0.05), ("disable_jit", 0.05), ("eager_call", 2.0)],
+)
+def test_matches_scipy_in_float64(mode, separation):
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 160)
+    feats = rng.normal(size=(160, 12)) + separation * rng.normal(size=(4, 12))[labels]
+    fn = functools.partial(scoring.sfda, num_classes=4)
+    with jax.enable_x64(True):
+        if mode == "under_jit":
+            got = jax.jit(fn)(feats, labels)
+        elif mode == "disable_jit":
+            with jax.disable_jit():
+                got = fn(feats, labels)
+        else:
+            got = fn(feats, labels)
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(float(got), numpy_sfda(feats, labels), rtol=1e-9)
+
+
+def test_small_variance_features_use_real_shrinkage_and_float32_close():
+    # Small within-class spread makes σ_max small, so λ = exp(−5σ) is far from its 1e-10 floor.
+    rng = np.random.default_rng(1)
+    labels = rng.choice([3, 8, 9], size=120)
+    feats = 0.1 * rng.normal(size=(120, 30)) + 0.2 * rng.normal(size=(10, 30))[labels]
+    with jax.enable_x64(True):
+        ref = numpy_sfda(feats, labels)
+        np.testing.assert_allclose(float(scoring.sfda(feats, labels)), ref, rtol=1e-9)
+    got32 = scoring.sfda(feats.astype(np.float32), labels)
+    assert got32.dtype == jnp.float32
+    np.testing.assert_allclose(float(got32), ref, rtol=1e-4)
+
+
+def test_separated_classes_score_higher_than_overlapping():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 4, 200)
+    noise = rng.normal(size=(200, 10))
+    centers = rng.normal(size=(4, 10))
+    separated = float(scoring.sfda(noise + 4 * centers[labels], labels))
+    overlapping = float(scoring.sfda(noise + 0.1 * centers[labels], labels))
+    assert 0 < overlapping < separated <= 1
+
+
+def test_rejects_constant_features_and_bad_labels():
+    with pytest.raises(ValueError, match="must not be constant"):
+        scoring.sfda(np.ones((10, 3)), np.arange(10) % 2)
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        scoring.sfda(np.random.default_rng(0).normal(size=(10, 3)), np.zeros(10, int))
+
+
+def test_empty_class_changes_nothing():
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 90)
+    feats = rng.normal(size=(90, 6)) + rng.normal(size=(3, 6))[labels]
+    # num_classes=5 adds two classes without samples: prior 0, never predicted.
+    np.testing.assert_allclose(
+        float(scoring.sfda(feats, labels, num_classes=5)),
+        float(scoring.sfda(feats, labels)),
+        rtol=1e-5,
+    )

@@ -1,0 +1,223 @@
+"""Streamed statistics: scores from `ScoreStats` equal the in-memory scores.
+
+Batches are padded to a fixed size (N not divisible by the batch or the 8 fake devices) and
+sharded over a 'data' mesh, as `jaxmodels.stream_reduce` does; the end-to-end test runs
+`stream_reduce` itself on a tiny Flax model.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+import jaxmodels
+import scoring
+from scoring import stats as stats_lib
+
+N, D, C, K, BATCH = 203, 12, 4, 6, 32  # 203 = 6·32 + 11 rows: the last batch is padded
+
+
+def softmax(z):
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def make_data(seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, C, N)
+    feats = rng.normal(size=(N, D)) + 2 * rng.normal(size=(C, D))[labels] + 3.0
+    probs = softmax(rng.normal(size=(N, K)) + 2 * np.eye(C, K)[labels])
+    return feats, labels, probs
+
+
+def padded_batches(*arrays, batch=BATCH):
+    """Yields (arrays..., valid) in fixed-size batches, zero/−1 padded like stream_reduce."""
+    n = arrays[0].shape[0]
+    for start in range(0, n, batch):
+        count = min(batch, n - start)
+        out = []
+        for a in arrays:
+            pad_value = -1 if a.dtype.kind == "i" else 0
+            block = np.full((batch, *a.shape[1:]), pad_value, a.dtype)
+            block[:count] = a[start : start + count]
+            out.append(block)
+        yield (*out, np.arange(batch) < count)
+
+
+def _mesh_and_jitted():
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    return (
+        NamedSharding(mesh, PartitionSpec("data")),
+        jax.jit(stats_lib.update, out_shardings=replicated),
+        jax.jit(stats_lib.leep_pass_update, out_shardings=replicated),
+    )
+
+
+SHARD, UPDATE, LEEP_UPDATE = _mesh_and_jitted()  # jitted once, so tests share compilations
+
+
+def stream(feats, labels, probs, dtype):
+    shard, update, leep_update = SHARD, UPDATE, LEEP_UPDATE
+    acc = stats_lib.init(D, C, num_source_classes=K, dtype=dtype)
+    for f, y, p, valid in padded_batches(feats.astype(np.float32), labels, probs):
+        acc = update(acc, *(jax.device_put(a, shard) for a in (f, y, valid, p)))
+    # LEEP needs P̂(y|z) first: a second pass over the source probabilities.
+    second = stats_lib.leep_pass_init(acc)
+    for p, y, valid in padded_batches(probs, labels, batch=48):
+        second = leep_update(second, *(jax.device_put(a, shard) for a in (p, y, valid)))
+    return acc, second
+
+
+def assert_logme_equal(got, want, rtol):
+    for field in ("score", "evidence", "alpha", "beta", "weights"):
+        np.testing.assert_allclose(
+            np.asarray(getattr(got, field)),
+            np.asarray(getattr(want, field)),
+            rtol=rtol,
+            err_msg=field,
+        )
+
+
+def test_streamed_scores_equal_in_memory_scores_in_float64():
+    feats, labels, probs = make_data()
+    feats32 = feats.astype(np.float32)  # what extraction delivers
+    with jax.enable_x64(True):
+        acc, second = stream(feats, labels, probs, jnp.float64)
+        assert float(acc.num_samples) == N
+        f64 = feats32.astype(np.float64)
+        assert_logme_equal(
+            scoring.logme_from_stats(acc), scoring.logme(f64, labels, num_classes=C), 1e-6
+        )
+        np.testing.assert_allclose(
+            float(scoring.hscore_from_stats(acc)), float(scoring.hscore(f64, labels)), rtol=1e-6
+        )
+        np.testing.assert_allclose(
+            float(scoring.nce_from_stats(acc)),
+            float(scoring.nce(probs.argmax(1), labels)),
+            rtol=1e-6,
+        )
+        np.testing.assert_allclose(
+            float(scoring.leep_from_stats(acc, second)),
+            float(scoring.leep(probs, labels)),
+            rtol=1e-6,
+        )
+
+
+def test_merge_of_two_shards_equals_stream_of_all():
+    feats, labels, probs = make_data(1)
+    with jax.enable_x64(True):
+        whole, _ = stream(feats, labels, probs, jnp.float64)
+        first, _ = stream(feats[:100], labels[:100], probs[:100], jnp.float64)
+        rest, _ = stream(feats[100:], labels[100:], probs[100:], jnp.float64)
+        merged = stats_lib.merge(first, rest)
+        for got, want in zip(merged, whole, strict=True):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-12, atol=1e-9)
+
+
+def test_float32_accumulators_are_close():
+    feats, labels, probs = make_data(2)
+    acc, _ = stream(feats, labels, probs, jnp.float32)
+    assert acc.gram_DD.dtype == jnp.float32
+    with jax.enable_x64(True):
+        ref = scoring.logme(feats.astype(np.float32).astype(np.float64), labels)
+        ref_h = scoring.hscore(feats.astype(np.float32).astype(np.float64), labels)
+    np.testing.assert_allclose(
+        float(scoring.logme_from_stats(acc).score), float(ref.score), rtol=1e-3
+    )
+    np.testing.assert_allclose(float(scoring.hscore_from_stats(acc)), float(ref_h), rtol=1e-3)
+
+
+class LinearFeatures(nn.Module):
+    """Flattened pixels → Dense(D) features → Dense(K) head: the jaxmodels protocol."""
+
+    @nn.compact
+    def features(self, images_BHWC):
+        flat = images_BHWC.reshape(images_BHWC.shape[0], -1)
+        return nn.Dense(D, name="embed")(flat)
+
+    @nn.compact
+    def __call__(self, images_BHWC, train=False):
+        return nn.Dense(K, name="head")(self.features(images_BHWC))
+
+
+def test_stream_reduce_end_to_end_equals_extract_features():
+    rng = np.random.default_rng(3)
+    num_images = 37  # not a multiple of the batch (16) nor of the 8 devices
+    images = rng.normal(size=(num_images, 4, 4, 3)).astype(np.float32) + np.float32(1)
+    labels = rng.integers(0, C, num_images)
+    model = LinearFeatures()
+    variables = model.init(jax.random.key(0), images[:1])
+    head = variables["params"]["head"]
+
+    def update(acc, feats_BD, labels_B, valid_B):
+        probs_BK = jax.nn.softmax(feats_BD @ head["kernel"] + head["bias"])
+        return stats_lib.update(acc, feats_BD, labels_B, valid_B, probs_BK)
+
+    with jax.enable_x64(True):
+        acc = jaxmodels.stream_reduce(
+            model,
+            variables,
+            images,
+            labels=labels,
+            init=stats_lib.init(D, C, num_source_classes=K, dtype=jnp.float64),
+            update=update,
+            batch_size=16,
+            progress=False,
+        )
+        feats, logits = jaxmodels.extract_features(
+            model, variables, images, batch_size=16, return_logits=True, progress=False
+        )
+        f64 = feats.astype(np.float64)
+        assert float(acc.num_samples) == num_images
+        assert_logme_equal(
+            scoring.logme_from_stats(acc), scoring.logme(f64, labels, num_classes=C), 1e-6
+        )
+        np.testing.assert_allclose(
+            float(scoring.hscore_from_stats(acc)), float(scoring.hscore(f64, labels)), rtol=1e-6
+        )
+        probs = softmax(logits.astype(np.float64))
+        np.testing.assert_allclose(
+            float(scoring.nce_from_stats(acc)),
+            float(scoring.nce(probs.argmax(1), labels)),
+            rtol=1e-6,
+        )
+        second = stats_lib.leep_pass_update(
+            stats_lib.leep_pass_init(acc), jnp.asarray(probs), jnp.asarray(labels)
+        )
+        np.testing.assert_allclose(
+            float(scoring.leep_from_stats(acc, second)),
+            float(scoring.leep(probs, labels)),
+            rtol=1e-6,
+        )
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="num_classes must be an int ≥ 2"):
+        stats_lib.init(4, 1)
+    acc = stats_lib.init(4, 3)
+    with pytest.raises(ValueError, match=r"feats_BD must have shape \[B, 4\]"):
+        stats_lib.update(acc, jnp.zeros((2, 5)), jnp.zeros(2, int))
+    with pytest.raises(ValueError, match="source_probs_BK must be given exactly"):
+        stats_lib.update(acc, jnp.zeros((2, 4)), jnp.zeros(2, int), None, jnp.ones((2, 3)) / 3)
+    with pytest.raises(ValueError, match="at least 2 samples"):
+        scoring.logme_from_stats(acc)
+    acc = stats_lib.update(acc, jnp.ones((3, 4)), jnp.arange(3))
+    with pytest.raises(ValueError, match="no source predictions"):
+        scoring.nce_from_stats(acc)
+    with pytest.raises(TypeError, match="must be a ScoreStats"):
+        scoring.hscore_from_stats({"gram": 1})
+
+
+def test_rows_with_out_of_range_labels_are_dropped_from_every_statistic():
+    rng = np.random.default_rng(5)
+    feats = rng.normal(size=(6, D)).astype(np.float32)
+    probs = softmax(rng.normal(size=(6, K)))
+    labels = np.array([0, 1, -1, 2, C, 3])  # rows 2 and 4 carry no valid label
+    keep = np.array([0, 1, 3, 5])
+    acc = stats_lib.update(stats_lib.init(D, C, K), feats, labels, None, probs)
+    ref = stats_lib.update(stats_lib.init(D, C, K), feats[keep], labels[keep], None, probs[keep])
+    for got, want in zip(acc, ref, strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
