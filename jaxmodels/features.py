@@ -34,6 +34,7 @@ from jaxmodels import image_batches, sharding
 
 PyTree = Any
 
+
 def extract_features(
     model,
     variables: PyTree,
@@ -160,8 +161,10 @@ def stream_reduce(
     if not callable(update):
         raise TypeError(f"update must be callable; got {type(update).__name__}")
     if labels is not None and not isinstance(images, np.ndarray | jax.Array):
-        raise ValueError("labels may only be given with an array of images; iterables of "
-                         "batches carry their labels in a dict 'label' or tuple item")
+        raise ValueError(
+            "labels may only be given with an array of images; iterables of "
+            "batches carry their labels in a dict 'label' or tuple item"
+        )
     batches = image_batches.fixed_batches(images, labels, local_batch, compute_dtype)
     variables = sharding.replicate(_cast_floating(variables, dtype), mesh)
     carry = sharding.replicate(init, mesh)
@@ -260,8 +263,9 @@ def _check_args(model, batch_size, mesh, dtype):
     try:
         compute_dtype = np.dtype(dtype)
     except TypeError as err:
-        raise ValueError(f"dtype must be a floating dtype such as jnp.bfloat16; got {dtype!r}") \
-            from err
+        raise ValueError(
+            f"dtype must be a floating dtype such as jnp.bfloat16; got {dtype!r}"
+        ) from err
     if not jnp.issubdtype(compute_dtype, jnp.floating):
         raise ValueError(f"dtype must be a floating dtype such as jnp.bfloat16; got {dtype!r}")
     return mesh, local_batch, compute_dtype
@@ -304,4 +308,3 @@ def _progress_bar(images, enabled: bool):
         smoothing=0.1,
         mininterval=1.0,
     )
-

@@ -67,17 +67,21 @@ def _chunks(images, labels):
     if isinstance(images, np.ndarray | jax.Array):
         images = np.asarray(images)  # a view for NumPy (and memmaps): no copy
         if images.ndim != 4 or images.shape[0] == 0:
-            raise ValueError(f"images must be a non-empty array [N, H, W, C]; got shape "
-                             f"{images.shape}")
+            raise ValueError(
+                f"images must be a non-empty array [N, H, W, C]; got shape {images.shape}"
+            )
         if labels is not None:
             labels = np.asarray(labels)
             if labels.shape != (images.shape[0],):
-                raise ValueError(f"labels must have shape [N] = ({images.shape[0]},); got "
-                                 f"{labels.shape}")
+                raise ValueError(
+                    f"labels must have shape [N] = ({images.shape[0]},); got {labels.shape}"
+                )
         return iter([(images, labels)])
     if isinstance(images, str | bytes | dict) or not isinstance(images, Iterable):
-        raise TypeError("images must be an array [N, H, W, C] or an iterable of batches; got "
-                        f"{type(images).__name__}")
+        raise TypeError(
+            "images must be an array [N, H, W, C] or an iterable of batches; got "
+            f"{type(images).__name__}"
+        )
     return _iterable_chunks(images)
 
 
@@ -86,8 +90,9 @@ def _iterable_chunks(images: Iterable) -> Iterator[tuple[np.ndarray, np.ndarray 
     for i, item in enumerate(images):
         if isinstance(item, dict):
             if "image" not in item:
-                raise ValueError(f"batch {i} is a dict without an 'image' key; keys: "
-                                 f"{sorted(item)}")
+                raise ValueError(
+                    f"batch {i} is a dict without an 'image' key; keys: {sorted(item)}"
+                )
             x, y = item["image"], item.get("label")
         elif isinstance(item, tuple | list):
             if len(item) != 2:
@@ -97,13 +102,16 @@ def _iterable_chunks(images: Iterable) -> Iterator[tuple[np.ndarray, np.ndarray 
             x, y = item, None
         x = np.asarray(x)
         if x.ndim != 4:
-            raise ValueError(f"batch {i} must be images [b, H, W, C]; got shape {x.shape} "
-                             "(batch an unbatched dataset first, e.g. ds.batch(256))")
+            raise ValueError(
+                f"batch {i} must be images [b, H, W, C]; got shape {x.shape} "
+                "(batch an unbatched dataset first, e.g. ds.batch(256))"
+            )
         if y is not None:
             y = np.asarray(y)
             if y.shape != (x.shape[0],):
-                raise ValueError(f"batch {i}: labels must have shape ({x.shape[0]},); got "
-                                 f"{y.shape}")
+                raise ValueError(
+                    f"batch {i}: labels must have shape ({x.shape[0]},); got {y.shape}"
+                )
         yield x, y
 
 
@@ -138,8 +146,10 @@ def _fixed_batches(chunks, local_batch: int, dtype: np.dtype) -> Iterator[HostBa
         if image_shape is None:
             image_shape = x.shape[1:]
         elif x.shape[1:] != image_shape:
-            raise ValueError(f"every batch must have the image shape of the first, "
-                             f"{image_shape}; got {x.shape[1:]}")
+            raise ValueError(
+                f"every batch must have the image shape of the first, "
+                f"{image_shape}; got {x.shape[1:]}"
+            )
         start = 0
         if pending_rows:
             take = min(local_batch - pending_rows, len(x))
@@ -184,8 +194,10 @@ def prefetch_to_device(batches: Iterator[HostBatch], mesh: Mesh, with_labels: bo
         try:
             for batch in batches:
                 if with_labels and not batch.has_labels:
-                    raise ValueError("return_labels=True needs labels in the batches (dict "
-                                     "'label' or (images, labels) tuples)")
+                    raise ValueError(
+                        "return_labels=True needs labels in the batches (dict "
+                        "'label' or (images, labels) tuples)"
+                    )
                 arrays = {"images": batch.images, "labels": batch.labels, "valid": batch.valid}
                 put((sharding.shard_local_batch(arrays, mesh), batch))
             put(end)

@@ -97,14 +97,17 @@ def load(
     head = _HEAD[family]
     headless = not any(k.startswith(f"params/{head}/") for k in flat)
     if headless and num_classes is None:
-        raise ValueError(f"checkpoint {str(path)!r} has no classification head "
-                         f"('{head}'); pass num_classes to initialise one")
+        raise ValueError(
+            f"checkpoint {str(path)!r} has no classification head "
+            f"('{head}'); pass num_classes to initialise one"
+        )
     ckpt_classes = None if headless else _checkpoint_classes(flat, family)
     if family == "vit":
         config.setdefault("image_size", _checkpoint_image_size(flat, name, config))
     model = registry.create(name, num_classes=ckpt_classes or num_classes or 1, **config)
-    _check_against_model(model, flat, sources, unknown, path,
-                         head_optional=f"params/{head}/" if headless else None)
+    _check_against_model(
+        model, flat, sources, unknown, path, head_optional=f"params/{head}/" if headless else None
+    )
 
     variables = _unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
     if family == "vit" and image_size is not None and image_size != config["image_size"]:
@@ -194,13 +197,16 @@ def _read(path: pathlib.Path, name: str, family: str, overrides: dict):
         return (*load_torch.vit_from_timm(state, heads), {})
     if suffix == ".npz":
         if family != "vit":
-            raise ValueError(f"'.npz' checkpoints are read for ViT models only; {name!r} is a "
-                             f"{family}")
+            raise ValueError(
+                f"'.npz' checkpoints are read for ViT models only; {name!r} is a {family}"
+            )
         with np.load(path, allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
         return (*load_npz.vit_from_npz(arrays), {"gelu_approximate": True})
-    raise ValueError(f"path must be a '.safetensors' or '.npz' file or an orbax checkpoint "
-                     f"directory; got {str(path)!r}")
+    raise ValueError(
+        f"path must be a '.safetensors' or '.npz' file or an orbax checkpoint "
+        f"directory; got {str(path)!r}"
+    )
 
 
 def _read_orbax(path: pathlib.Path, name: str):
@@ -211,14 +217,19 @@ def _read_orbax(path: pathlib.Path, name: str):
     if (path / _MODEL_JSON).exists():
         meta = json.loads((path / _MODEL_JSON).read_text())
         if meta.get("name") != name:
-            raise ValueError(f"checkpoint {str(path)!r} holds a {meta.get('name')!r} model; "
-                             f"asked to load it as {name!r}")
-        defaults = {k: tuple(v) if isinstance(v, list) else v
-                    for k, v in meta.get("overrides", {}).items()}
+            raise ValueError(
+                f"checkpoint {str(path)!r} holds a {meta.get('name')!r} model; "
+                f"asked to load it as {name!r}"
+            )
+        defaults = {
+            k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("overrides", {}).items()
+        }
         directory = path / _VARIABLES_DIR
     tree = ocp.StandardCheckpointer().restore(directory.absolute())
-    flat = {"/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v)
-            for keys, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    flat = {
+        "/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v)
+        for keys, v in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
     return flat, {k: k for k in flat}, [], defaults
 
 
@@ -262,28 +273,48 @@ def _check_against_model(model, flat, sources, unknown, path, head_optional=None
         "/".join(str(k.key) for k in keys): tuple(v.shape)
         for keys, v in jax.tree_util.tree_flatten_with_path(flax.core.unfreeze(abstract))[0]
     }
-    missing = sorted(k for k in set(expected) - set(flat)
-                     if head_optional is None or not k.startswith(head_optional))
-    unexpected = sorted(f"{sources[k]} (→ {k})" if sources[k] != k else k
-                        for k in set(flat) - set(expected))
-    misshaped = sorted(f"{sources[k]}: checkpoint {tuple(flat[k].shape)} → {k} expects "
-                       f"{expected[k]}" for k in set(flat) & set(expected)
-                       if tuple(flat[k].shape) != expected[k])
+    missing = sorted(
+        k
+        for k in set(expected) - set(flat)
+        if head_optional is None or not k.startswith(head_optional)
+    )
+    unexpected = sorted(
+        f"{sources[k]} (→ {k})" if sources[k] != k else k for k in set(flat) - set(expected)
+    )
+    misshaped = sorted(
+        f"{sources[k]}: checkpoint {tuple(flat[k].shape)} → {k} expects {expected[k]}"
+        for k in set(flat) & set(expected)
+        if tuple(flat[k].shape) != expected[k]
+    )
     problems = []
-    for title, items in (("unknown keys", sorted(unknown) + unexpected),
-                         ("missing keys", missing), ("mis-shaped keys", misshaped)):
+    for title, items in (
+        ("unknown keys", sorted(unknown) + unexpected),
+        ("missing keys", missing),
+        ("mis-shaped keys", misshaped),
+    ):
         if items:
             listed = ", ".join(items[:_MAX_LISTED])
             more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
             problems.append(f"{len(items)} {title}: {listed}{more}")
     if problems:
-        raise ValueError(f"checkpoint {str(path)!r} does not fit {model.__class__.__name__}"
-                         f"({_describe(model)}): " + "; ".join(problems))
+        raise ValueError(
+            f"checkpoint {str(path)!r} does not fit {model.__class__.__name__}"
+            f"({_describe(model)}): " + "; ".join(problems)
+        )
 
 
 def _describe(model) -> str:
-    fields = ("num_classes", "stage_sizes", "block", "width", "image_size", "patch_size",
-              "depth", "num_heads", "mlp_dim")
+    fields = (
+        "num_classes",
+        "stage_sizes",
+        "block",
+        "width",
+        "image_size",
+        "patch_size",
+        "depth",
+        "num_heads",
+        "mlp_dim",
+    )
     return ", ".join(f"{f}={getattr(model, f)!r}" for f in fields if hasattr(model, f))
 
 

@@ -43,9 +43,18 @@ def read_safetensors(path) -> dict[str, np.ndarray]:
         (header_size,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(header_size))
         data = f.read()
-    dtypes = {"BF16": jnp.bfloat16, "F16": np.float16, "F32": np.float32,
-              "F64": np.float64, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+    dtypes = {
+        "BF16": jnp.bfloat16,
+        "F16": np.float16,
+        "F32": np.float32,
+        "F64": np.float64,
+        "I64": np.int64,
+        "I32": np.int32,
+        "I16": np.int16,
+        "I8": np.int8,
+        "U8": np.uint8,
+        "BOOL": np.bool_,
+    }
     arrays = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -160,8 +169,9 @@ def vit_from_timm(state: dict[str, np.ndarray], num_heads: int):
             if module == "attn.qkv":
                 split = _split_qkv(value, leaf, num_heads)
                 if split is None:
-                    unknown.append(f"{key} (shape {value.shape} does not split into 3 x "
-                                   f"{num_heads} heads)")
+                    unknown.append(
+                        f"{key} (shape {value.shape} does not split into 3 x {num_heads} heads)"
+                    )
                     continue
                 for name, array in zip(("query", "key", "value"), split, strict=True):
                     target = "kernel" if leaf == "weight" else "bias"

@@ -137,7 +137,9 @@ def _resize_pil(images: np.ndarray, new_h: int, new_w: int, interpolation: str) 
         else:  # PIL resizes float images one 'F'-mode channel at a time
             channels = [
                 np.asarray(
-                    Image.fromarray(image[..., c].astype(np.float32)).resize((new_w, new_h), resample)
+                    Image.fromarray(image[..., c].astype(np.float32)).resize(
+                        (new_w, new_h), resample
+                    )
                 )
                 for c in range(image.shape[-1])
             ]

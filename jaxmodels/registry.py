@@ -60,9 +60,7 @@ _VITS: dict[str, dict[str, Any]] = {
     "vit_b16": dict(patch_size=16, width=768, depth=12, num_heads=12, mlp_dim=3072),
     "vit_l16": dict(patch_size=16, width=1024, depth=24, num_heads=16, mlp_dim=4096),
     "vit_b32": dict(patch_size=32, width=768, depth=12, num_heads=12, mlp_dim=3072),
-    "vit_tiny": dict(
-        image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64
-    ),
+    "vit_tiny": dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64),
 }
 # Input side each name is made for (ResNets are fully convolutional; this is their eval size).
 _IMAGE_SIZE = {"resnet_tiny": 32, "vit_tiny": 32}
@@ -72,7 +70,13 @@ MODEL_NAMES: tuple[str, ...] = (*_RESNETS, *_VITS)
 # Fields of each module that create(**overrides) may set (name/parent/ssf/num_classes are apart).
 _RESNET_OVERRIDES = ("stage_sizes", "block", "width", "zero_init_last_bn", "dtype")
 _VIT_OVERRIDES = (
-    "image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim", "gelu_approximate",
+    "image_size",
+    "patch_size",
+    "width",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "gelu_approximate",
     "dtype",
 )
 
@@ -181,7 +185,9 @@ def create(name: str, *, num_classes: int, ssf: bool = False, **overrides: Any) 
     return cls(num_classes=num_classes, ssf=ssf, **config)
 
 
-def spec(name: str, *, num_classes: int = 1000, image_size: int | None = None, **overrides) -> ModelSpec:
+def spec(
+    name: str, *, num_classes: int = 1000, image_size: int | None = None, **overrides
+) -> ModelSpec:
     """Preprocessing, feature width and forward cost of ``name``.
 
     Args:
@@ -219,9 +225,7 @@ def spec(name: str, *, num_classes: int = 1000, image_size: int | None = None, *
             overrides = {**overrides, "image_size": image_size}
         config = _config(name, overrides)
         size = config["image_size"]
-        prep = Preprocessing.from_crop_pct(
-            size, 0.9, UNIT_RANGE_MEAN, UNIT_RANGE_STD, "bicubic"
-        )
+        prep = Preprocessing.from_crop_pct(size, 0.9, UNIT_RANGE_MEAN, UNIT_RANGE_STD, "bicubic")
         feature_dim = config["width"]
         macs = vit_macs(num_classes=num_classes, **config)
         family = "vit"

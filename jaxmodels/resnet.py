@@ -96,7 +96,11 @@ class ResidualBlock(nn.Module):
             plan = [(3, self.stride, self.features), (3, 1, self.features)]
             out_features = self.features
         else:
-            plan = [(1, 1, self.features), (3, self.stride, self.features), (1, 1, 4 * self.features)]
+            plan = [
+                (1, 1, self.features),
+                (3, self.stride, self.features),
+                (1, 1, 4 * self.features),
+            ]
             out_features = 4 * self.features
         y = x
         for i, (kernel, stride, features) in enumerate(plan, start=1):
@@ -172,7 +176,9 @@ class ResNet(nn.Module):
         feats = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
         if features_only:
             return feats
-        logits = nn.Dense(self.num_classes, kernel_init=_fc_init, dtype=self.dtype, name="fc")(feats)
+        logits = nn.Dense(self.num_classes, kernel_init=_fc_init, dtype=self.dtype, name="fc")(
+            feats
+        )
         return logits.astype(jnp.float32)
 
     def features(self, images: jax.Array, train: bool = False) -> jax.Array:

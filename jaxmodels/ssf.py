@@ -110,9 +110,13 @@ def ssf_mask(params: Any) -> Any:
 def _fold_into(target: Mapping[str, Any], ssf: Mapping[str, Any], where: str) -> dict[str, Any]:
     """Folds one SSF (scale γ, shift β) into the parameters of the module it follows."""
     if set(ssf) != {"scale", "shift"}:
-        raise ValueError(f"{where}: SSF module must hold exactly 'scale' and 'shift'; got {sorted(ssf)}")
+        raise ValueError(
+            f"{where}: SSF module must hold exactly 'scale' and 'shift'; got {sorted(ssf)}"
+        )
     if "bias" not in target:
-        raise ValueError(f"{where}: SSF follows a module without a bias; found keys {sorted(target)}")
+        raise ValueError(
+            f"{where}: SSF follows a module without a bias; found keys {sorted(target)}"
+        )
     bias = target["bias"]
     gamma = jnp.asarray(ssf["scale"], jnp.float32)
     beta = jnp.asarray(ssf["shift"], jnp.float32)

@@ -102,7 +102,10 @@ class MlpBlock(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         width = x.shape[-1]
         y = nn.Dense(
-            self.mlp_dim, kernel_init=_dense_init, bias_init=_bias_init, dtype=self.dtype,
+            self.mlp_dim,
+            kernel_init=_dense_init,
+            bias_init=_bias_init,
+            dtype=self.dtype,
             name="Dense_0",
         )(x)
         y = maybe_ssf(self.ssf, "Dense_0", y)

@@ -18,7 +18,7 @@ other processes hits both alike. Both frameworks use all CPU cores.
 
 Examples:
     python scripts/bench_features.py --quick --json bench_features.json
-    /work/torchvenv/bin/python scripts/bench_features.py --quick   # with the PyTorch baseline
+    python scripts/bench_features.py --quick   # in an environment that also has torch, timm, torchvision
     python scripts/bench_features.py --models vit_b16 --batch-sizes 128 --dtypes bfloat16
 """
 
@@ -44,19 +44,43 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vit_b16"],
-                        choices=sorted(TORCH_MODELS), help="models to time")
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128],
-                        help="global batch sizes (default: 32 128)")
-    parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
-                        choices=["float32", "bfloat16"], help="compute dtypes")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=["resnet50", "vit_b16"],
+        choices=sorted(TORCH_MODELS),
+        help="models to time",
+    )
+    parser.add_argument(
+        "--batch-sizes",
+        nargs="+",
+        type=int,
+        default=[32, 128],
+        help="global batch sizes (default: 32 128)",
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=["float32", "bfloat16"],
+        help="compute dtypes",
+    )
     parser.add_argument("--image-size", type=int, default=224, help="input side in pixels")
-    parser.add_argument("--batches", type=int, default=None,
-                        help="timed batches per config (default 3, or 1 with --quick)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed runs per framework, best kept (default 2, or 1 with --quick)")
-    parser.add_argument("--quick", action="store_true",
-                        help="defaults for a shared CPU: 1 timed batch, 1 repeat")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=None,
+        help="timed batches per config (default 3, or 1 with --quick)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed runs per framework, best kept (default 2, or 1 with --quick)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="defaults for a shared CPU: 1 timed batch, 1 repeat"
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch baseline")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -152,8 +176,10 @@ def main(argv=None) -> None:
         torch_version = None
     rng = np.random.default_rng(0)
     results = []
-    header = (f"{'model':9} {'batch':>5} {'dtype':9} {'jax img/s':>10} {'torch img/s':>11} "
-              f"{'jax/torch':>9} {'jax GFLOP/s':>11} {'of peak':>7}")
+    header = (
+        f"{'model':9} {'batch':>5} {'dtype':9} {'jax img/s':>10} {'torch img/s':>11} "
+        f"{'jax/torch':>9} {'jax GFLOP/s':>11} {'of peak':>7}"
+    )
     print(f"devices: {jax.devices()}; cpu cores: {os.cpu_count()}; torch: {torch_version}")
     peak = {dtype: matmul_gflops(dtype) for dtype in args.dtypes}
     print("measured matmul GFLOP/s: " + ", ".join(f"{d} {g:.1f}" for d, g in peak.items()))
@@ -170,22 +196,37 @@ def main(argv=None) -> None:
                 rates = images_per_second(runners, len(images), args.repeats)
                 jax_rate, torch_rate = rates["jax"], rates.get("torch")
                 ratio = None if torch_rate is None else jax_rate / torch_rate
-                record = {"model": name, "batch": batch, "dtype": dtype,
-                          "jax_images_per_s": jax_rate, "torch_images_per_s": torch_rate,
-                          "jax_over_torch": ratio, "jax_gflops_per_s": jax_rate * flops / 1e9,
-                          "fraction_of_matmul_peak": jax_rate * flops / 1e9 / peak[dtype]}
+                record = {
+                    "model": name,
+                    "batch": batch,
+                    "dtype": dtype,
+                    "jax_images_per_s": jax_rate,
+                    "torch_images_per_s": torch_rate,
+                    "jax_over_torch": ratio,
+                    "jax_gflops_per_s": jax_rate * flops / 1e9,
+                    "fraction_of_matmul_peak": jax_rate * flops / 1e9 / peak[dtype],
+                }
                 results.append(record)
                 torch_text = "-" if torch_rate is None else f"{torch_rate:11.2f}"
                 ratio_text = "-" if ratio is None else f"{ratio:9.2f}"
-                print(f"{name:9} {batch:5d} {dtype:9} {jax_rate:10.2f} {torch_text:>11} "
-                      f"{ratio_text:>9} {record['jax_gflops_per_s']:11.1f} "
-                      f"{record['fraction_of_matmul_peak']:7.0%}", flush=True)
+                print(
+                    f"{name:9} {batch:5d} {dtype:9} {jax_rate:10.2f} {torch_text:>11} "
+                    f"{ratio_text:>9} {record['jax_gflops_per_s']:11.1f} "
+                    f"{record['fraction_of_matmul_peak']:7.0%}",
+                    flush=True,
+                )
     if args.json:
-        meta = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-                "jax": jax.__version__, "torch": torch_version, "devices": str(jax.devices()),
-                "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-                "timed_batches": args.batches, "repeats": args.repeats,
-                "matmul_gflops_per_s": peak}
+        meta = {
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+            "jax": jax.__version__,
+            "torch": torch_version,
+            "devices": str(jax.devices()),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.processor() or platform.machine(),
+            "timed_batches": args.batches,
+            "repeats": args.repeats,
+            "matmul_gflops_per_s": peak,
+        }
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
         print(f"wrote {args.json}")

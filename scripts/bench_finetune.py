@@ -58,11 +58,22 @@ def _peak_bytes(compiled) -> int | None:
     )
 
 
-def bench_mode(name: str, mode: str, size: int, batch_size: int, steps: int, num_classes: int,
-               compute_dtype: str) -> dict:
+def bench_mode(
+    name: str,
+    mode: str,
+    size: int,
+    batch_size: int,
+    steps: int,
+    num_classes: int,
+    compute_dtype: str,
+) -> dict:
     """Times ``steps`` train steps of ``mode`` after one compile + warm-up step."""
-    model = jaxmodels.create(name, num_classes=num_classes, ssf=mode == "ssf",
-                             **({} if name.startswith("resnet") else {"image_size": size}))
+    model = jaxmodels.create(
+        name,
+        num_classes=num_classes,
+        ssf=mode == "ssf",
+        **({} if name.startswith("resnet") else {"image_size": size}),
+    )
     variables = _init(model, size)
     head = masks.head_name_for(name)
     mask = masks.trainable_mask(variables["params"], mode, head)
@@ -70,10 +81,10 @@ def bench_mode(name: str, mode: str, size: int, batch_size: int, steps: int, num
     decay = masks.flatten_params(masks.weight_decay_mask(variables["params"]))
     optimizer, _ = optim.init_optimizer(optim.OptimConfig(total_steps=1000), trainable, decay)
     state = step_lib.init_train_state(variables, mask, optimizer)
-    step_config = step_lib.StepConfig(num_classes=num_classes, compute_dtype=compute_dtype,
-                                      update_batch_stats=mode == "full")
-    step = jax.jit(step_lib.make_train_step(model.apply, optimizer, step_config),
-                   donate_argnums=0)
+    step_config = step_lib.StepConfig(
+        num_classes=num_classes, compute_dtype=compute_dtype, update_batch_stats=mode == "full"
+    )
+    step = jax.jit(step_lib.make_train_step(model.apply, optimizer, step_config), donate_argnums=0)
     batch = _batch(batch_size, size, num_classes)
     key = jax.random.key(0)
     start = time.perf_counter()
@@ -100,8 +111,9 @@ def bench_mode(name: str, mode: str, size: int, batch_size: int, steps: int, num
 
 def bench_plain_optax(name: str, size: int, batch_size: int, steps: int, num_classes: int) -> dict:
     """Baseline: full fine-tuning the textbook way (whole-tree gradient, optax AdamW on it)."""
-    model = jaxmodels.create(name, num_classes=num_classes,
-                             **({} if name.startswith("resnet") else {"image_size": size}))
+    model = jaxmodels.create(
+        name, num_classes=num_classes, **({} if name.startswith("resnet") else {"image_size": size})
+    )
     variables = _init(model, size)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.05))
     has_bn = "batch_stats" in variables
@@ -110,8 +122,9 @@ def bench_plain_optax(name: str, size: int, batch_size: int, steps: int, num_cla
         def loss_fn(params):
             inputs = {**variables, "params": params}
             if has_bn:
-                logits, updates = model.apply(inputs, batch["image"], train=True,
-                                              mutable=["batch_stats"])
+                logits, updates = model.apply(
+                    inputs, batch["image"], train=True, mutable=["batch_stats"]
+                )
             else:
                 logits, updates = model.apply(inputs, batch["image"], train=True), {}
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
@@ -119,8 +132,11 @@ def bench_plain_optax(name: str, size: int, batch_size: int, steps: int, num_cla
 
         (_, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
         deltas, opt_state = tx.update(grads, opt_state, variables["params"])
-        return {**variables, **updates,
-                "params": optax.apply_updates(variables["params"], deltas)}, opt_state
+        return {
+            **variables,
+            **updates,
+            "params": optax.apply_updates(variables["params"], deltas),
+        }, opt_state
 
     step = jax.jit(step, donate_argnums=(0, 1))
     opt_state = tx.init(variables["params"])
@@ -148,8 +164,10 @@ def _with_random_head(variables: dict, head: str) -> dict:
     """ViT heads start at zero (all logits 0); a random head makes the logit check meaningful."""
     params = dict(variables["params"])
     kernel = params[head]["kernel"]
-    params[head] = {**params[head], "kernel": 0.1 * jax.random.normal(jax.random.key(7),
-                                                                        kernel.shape)}
+    params[head] = {
+        **params[head],
+        "kernel": 0.1 * jax.random.normal(jax.random.key(7), kernel.shape),
+    }
     return {**variables, "params": params}
 
 
@@ -167,8 +185,11 @@ def bench_fold(name: str, size: int, batch_size: int, reps: int, num_classes: in
     max_diff = float(jnp.max(jnp.abs(plain_fn(folded, images) - ssf_fn(ssf_vars, images))))
     jax.block_until_ready((plain_fn(plain_vars, images), ssf_fn(ssf_vars, images)))
     runs = {"plain": [], "folded": [], "ssf_unfolded": []}
-    calls = {"plain": (plain_fn, plain_vars), "folded": (plain_fn, folded),
-             "ssf_unfolded": (ssf_fn, ssf_vars)}
+    calls = {
+        "plain": (plain_fn, plain_vars),
+        "folded": (plain_fn, folded),
+        "ssf_unfolded": (ssf_fn, ssf_vars),
+    }
     for _ in range(reps):
         for label, (fn, v) in calls.items():
             start = time.perf_counter()
@@ -195,30 +216,49 @@ def main(argv=None) -> int:
     parser.add_argument("--image-size", type=int, default=224, help="input side (default 224)")
     parser.add_argument("--batch-size", type=int, default=8, help="train batch (default 8)")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per mode (default 3)")
-    parser.add_argument("--reps", type=int, default=10,
-                        help="interleaved inference repetitions (default 10)")
+    parser.add_argument(
+        "--reps", type=int, default=10, help="interleaved inference repetitions (default 10)"
+    )
     parser.add_argument("--num-classes", type=int, default=10, help="head size (default 10)")
     parser.add_argument("--bf16", action="store_true", help="bfloat16 compute in the steps")
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated modes")
-    parser.add_argument("--quick", action="store_true",
-                        help="batch 2, 2 steps, 5 inference reps (a couple of minutes on a CPU)")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="skip the textbook full fine-tuning step (whole-tree grad + optax)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="batch 2, 2 steps, 5 inference reps (a couple of minutes on a CPU)",
+    )
+    parser.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="skip the textbook full fine-tuning step (whole-tree grad + optax)",
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.steps, args.reps = 2, 2, 5
-    print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {args.model} "
-          f"@ {args.image_size}, batch {args.batch_size}, {args.steps} timed steps")
+    print(
+        f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {args.model} "
+        f"@ {args.image_size}, batch {args.batch_size}, {args.steps} timed steps"
+    )
     rows = []
     for mode in args.modes.split(","):
-        row = bench_mode(args.model, mode, args.image_size, args.batch_size, args.steps,
-                         args.num_classes, "bfloat16" if args.bf16 else "float32")
+        row = bench_mode(
+            args.model,
+            mode,
+            args.image_size,
+            args.batch_size,
+            args.steps,
+            args.num_classes,
+            "bfloat16" if args.bf16 else "float32",
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
     if not args.no_baseline:
-        rows.append(bench_plain_optax(args.model, args.image_size, args.batch_size, args.steps,
-                                      args.num_classes))
+        rows.append(
+            bench_plain_optax(
+                args.model, args.image_size, args.batch_size, args.steps, args.num_classes
+            )
+        )
         print(json.dumps(rows[-1]), flush=True)
     fold = bench_fold(args.model, args.image_size, args.batch_size, args.reps, args.num_classes)
     print(json.dumps(fold), flush=True)
@@ -232,29 +272,48 @@ def main(argv=None) -> int:
     for r in rows:
         ratio = f"{r['step_s'] / full['step_s']:.2f}" if full else "-"
         peak = f"{r['xla_peak_bytes'] / 2**20:.0f} MiB" if r["xla_peak_bytes"] else "n/a"
-        print(f"| {r['mode']} | {r['trainable_params']:,} | {r['opt_state_bytes'] / 2**20:.2f} MiB "
-              f"| {peak} | {r['step_s'] * 1e3:.0f} ms | {ratio} |")
-    print(f"\nfolded / plain inference: {fold['folded_over_plain']:.3f} "
-          f"(plain {fold['plain_s'] * 1e3:.1f} ms, folded {fold['folded_s'] * 1e3:.1f} ms, "
-          f"unfolded SSF {fold['ssf_unfolded_s'] * 1e3:.1f} ms); "
-          f"max |logit diff| folded vs SSF {fold['max_abs_logit_diff_folded_vs_ssf']:.2e}")
+        print(
+            f"| {r['mode']} | {r['trainable_params']:,} | {r['opt_state_bytes'] / 2**20:.2f} MiB "
+            f"| {peak} | {r['step_s'] * 1e3:.0f} ms | {ratio} |"
+        )
+    print(
+        f"\nfolded / plain inference: {fold['folded_over_plain']:.3f} "
+        f"(plain {fold['plain_s'] * 1e3:.1f} ms, folded {fold['folded_s'] * 1e3:.1f} ms, "
+        f"unfolded SSF {fold['ssf_unfolded_s'] * 1e3:.1f} ms); "
+        f"max |logit diff| folded vs SSF {fold['max_abs_logit_diff_folded_vs_ssf']:.2e}"
+    )
     print(f"process peak RSS: {peak_rss / 2**20:.0f} MiB")
     checks = {}
     if full and "ssf" in by_mode:
         ssf = by_mode["ssf"]
         checks["ssf_opt_state_over_full"] = ssf["opt_state_bytes"] / full["opt_state_bytes"]
         checks["ssf_step_over_full"] = ssf["step_s"] / full["step_s"]
-        print(f"target SSF opt state <= 1% of full: {checks['ssf_opt_state_over_full']:.4%} "
-              f"{'PASS' if checks['ssf_opt_state_over_full'] <= 0.01 else 'FAIL'}")
-        print(f"target SSF step <= full step: {checks['ssf_step_over_full']:.2f} "
-              f"{'PASS' if checks['ssf_step_over_full'] <= 1 else 'FAIL'}")
+        print(
+            f"target SSF opt state <= 1% of full: {checks['ssf_opt_state_over_full']:.4%} "
+            f"{'PASS' if checks['ssf_opt_state_over_full'] <= 0.01 else 'FAIL'}"
+        )
+        print(
+            f"target SSF step <= full step: {checks['ssf_step_over_full']:.2f} "
+            f"{'PASS' if checks['ssf_step_over_full'] <= 1 else 'FAIL'}"
+        )
     checks["folded_over_plain"] = fold["folded_over_plain"]
-    print(f"target folded/plain <= 1.02: {fold['folded_over_plain']:.3f} "
-          f"{'PASS' if fold['folded_over_plain'] <= 1.02 else 'FAIL'}")
+    print(
+        f"target folded/plain <= 1.02: {fold['folded_over_plain']:.3f} "
+        f"{'PASS' if fold['folded_over_plain'] <= 1.02 else 'FAIL'}"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "modes": rows, "fold": fold, "checks": checks,
-                       "peak_rss_bytes": peak_rss}, f, indent=2)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "modes": rows,
+                    "fold": fold,
+                    "checks": checks,
+                    "peak_rss_bytes": peak_rss,
+                },
+                f,
+                indent=2,
+            )
     return 0
 
 

@@ -73,46 +73,93 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True,
-                        help="NAME (random init) or NAME=CHECKPOINT (.safetensors, .npz or a "
-                             "jaxmodels.save folder), NAME e.g. vit_s16, resnet50")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="NAME (random init) or NAME=CHECKPOINT (.safetensors, .npz or a "
+        "jaxmodels.save folder), NAME e.g. vit_s16, resnet50",
+    )
     parser.add_argument("--data", required=True, help="training data (see 'data:' below)")
     parser.add_argument("--eval-data", help="evaluated after each epoch (optional)")
     parser.add_argument("--out", required=True, help="output folder (created; resumed if present)")
-    parser.add_argument("--mode", default="ssf", choices=["full", "linear", "bitfit", "ssf"],
-                        help="which parameters are trained (default: ssf)")
+    parser.add_argument(
+        "--mode",
+        default="ssf",
+        choices=["full", "linear", "bitfit", "ssf"],
+        help="which parameters are trained (default: ssf)",
+    )
     parser.add_argument("--epochs", type=int, default=10, help="passes over the data (default 10)")
     parser.add_argument("--batch-size", type=int, default=64, help="global batch (default 64)")
-    parser.add_argument("--lr", type=_floats, default=[1e-3],
-                        help="peak learning rate(s), comma-separated for a sweep (default 1e-3)")
+    parser.add_argument(
+        "--lr",
+        type=_floats,
+        default=[1e-3],
+        help="peak learning rate(s), comma-separated for a sweep (default 1e-3)",
+    )
     parser.add_argument("--seed", type=_ints, default=[0], help="seed(s) (default 0)")
-    parser.add_argument("--augmentation", type=_words, default=["light"],
-                        help=f"preset(s) among {sorted(run_lib.AUGMENTATIONS)}: none = centre "
-                             "crop; light = crop 35-100%% + flip; strong = crop 8-100%% + flip + "
-                             "mixup 0.8 / cutmix 1.0 (default light)")
-    parser.add_argument("--label-smoothing", type=_floats, default=[0.0],
-                        help="label smoothing epsilon(s) (default 0)")
-    parser.add_argument("--weight-decay", type=float, default=0.05,
-                        help="AdamW decoupled weight decay; never applied to biases, norms, "
-                             "SSF (default 0.05)")
-    parser.add_argument("--warmup-epochs", type=float, default=1.0,
-                        help="linear warmup before the cosine decay (default 1)")
-    parser.add_argument("--clip-norm", type=float, default=1.0,
-                        help="global gradient-norm clip, 0 = off (default 1)")
-    parser.add_argument("--ema", type=float, default=None,
-                        help="EMA decay of the weights, e.g. 0.999; the EMA is evaluated/saved")
-    parser.add_argument("--bf16", action="store_true",
-                        help="compute in bfloat16 (weights and optimizer stay float32)")
+    parser.add_argument(
+        "--augmentation",
+        type=_words,
+        default=["light"],
+        help=f"preset(s) among {sorted(run_lib.AUGMENTATIONS)}: none = centre "
+        "crop; light = crop 35-100%% + flip; strong = crop 8-100%% + flip + "
+        "mixup 0.8 / cutmix 1.0 (default light)",
+    )
+    parser.add_argument(
+        "--label-smoothing",
+        type=_floats,
+        default=[0.0],
+        help="label smoothing epsilon(s) (default 0)",
+    )
+    parser.add_argument(
+        "--weight-decay",
+        type=float,
+        default=0.05,
+        help="AdamW decoupled weight decay; never applied to biases, norms, SSF (default 0.05)",
+    )
+    parser.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=1.0,
+        help="linear warmup before the cosine decay (default 1)",
+    )
+    parser.add_argument(
+        "--clip-norm",
+        type=float,
+        default=1.0,
+        help="global gradient-norm clip, 0 = off (default 1)",
+    )
+    parser.add_argument(
+        "--ema",
+        type=float,
+        default=None,
+        help="EMA decay of the weights, e.g. 0.999; the EMA is evaluated/saved",
+    )
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="compute in bfloat16 (weights and optimizer stay float32)",
+    )
     parser.add_argument("--image-size", type=int, help="input side (default: the model's)")
-    parser.add_argument("--checkpoint-every", type=int, default=500,
-                        help="steps between checkpoints (default 500; always one at the end)")
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        help="steps between checkpoints (default 500; always one at the end)",
+    )
     parser.add_argument("--tfds-data-dir", help="TFDS data directory")
     parser.add_argument("--num-workers", type=int, default=4, help="image-loading threads")
-    parser.add_argument("--max-steps", type=int,
-                        help="stop after this many steps (smoke tests); the run stays unfinished")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        help="stop after this many steps (smoke tests); the run stays unfinished",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument("--distributed", action="store_true",
-                        help="multi-host: call jax.distributed.initialize() first")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize() first",
+    )
     return parser.parse_args(argv)
 
 
@@ -143,8 +190,12 @@ def main(argv=None) -> int:
         num_workers=args.num_workers,
         stop_after_steps=args.max_steps,
     )
-    grid = {"lr": args.lr, "seed": args.seed, "augmentation": args.augmentation,
-            "label_smoothing": args.label_smoothing}
+    grid = {
+        "lr": args.lr,
+        "seed": args.seed,
+        "augmentation": args.augmentation,
+        "label_smoothing": args.label_smoothing,
+    }
     if all(len(v) == 1 for v in grid.values()):
         results = [run_lib.run(base, progress=not args.no_progress)]
     else:
@@ -152,9 +203,17 @@ def main(argv=None) -> int:
         results = sweep.run_sweep(configs, progress=not args.no_progress)
     for result in results:
         final = result.get("final_eval") or {}
-        print(json.dumps({"out_dir": result["config"]["out_dir"], "finished": result["finished"],
-                          "steps": result["steps"], "accuracy": final.get("accuracy"),
-                          "trainable_params": result["trainable_params"]}))
+        print(
+            json.dumps(
+                {
+                    "out_dir": result["config"]["out_dir"],
+                    "finished": result["finished"],
+                    "steps": result["steps"],
+                    "accuracy": final.get("accuracy"),
+                    "trainable_params": result["trainable_params"],
+                }
+            )
+        )
     return 0
 
 

@@ -9,7 +9,7 @@ the ViT timm's own resampling of the position embedding to other image sizes.
 Needs torch, torchvision, timm and safetensors (not hubtune's dependencies): run it once, by hand,
 from a separate environment; the tests only read the files it writes.
 
-    /work/torchvenv/bin/python scripts/make_parity_fixtures.py --out tests/fixtures
+    /tmp/torchvenv/bin/python scripts/make_parity_fixtures.py --out tests/fixtures
 """
 
 from __future__ import annotations
@@ -96,22 +96,39 @@ def _save(out: pathlib.Path, stem: str, model, arrays, config) -> None:
 
 
 def make_vit(out: pathlib.Path, generator: torch.Generator) -> None:
-    config = {"name": "vit_ti16", "image_size": 32, "patch_size": 8, "width": 32, "depth": 2,
-              "num_heads": 2, "mlp_dim": 128, "num_classes": 5}
-    model = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                              mlp_ratio=4.0, num_classes=5).eval()
+    config = {
+        "name": "vit_ti16",
+        "image_size": 32,
+        "patch_size": 8,
+        "width": 32,
+        "depth": 2,
+        "num_heads": 2,
+        "mlp_dim": 128,
+        "num_classes": 5,
+    }
+    model = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=4.0, num_classes=5
+    ).eval()
     _randomise(model, generator)
     images = torch.randn((BATCH, 3, 32, 32), generator=generator)
     with torch.no_grad():
         logits = model(images)
         feats = model.forward_head(model.forward_features(images), pre_logits=True)
-        arrays = {"images": images.permute(0, 2, 3, 1).numpy(), "logits": logits.numpy(),
-                  "features": feats.numpy()}
+        arrays = {
+            "images": images.permute(0, 2, 3, 1).numpy(),
+            "logits": logits.numpy(),
+            "features": feats.numpy(),
+        }
         # timm's own resampling (bilinear on the patch grid, class token kept) for 4x4 -> 6x6
         # (image 48) and 4x4 -> 2x2 (image 16).
         for side in (6, 2):
-            resampled = resample_abs_pos_embed(model.pos_embed, [side, side], num_prefix_tokens=1,
-                                               interpolation="bilinear", antialias=False)
+            resampled = resample_abs_pos_embed(
+                model.pos_embed,
+                [side, side],
+                num_prefix_tokens=1,
+                interpolation="bilinear",
+                antialias=False,
+            )
             arrays[f"pos_embed_grid{side}"] = resampled.numpy()
     _save(out, "parity_vit_tiny", model, arrays, config)
 
@@ -123,31 +140,53 @@ def make_resnet(out, generator, stem, block, layers, width, config) -> None:
     images = torch.randn((BATCH, 3, 40, 40), generator=generator)
     with torch.no_grad():
         logits, feats = _head_input(model, model.fc, images)
-    arrays = {"images": images.permute(0, 2, 3, 1).numpy(), "logits": logits.numpy(),
-              "features": feats.numpy()}
+    arrays = {
+        "images": images.permute(0, 2, 3, 1).numpy(),
+        "logits": logits.numpy(),
+        "features": feats.numpy(),
+    }
     _save(out, stem, model, arrays, config)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("tests/fixtures"),
-                        help="folder for the parity_* files (default: tests/fixtures)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=pathlib.Path("tests/fixtures"),
+        help="folder for the parity_* files (default: tests/fixtures)",
+    )
     args = parser.parse_args()
     if torch is None:
-        parser.error(f"needs torch, torchvision and timm ({_IMPORT_ERROR}); e.g. "
-                     "python3 -m venv /work/torchvenv && /work/torchvenv/bin/pip install torch "
-                     "torchvision timm safetensors numpy")
+        parser.error(
+            f"needs torch, torchvision and timm ({_IMPORT_ERROR}); e.g. "
+            "python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch "
+            "torchvision timm safetensors numpy"
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(SEED)
     generator = torch.Generator().manual_seed(SEED)
     make_vit(args.out, generator)
-    make_resnet(args.out, generator, "parity_resnet_basic", tv_resnet.BasicBlock, [1, 1, 1, 1],
-                8, {"name": "resnet18", "stage_sizes": [1, 1, 1, 1], "width": 8,
-                    "num_classes": 5})
-    make_resnet(args.out, generator, "parity_resnet_bottleneck", tv_resnet.Bottleneck,
-                [1, 2, 1, 1], 4, {"name": "resnet50", "stage_sizes": [1, 2, 1, 1], "width": 4,
-                                  "num_classes": 5})
+    make_resnet(
+        args.out,
+        generator,
+        "parity_resnet_basic",
+        tv_resnet.BasicBlock,
+        [1, 1, 1, 1],
+        8,
+        {"name": "resnet18", "stage_sizes": [1, 1, 1, 1], "width": 8, "num_classes": 5},
+    )
+    make_resnet(
+        args.out,
+        generator,
+        "parity_resnet_bottleneck",
+        tv_resnet.Bottleneck,
+        [1, 2, 1, 1],
+        4,
+        {"name": "resnet50", "stage_sizes": [1, 2, 1, 1], "width": 4, "num_classes": 5},
+    )
     print(f"torch {torch.__version__}; fixtures in {args.out}")
 
 

@@ -5,6 +5,6 @@ import os
 # Must happen before JAX initialises its backends (i.e. before any array is made).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
+import jax
 
 jax.config.update("jax_num_cpu_devices", 8)

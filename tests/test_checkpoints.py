@@ -21,8 +21,17 @@ def _source(n=80, seed=0):
     return sources.ArraySource(rng.integers(0, 256, (n, 8, 8, 3)).astype(np.uint8), labels)
 
 
-def _fit(ckpt_dir, *, mode="ssf", stop_after=None, ssf=True, batch_norm=True, ema=0.9, seed=0,
-         log_path=None):
+def _fit(
+    ckpt_dir,
+    *,
+    mode="ssf",
+    stop_after=None,
+    ssf=True,
+    batch_norm=True,
+    ema=0.9,
+    seed=0,
+    log_path=None,
+):
     model, variables = init_tiny(ssf=ssf, batch_norm=batch_norm, num_classes=NUM_CLASSES)
     source = _source()
     epochs = 2
@@ -59,8 +68,15 @@ def runs(tmp_path_factory):
     listing_after_kill = sorted(os.listdir(ckpt))
     resumed = _fit(ckpt, log_path=str(root / "log.jsonl"))
     again = _fit(ckpt, log_path=str(root / "again.jsonl"))
-    return {"root": root, "ckpt": ckpt, "uninterrupted": uninterrupted, "killed": killed,
-            "listing_after_kill": listing_after_kill, "resumed": resumed, "again": again}
+    return {
+        "root": root,
+        "ckpt": ckpt,
+        "uninterrupted": uninterrupted,
+        "killed": killed,
+        "listing_after_kill": listing_after_kill,
+        "resumed": resumed,
+        "again": again,
+    }
 
 
 def test_killed_run_resumes_to_the_uninterrupted_parameters(runs):

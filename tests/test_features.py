@@ -134,8 +134,13 @@ def test_iterable_of_uneven_batches_is_recut(tiny):
         {"image": images[a:b], "label": labels[a:b]} for a, b in itertools.pairwise(cuts)
     ]
     feats, logits, got_labels = jaxmodels.extract_features(
-        model, variables, iter(dict_batches), batch_size=16, return_logits=True,
-        return_labels=True, progress=False,
+        model,
+        variables,
+        iter(dict_batches),
+        batch_size=16,
+        return_logits=True,
+        return_labels=True,
+        progress=False,
     )
     np.testing.assert_allclose(feats, ref_feats, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
@@ -170,7 +175,12 @@ def test_bfloat16_is_close_to_float32(tiny, model_cls):
     _, variables, images, ref_feats, ref_logits = tiny
     model = model_cls()
     feats, logits = jaxmodels.extract_features(
-        model, variables, images, batch_size=16, dtype=jnp.bfloat16, return_logits=True,
+        model,
+        variables,
+        images,
+        batch_size=16,
+        dtype=jnp.bfloat16,
+        return_logits=True,
         progress=False,
     )
     assert feats.dtype == np.float32
@@ -209,8 +219,14 @@ def test_stream_reduce_gram_matches_numpy(tiny):
     model, variables, images, ref_feats, _ = tiny
     labels = (np.arange(37) * 7) % 5
     carry = jaxmodels.stream_reduce(
-        model, variables, images, labels=labels, init=_gram_init(6), update=_gram_update,
-        batch_size=16, progress=False,
+        model,
+        variables,
+        images,
+        labels=labels,
+        init=_gram_init(6),
+        update=_gram_update,
+        batch_size=16,
+        progress=False,
     )
     f = ref_feats.astype(np.float64)
     np.testing.assert_allclose(np.asarray(carry["ftf"]), f.T @ f, rtol=1e-5, atol=1e-5)
@@ -223,15 +239,24 @@ def test_stream_reduce_gram_matches_numpy(tiny):
 def test_stream_reduce_takes_labels_from_dict_batches(tiny):
     model, variables, images, ref_feats, _ = tiny
     labels = np.arange(37) % 5
-    batches = [{"image": images[:21], "label": labels[:21]},
-               {"image": images[21:], "label": labels[21:]}]
+    batches = [
+        {"image": images[:21], "label": labels[:21]},
+        {"image": images[21:], "label": labels[21:]},
+    ]
     carry = jaxmodels.stream_reduce(
-        model, variables, batches, init=_gram_init(6), update=_gram_update, batch_size=8,
+        model,
+        variables,
+        batches,
+        init=_gram_init(6),
+        update=_gram_update,
+        batch_size=8,
         progress=False,
     )
     np.testing.assert_allclose(
-        np.asarray(carry["fty"]), ref_feats.astype(np.float64).T @ np.eye(5)[labels],
-        rtol=1e-5, atol=1e-5,
+        np.asarray(carry["fty"]),
+        ref_feats.astype(np.float64).T @ np.eye(5)[labels],
+        rtol=1e-5,
+        atol=1e-5,
     )
 
 
@@ -239,8 +264,13 @@ def test_stream_reduce_rejects_update_that_changes_carry(tiny):
     model, variables, images, _, _ = tiny
     with pytest.raises(ValueError, match="update must return a carry"):
         jaxmodels.stream_reduce(
-            model, variables, images, init=np.zeros((6,), np.float32),
-            update=lambda c, f, y, v: f.sum(0, keepdims=True), batch_size=8, progress=False,
+            model,
+            variables,
+            images,
+            init=np.zeros((6,), np.float32),
+            update=lambda c, f, y, v: f.sum(0, keepdims=True),
+            batch_size=8,
+            progress=False,
         )
 
 
@@ -284,8 +314,14 @@ def test_bad_inputs_raise(tiny):
         extract(images, return_labels=True)
     with pytest.raises(ValueError, match=r"labels must have shape \[N\]"):
         jaxmodels.stream_reduce(
-            model, variables, images, labels=np.zeros(3), init=np.zeros(()),
-            update=lambda c, f, y, v: c, batch_size=8, progress=False,
+            model,
+            variables,
+            images,
+            labels=np.zeros(3),
+            init=np.zeros(()),
+            update=lambda c, f, y, v: c,
+            batch_size=8,
+            progress=False,
         )
     with pytest.raises(TypeError, match="update must be callable"):
         jaxmodels.stream_reduce(
@@ -310,7 +346,8 @@ def test_gather_rows_concatenates_uneven_processes_in_order(monkeypatch):
     monkeypatch.setattr(sharding.multihost_utils, "process_allgather", fake_allgather)
     np.testing.assert_array_equal(sharding.gather_rows(local), np.concatenate([local, other]))
     # The other process has run out of images: only this process's flag decides.
-    monkeypatch.setattr(sharding.multihost_utils, "process_allgather",
-                        lambda x: np.stack([x, np.zeros_like(x)]))
+    monkeypatch.setattr(
+        sharding.multihost_utils, "process_allgather", lambda x: np.stack([x, np.zeros_like(x)])
+    )
     assert sharding.any_process(False) is False and sharding.any_process(True) is True
     assert sharding.check_batch_size(16, sharding.data_mesh()) == 8  # per-process share

@@ -141,8 +141,11 @@ def test_finetune_script_writes_a_loadable_folded_model(tmp_path, capsys):
     assert pathlib.Path(out / "metrics.jsonl").exists()
     # the same folder with another learning rate is another run: refused, not silently mixed
     argv[argv.index("--lr") + 1] = "0.02"
-    with pytest.raises(ValueError, match=r"does not match this run \(lr: this run has 0.02, "
-                                         r"checkpoint has 0.01\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not match this run \(lr: this run has 0.02, "
+        r"checkpoint has 0.01\)",
+    ):
         _load_script().main(argv)
 
 

@@ -29,8 +29,11 @@ def _reference(stem):
     ref = np.load(FIXTURES / f"{stem}.npz")
     config = json.loads(str(ref["config"]))
     name = config.pop("name")
-    overrides = {k: tuple(v) if isinstance(v, list) else v
-                 for k, v in config.items() if k not in ("num_classes", "image_size")}
+    overrides = {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in config.items()
+        if k not in ("num_classes", "image_size")
+    }
     return name, overrides, {k: ref[k] for k in ref.files if k != "config"}
 
 
@@ -57,17 +60,21 @@ def test_resnet_batch_stats_come_from_running_statistics():
     name, overrides, _ = _reference("parity_resnet_basic")
     state = load_file(FIXTURES / "parity_resnet_basic.safetensors")
     _, variables = load(name, FIXTURES / "parity_resnet_basic.safetensors", **overrides)
-    np.testing.assert_array_equal(variables["batch_stats"]["layer2_0"]["downsample_bn"]["var"],
-                                  state["layer2.0.downsample.1.running_var"])
-    np.testing.assert_array_equal(variables["params"]["conv1"]["kernel"],
-                                  state["conv1.weight"].transpose(2, 3, 1, 0))
+    np.testing.assert_array_equal(
+        variables["batch_stats"]["layer2_0"]["downsample_bn"]["var"],
+        state["layer2.0.downsample.1.running_var"],
+    )
+    np.testing.assert_array_equal(
+        variables["params"]["conv1"]["kernel"], state["conv1.weight"].transpose(2, 3, 1, 0)
+    )
 
 
 @pytest.mark.parametrize("side", [6, 2])
 def test_image_size_resamples_position_embedding_like_timm(side):
     _, _, ref = _reference("parity_vit_tiny")
-    model, variables = load("vit_ti16", FIXTURES / "parity_vit_tiny.safetensors",
-                            image_size=8 * side, **VIT_ARCH)
+    model, variables = load(
+        "vit_ti16", FIXTURES / "parity_vit_tiny.safetensors", image_size=8 * side, **VIT_ARCH
+    )
     pos = variables["params"]["Transformer"]["posembed_input"]["pos_embedding"]
     assert model.image_size == 8 * side
     np.testing.assert_allclose(pos, ref[f"pos_embed_grid{side}"], rtol=1e-6, atol=1e-6)
@@ -115,6 +122,7 @@ def test_headless_checkpoint_needs_num_classes(tmp_path):
 def test_reinitialised_resnet_head_is_seeded():
     name, overrides, _ = _reference("parity_resnet_basic")
     path = FIXTURES / "parity_resnet_basic.safetensors"
+
     def head_kernel(seed):
         _, variables = load(name, path, num_classes=4, seed=seed, **overrides)
         return np.asarray(variables["params"]["fc"]["kernel"])
@@ -130,8 +138,11 @@ def _write_bfloat16_safetensors(state, path):
     header, chunks, offset = {}, [], 0
     for name, value in state.items():
         raw = np.ascontiguousarray(value.astype(jnp.bfloat16)).tobytes()
-        header[name] = {"dtype": "BF16", "shape": list(value.shape),
-                        "data_offsets": [offset, offset + len(raw)]}
+        header[name] = {
+            "dtype": "BF16",
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
         chunks.append(raw)
         offset += len(raw)
     text = json.dumps(header).encode()
@@ -147,7 +158,9 @@ def test_bfloat16_safetensors_are_read(tmp_path):
     np.testing.assert_array_equal(variables["params"]["cls"], expected)
     np.testing.assert_array_equal(
         variables["params"]["embedding"]["kernel"],
-        state["patch_embed.proj.weight"].astype(jnp.bfloat16).astype(np.float32)
+        state["patch_embed.proj.weight"]
+        .astype(jnp.bfloat16)
+        .astype(np.float32)
         .transpose(2, 3, 1, 0),
     )
 
@@ -170,8 +183,11 @@ def _old_scheme(flat):
 
 def _new_scheme(flat, scanned=False):
     """big_vision layout: renamed block modules, top-level pos_embedding without a class row."""
-    renames = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
-               "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
+    renames = {
+        "MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+        "LayerNorm_2": "LayerNorm_1",
+        "MlpBlock_3": "MlpBlock_0",
+    }
     out = {}
     pos = flat["Transformer/posembed_input/pos_embedding"]
     for key, value in flat.items():
@@ -186,7 +202,9 @@ def _new_scheme(flat, scanned=False):
         out["/".join(parts)] = value
     if scanned:
         blocks = sorted({k.split("/")[1] for k in out if "encoderblock_" in k})
-        for leaf in {k.split("/", 2)[2] for k in out if k.startswith("Transformer/encoderblock_0/")}:
+        for leaf in {
+            k.split("/", 2)[2] for k in out if k.startswith("Transformer/encoderblock_0/")
+        }:
             stacked = [out.pop(f"Transformer/{b}/{leaf}") for b in blocks]
             out[f"Transformer/encoderblock/{leaf}"] = np.stack(stacked)
     return {f"params/{k}": v for k, v in out.items()}
@@ -196,8 +214,11 @@ def _new_scheme(flat, scanned=False):
 def test_npz_schemes_match_pytorch(tmp_path, scheme):
     _, _, ref = _reference("parity_vit_tiny")
     flat = _vit_variables()
-    arrays = {"old": _old_scheme, "new": _new_scheme,
-              "new_scanned": lambda f: _new_scheme(f, scanned=True)}[scheme](flat)
+    arrays = {
+        "old": _old_scheme,
+        "new": _new_scheme,
+        "new_scanned": lambda f: _new_scheme(f, scanned=True),
+    }[scheme](flat)
     if scheme != "old":  # the test really exercises the renamed layout
         assert "params/pos_embedding" in arrays
         assert not any("MlpBlock_3" in k or "posembed_input" in k for k in arrays)
@@ -246,15 +267,21 @@ def _edited(tmp_path, stem, edit):
 
 
 def test_unknown_key_is_named(tmp_path):
-    path = _edited(tmp_path, "parity_vit_tiny",
-                   lambda s: s.update({"blocks.0.ls1.gamma": np.ones(32, np.float32)}))
+    path = _edited(
+        tmp_path,
+        "parity_vit_tiny",
+        lambda s: s.update({"blocks.0.ls1.gamma": np.ones(32, np.float32)}),
+    )
     with pytest.raises(ValueError, match=r"1 unknown keys: blocks\.0\.ls1\.gamma"):
         load("vit_ti16", path, **VIT_ARCH)
 
 
 def test_unmapped_key_reports_its_target(tmp_path):
-    path = _edited(tmp_path, "parity_resnet_basic",
-                   lambda s: s.update({"layer1.0.se.fc.weight": np.ones((2, 2), np.float32)}))
+    path = _edited(
+        tmp_path,
+        "parity_resnet_basic",
+        lambda s: s.update({"layer1.0.se.fc.weight": np.ones((2, 2), np.float32)}),
+    )
     name, overrides, _ = _reference("parity_resnet_basic")
     with pytest.raises(ValueError, match=r"layer1\.0\.se\.fc\.weight \(→ params/layer1_0/se/fc"):
         load(name, path, **overrides)
@@ -267,16 +294,24 @@ def test_missing_keys_are_named(tmp_path):
     path = _edited(tmp_path, "parity_vit_tiny", drop)
     with pytest.raises(ValueError, match="4 missing keys") as raised:
         load("vit_ti16", path, **VIT_ARCH)
-    for key in ("params/Transformer/encoder_norm/scale",
-                "params/Transformer/encoderblock_1/MultiHeadDotProductAttention_1/key/bias"):
+    for key in (
+        "params/Transformer/encoder_norm/scale",
+        "params/Transformer/encoderblock_1/MultiHeadDotProductAttention_1/key/bias",
+    ):
         assert key in str(raised.value)
 
 
 def test_unsplittable_qkv_is_named(tmp_path):
-    path = _edited(tmp_path, "parity_vit_tiny",
-                   lambda s: s.update({"blocks.0.attn.qkv.bias": np.zeros(95, np.float32)}))
-    with pytest.raises(ValueError, match=r"blocks\.0\.attn\.qkv\.bias \(shape \(95,\) does not "
-                                         r"split into 3 x 2 heads\)"):
+    path = _edited(
+        tmp_path,
+        "parity_vit_tiny",
+        lambda s: s.update({"blocks.0.attn.qkv.bias": np.zeros(95, np.float32)}),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"blocks\.0\.attn\.qkv\.bias \(shape \(95,\) does not "
+        r"split into 3 x 2 heads\)",
+    ):
         load("vit_ti16", path, **VIT_ARCH)
 
 
@@ -288,10 +323,16 @@ def test_missing_running_statistics_are_named(tmp_path):
 
 
 def test_misshaped_key_is_named(tmp_path):
-    path = _edited(tmp_path, "parity_vit_tiny",
-                   lambda s: s.update({"blocks.0.mlp.fc1.bias": np.zeros(64, np.float32)}))
-    with pytest.raises(ValueError, match=r"mis-shaped keys: blocks\.0\.mlp\.fc1\.bias: "
-                                         r"checkpoint \(64,\)"):
+    path = _edited(
+        tmp_path,
+        "parity_vit_tiny",
+        lambda s: s.update({"blocks.0.mlp.fc1.bias": np.zeros(64, np.float32)}),
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"mis-shaped keys: blocks\.0\.mlp\.fc1\.bias: "
+        r"checkpoint \(64,\)",
+    ):
         load("vit_ti16", path, **VIT_ARCH)
 
 

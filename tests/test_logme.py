@@ -170,7 +170,7 @@ def test_jit_with_abstract_labels_needs_num_classes():
 
 
 def test_max_iter_bounds_the_fixed_point(x64):
-    feats, targets, regression = case("reg_multi")
+    feats, targets, _ = case("reg_multi")
     one_step = scoring.logme(feats, targets, regression=True, max_iter=1)
     # After one step from α = β = 1: α = γ/(‖m‖² + eps) with m = (FᵀF + I)⁻¹Fᵀy.
     gram = feats.T @ feats

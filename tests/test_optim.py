@@ -45,10 +45,12 @@ def test_schedule_is_linear_warmup_then_cosine():
 
 
 def test_schedule_of_warmup_only_ramps_to_the_peak():
-    schedule = optim.make_schedule(optim.OptimConfig(learning_rate=0.2, total_steps=4,
-                                                     warmup_steps=4))
-    np.testing.assert_allclose([float(schedule(t)) for t in range(5)], [0, 0.05, 0.1, 0.15, 0.2],
-                               rtol=1e-6)
+    schedule = optim.make_schedule(
+        optim.OptimConfig(learning_rate=0.2, total_steps=4, warmup_steps=4)
+    )
+    np.testing.assert_allclose(
+        [float(schedule(t)) for t in range(5)], [0, 0.05, 0.1, 0.15, 0.2], rtol=1e-6
+    )
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
@@ -98,4 +100,7 @@ def test_bad_optim_config_is_a_value_error(kwargs, match):
 
 
 def test_tree_bytes_counts_array_bytes():
-    assert optim.tree_bytes({"a": jnp.zeros((2, 3), jnp.float32), "b": jnp.zeros(4, jnp.bfloat16)}) == 32
+    assert (
+        optim.tree_bytes({"a": jnp.zeros((2, 3), jnp.float32), "b": jnp.zeros(4, jnp.bfloat16)})
+        == 32
+    )

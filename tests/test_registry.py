@@ -11,13 +11,27 @@ from jaxmodels.resnet import ResNet, resnet_macs
 from jaxmodels.vit import VisionTransformer
 
 FULL_NAMES = (
-    "resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
-    "vit_ti16", "vit_s16", "vit_b16", "vit_l16", "vit_b32",
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "vit_ti16",
+    "vit_s16",
+    "vit_b16",
+    "vit_l16",
+    "vit_b32",
 )
 # torchvision's published "GFLOPS" (really GMACs, fvcore counting) at 224 px, 2 decimals.
 TORCHVISION_GMACS = {
-    "resnet18": 1.81, "resnet34": 3.66, "resnet50": 4.09, "resnet101": 7.80, "resnet152": 11.51,
-    "vit_b16": 17.56, "vit_b32": 4.41, "vit_l16": 61.55,
+    "resnet18": 1.81,
+    "resnet34": 3.66,
+    "resnet50": 4.09,
+    "resnet101": 7.80,
+    "resnet152": 11.51,
+    "vit_b16": 17.56,
+    "vit_b32": 4.41,
+    "vit_l16": 61.55,
 }
 
 
@@ -130,8 +144,12 @@ def test_flops_agree_with_xla_cost_analysis(name, overrides):
     if name.startswith("resnet"):
         # XLA skips kernel taps that fall on padding; compare with that convention.
         analytic = 2 * resnet_macs(
-            stage_sizes=(1, 1, 1, 1), block=model.block, width=32, num_classes=10,
-            image_size=size, count_padding=False,
+            stage_sizes=(1, 1, 1, 1),
+            block=model.block,
+            width=32,
+            num_classes=10,
+            image_size=size,
+            count_padding=False,
         )
         assert analytic < spec.flops_per_image  # the published convention counts padded taps
     else:
@@ -157,7 +175,9 @@ def test_normalize_on_host_and_device(as_jax):
     assert isinstance(vit, jax.Array) == as_jax and vit.dtype == np.float32
     np.testing.assert_allclose(vit[:, 0], [-1.0, 51 / 127.5 - 1, 1.0], rtol=1e-6)
     res = normalize(images, jaxmodels.spec("resnet50").preprocessing)
-    np.testing.assert_allclose(res[1], (0.2 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225], rtol=1e-5)
+    np.testing.assert_allclose(
+        res[1], (0.2 - np.array([0.485, 0.456, 0.406])) / [0.229, 0.224, 0.225], rtol=1e-5
+    )
 
 
 def test_center_crop_and_resize():

@@ -59,8 +59,7 @@ def test_param_count_matches_torchvision(name):
 def test_param_names_mirror_torchvision_state_dict():
     shapes = _shapes(jaxmodels.create("resnet50", num_classes=1000), 64)
     paths = {
-        "/".join(k.key for k in path)
-        for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]
+        "/".join(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0]
     }
     # torchvision key → our path, by the documented rule (written out here, not derived).
     expected = {
@@ -91,8 +90,12 @@ def _capture(model, variables, images):
 
 def _conv_explicit(x, kernel, stride, pad):
     return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), [(pad, pad), (pad, pad)],
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), precision="highest",
+        x,
+        kernel,
+        (stride, stride),
+        [(pad, pad), (pad, pad)],
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        precision="highest",
     )
 
 
@@ -104,7 +107,10 @@ def test_stride2_convs_pad_like_torch_not_same(tiny):
     want = _conv_explicit(images, params["conv1"]["kernel"], 2, 3)
     np.testing.assert_allclose(stem, want, rtol=1e-5, atol=1e-5)
     same = jax.lax.conv_general_dilated(
-        images, params["conv1"]["kernel"], (2, 2), "SAME",
+        images,
+        params["conv1"]["kernel"],
+        (2, 2),
+        "SAME",
         dimension_numbers=("NHWC", "HWIO", "NHWC"),
     )
     assert np.abs(np.asarray(stem) - np.asarray(same)).max() > 1e-2  # SAME pads (2, 3) here
@@ -173,15 +179,20 @@ def test_logits_are_fc_of_features(tiny, jit):
 def test_train_mode_normalises_with_batch_stats_and_updates_momentum_0_1(tiny):
     model, variables, images = tiny
     _, state = model.apply(
-        variables, images, train=True, capture_intermediates=True,
+        variables,
+        images,
+        train=True,
+        capture_intermediates=True,
         mutable=["batch_stats", "intermediates"],
     )
     x = np.asarray(state["intermediates"]["conv1"]["__call__"][0], np.float64)
     mean, var = x.mean(axis=(0, 1, 2)), x.var(axis=(0, 1, 2))
     old = variables["batch_stats"]["bn1"]
     np.testing.assert_allclose(
-        state["batch_stats"]["bn1"]["mean"], 0.9 * np.asarray(old["mean"]) + 0.1 * mean,
-        rtol=1e-5, atol=1e-5,
+        state["batch_stats"]["bn1"]["mean"],
+        0.9 * np.asarray(old["mean"]) + 0.1 * mean,
+        rtol=1e-5,
+        atol=1e-5,
     )
     bn = variables["params"]["bn1"]
     want = (x - mean) / np.sqrt(var + 1e-5) * bn["scale"] + bn["bias"]

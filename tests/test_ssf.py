@@ -181,15 +181,19 @@ def test_ssf_at_identity_equals_plain_model(name):
     variables = _randomize(_shapes(tuned_model, 32))
     images = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
     identity = jax.tree_util.tree_map_with_path(
-        lambda p, x: (jnp.ones_like(x) if p[-1].key == "scale" else jnp.zeros_like(x))
-        if is_ssf_path(p) else x,
+        lambda p, x: (
+            (jnp.ones_like(x) if p[-1].key == "scale" else jnp.zeros_like(x))
+            if is_ssf_path(p)
+            else x
+        ),
         variables,
     )
     plain_vars = {k: _strip_ssf(v) for k, v in variables.items()}
     np.testing.assert_allclose(
         jax.jit(tuned_model.apply)(identity, images),
         jax.jit(plain_model.apply)(plain_vars, images),
-        rtol=1e-6, atol=1e-6,
+        rtol=1e-6,
+        atol=1e-6,
     )
 
 
@@ -206,7 +210,8 @@ def test_fold_keeps_dtypes_and_batch_stats():
         lambda a, b: np.testing.assert_array_equal(
             np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32)
         ),
-        folded, want,
+        folded,
+        want,
     )
 
 
@@ -222,6 +227,8 @@ def test_fold_errors():
     with pytest.raises(ValueError, match="no sibling module named 'norm'"):
         fold({"params": {"ssf_norm": scale_shift}})
     with pytest.raises(ValueError, match="bias has shape"):
-        fold({"params": {"d": {"kernel": np.ones((2, 3)), "bias": np.ones(3)}, "ssf_d": scale_shift}})
+        fold(
+            {"params": {"d": {"kernel": np.ones((2, 3)), "bias": np.ones(3)}, "ssf_d": scale_shift}}
+        )
     with pytest.raises(ValueError, match="without a bias"):
         fold({"params": {"d": {"kernel": np.ones((2, 4))}, "ssf_d": scale_shift}})

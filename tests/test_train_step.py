@@ -1,6 +1,5 @@
 """Tests for training.train_step: what one step changes, its options, and its sharded form."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,8 +210,9 @@ def test_eval_step_sums_ignore_padding(jit):
     logits = np.asarray(model.apply(variables, batch["image"]), np.float64)[:5]
     labels = np.asarray(batch["label"])[:5]
     log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    np.testing.assert_allclose(float(sums["loss_sum"]), -log_probs[np.arange(5), labels].sum(),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        float(sums["loss_sum"]), -log_probs[np.arange(5), labels].sum(), rtol=1e-5
+    )
     assert float(sums["correct"]) == float((logits.argmax(-1) == labels).sum())
     assert float(sums["count"]) == 5.0
 

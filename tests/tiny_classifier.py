@@ -58,7 +58,9 @@ def random_variables(model, image_size: int = 32, seed: int = 0) -> dict:
     Faster than a (compiled) ``init`` for the jaxmodels ResNets; tests that only need *some*
     weights of the right structure use it.
     """
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+    shapes = jax.eval_shape(
+        model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3))
+    )
     rng = np.random.default_rng(seed)
 
     def fill(path, leaf):

@@ -254,13 +254,16 @@ def train_batches(
                 loader = pool.map if pool else map
                 examples = list(loader(functools.partial(load, epoch), indices))
                 batch += 1
-                position = DataPosition(epoch, batch) if batch < per_epoch else DataPosition(
-                    epoch + 1, 0
+                position = (
+                    DataPosition(epoch, batch) if batch < per_epoch else DataPosition(epoch + 1, 0)
                 )
-                yield position, {
-                    "image": np.stack([x for x, _ in examples]),
-                    "label": np.asarray([y for _, y in examples], np.int32),
-                }
+                yield (
+                    position,
+                    {
+                        "image": np.stack([x for x, _ in examples]),
+                        "label": np.asarray([y for _, y in examples], np.int32),
+                    },
+                )
             epoch, batch = epoch + 1, 0
     finally:
         if pool:

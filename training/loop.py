@@ -120,8 +120,11 @@ def evaluate(eval_fn, state, source, preprocess, global_batch, mesh, use_ema) ->
         for k, v in host_copy(sums).items():
             totals[k] += float(v)
     count = max(totals["count"], 1.0)
-    return {"loss": totals["loss_sum"] / count, "accuracy": totals["correct"] / count,
-            "count": int(totals["count"])}
+    return {
+        "loss": totals["loss_sum"] / count,
+        "accuracy": totals["correct"] / count,
+        "count": int(totals["count"]),
+    }
 
 
 class _JsonLines:
@@ -239,12 +242,21 @@ def fit(
     step = int(host_copy(state.step))
     end = total if config.stop_after_steps is None else min(total, config.stop_after_steps)
     bar = tqdm(
-        total=total, initial=step, disable=not config.progress or jax.process_index() > 0,
-        desc=f"fit[{config.mode}]", unit="step",
+        total=total,
+        initial=step,
+        disable=not config.progress or jax.process_index() > 0,
+        desc=f"fit[{config.mode}]",
+        unit="step",
     )
     batches = data_lib.train_batches(
-        train_source, config.global_batch, preprocess, config.seed, position,
-        jax.process_index(), jax.process_count(), config.num_workers,
+        train_source,
+        config.global_batch,
+        preprocess,
+        config.seed,
+        position,
+        jax.process_index(),
+        jax.process_count(),
+        config.num_workers,
     )
     use_ema = config.eval_with_ema and step_config.ema_decay is not None
     try:
@@ -257,15 +269,27 @@ def fit(
             if step % config.log_every == 0 or step == end:
                 metrics = {k: float(v) for k, v in host_copy(metrics).items()}
                 now = time.perf_counter()
-                log.write({"split": "train", "step": step, "epoch": step / per_epoch,
-                           "elapsed_s": now - tick, **metrics})
+                log.write(
+                    {
+                        "split": "train",
+                        "step": step,
+                        "epoch": step / per_epoch,
+                        "elapsed_s": now - tick,
+                        **metrics,
+                    }
+                )
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if manager is not None and (step % config.checkpoint_every == 0 or step == total):
                 checkpoints.save(manager, state, position, run_id)
             if eval_source is not None and (step % per_epoch == 0 or step == total):
                 result = evaluate(
-                    eval_fn, state, eval_source, eval_preprocess or preprocess,
-                    config.global_batch, mesh, use_ema,
+                    eval_fn,
+                    state,
+                    eval_source,
+                    eval_preprocess or preprocess,
+                    config.global_batch,
+                    mesh,
+                    use_ema,
                 )
                 record = {"split": "eval", "step": step, "epoch": step // per_epoch, **result}
                 evals.append(record)

@@ -125,9 +125,7 @@ def trainable_mask(params: Mapping, mode: str, head_name: str = HEAD_NAME) -> di
         "bitfit": is_bias_path,
         "ssf": is_ssf_path,
     }.get(mode)
-    if required is not None and not any(
-        jax.tree.leaves(_mask_from_predicate(params, required))
-    ):
+    if required is not None and not any(jax.tree.leaves(_mask_from_predicate(params, required))):
         hint = {
             "ssf": "no SSF parameter (module 'ssf_*'); was the model created with ssf=True?",
             "linear": f"no classifier: no top-level module named {head_name!r}",

@@ -126,9 +126,9 @@ def build_variables(
     Returns:
         ``(model, variables)``.
     """
-    overrides = {} if image_size is None or model_name.startswith("resnet") else {
-        "image_size": image_size
-    }
+    overrides = (
+        {} if image_size is None or model_name.startswith("resnet") else {"image_size": image_size}
+    )
     model = jaxmodels.create(model_name, num_classes=num_classes, ssf=ssf, **overrides)
     size = jaxmodels.spec(model_name, image_size=image_size).preprocessing.image_size
     images = jnp.zeros((1, size, size, 3))
@@ -257,9 +257,11 @@ def run(config: RunConfig, progress: bool = True) -> dict:
     if result.finished and jax.process_index() == 0 and not os.path.exists(model_dir):
         weights = loop.host_copy(final)
         weights = jaxmodels.ssf.fold(weights) if config.mode == "ssf" else weights
-        overrides = {} if config.image_size is None or config.model_name.startswith("resnet") else {
-            "image_size": config.image_size
-        }
+        overrides = (
+            {}
+            if config.image_size is None or config.model_name.startswith("resnet")
+            else {"image_size": config.image_size}
+        )
         jaxmodels.save(model_dir, config.model_name, jax.device_get(weights), **overrides)
     output = {
         "config": dataclasses.asdict(config),
@@ -282,7 +284,12 @@ def run(config: RunConfig, progress: bool = True) -> dict:
 
 # settings that may change between a run and its resumption (they do not alter the weights)
 _RESUMABLE_FIELDS = (
-    "out_dir", "eval_data", "checkpoint_every", "tfds_data_dir", "num_workers", "stop_after_steps",
+    "out_dir",
+    "eval_data",
+    "checkpoint_every",
+    "tfds_data_dir",
+    "num_workers",
+    "stop_after_steps",
 )
 
 

@@ -21,7 +21,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 class ArraySource:
     """In-memory images [N, H, W, C] uint8 and labels [N] int."""
 
-    def __init__(self, images_NHWC: np.ndarray, labels_N: np.ndarray, num_classes: int | None = None):
+    def __init__(
+        self, images_NHWC: np.ndarray, labels_N: np.ndarray, num_classes: int | None = None
+    ):
         images_NHWC = np.asarray(images_NHWC)
         labels_N = np.asarray(labels_N)
         if images_NHWC.ndim != 4 or images_NHWC.shape[-1] not in (1, 3):
@@ -30,7 +32,9 @@ class ArraySource:
             )
         if images_NHWC.dtype != np.uint8:
             raise TypeError(f"images must be uint8; got {images_NHWC.dtype}")
-        if labels_N.shape != (images_NHWC.shape[0],) or not np.issubdtype(labels_N.dtype, np.integer):
+        if labels_N.shape != (images_NHWC.shape[0],) or not np.issubdtype(
+            labels_N.dtype, np.integer
+        ):
             raise ValueError(
                 f"labels must be [N={images_NHWC.shape[0]}] integers; "
                 f"got shape {labels_N.shape} dtype {labels_N.dtype}"
@@ -63,9 +67,7 @@ class ImageFolderSource:
     def __init__(self, root: str):
         if not os.path.isdir(root):
             raise ValueError(f"image folder {root!r} is not a directory")
-        self.classes = sorted(
-            d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))
-        )
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not self.classes:
             raise ValueError(f"image folder {root!r} has no class sub-folders")
         self.files: list[tuple[str, int]] = []

@@ -27,9 +27,7 @@ def run_name(values: Mapping[str, object]) -> str:
     return "_".join(f"{_SHORT[k]}={values[k]}" for k in SWEEP_FIELDS if k in values)
 
 
-def expand_grid(
-    base: run_lib.RunConfig, grid: Mapping[str, Sequence]
-) -> list[run_lib.RunConfig]:
+def expand_grid(base: run_lib.RunConfig, grid: Mapping[str, Sequence]) -> list[run_lib.RunConfig]:
     """One config per point of the grid, each writing to ``base.out_dir/<run_name>``.
 
     Args:
