@@ -1,25 +1,13 @@
 """H-score and regularised H-score against NumPy/scikit-learn recomputations and known answers."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jit_modes import MODES, run
 from sklearn.covariance import LedoitWolf
 
 import scoring
-
-MODES = ["eager_call", "under_jit", "disable_jit"]
-
-
-def run(mode, fn, *args, **static):
-    if mode == "under_jit":
-        return jax.jit(functools.partial(fn, **static))(*args)
-    if mode == "disable_jit":
-        with jax.disable_jit():
-            return fn(*args, **static)
-    return fn(*args, **static)
 
 
 def blobs(rng, n, d, c, separation):

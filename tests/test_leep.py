@@ -1,27 +1,16 @@
 """LEEP and NCE against the reference fixtures, an independent NumPy recomputation, and known answers."""
 
-import functools
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jit_modes import MODES, run
 
 import scoring
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "logme_reference.npz"
-MODES = ["eager_call", "under_jit", "disable_jit"]
-
-
-def run(mode, fn, *args, **static):
-    """Calls fn directly, wrapped in jax.jit (static kwargs closed over), or op by op."""
-    if mode == "under_jit":
-        return jax.jit(functools.partial(fn, **static))(*args)
-    if mode == "disable_jit":
-        with jax.disable_jit():
-            return fn(*args, **static)
-    return fn(*args, **static)
 
 
 def numpy_leep(probs, labels):
