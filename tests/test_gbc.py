@@ -1,11 +1,11 @@
 """GBC against a NumPy recomputation (scikit-learn PCA, full-matrix Bhattacharyya distance)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from class_blobs import separated_and_overlapping
+from jit_modes import run
 from sklearn.decomposition import PCA
 
 import scoring
@@ -49,15 +49,8 @@ def test_matches_numpy_in_float64(gaussian, mode):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 150)
     feats = rng.normal(size=(150, 24)) + 1.5 * rng.normal(size=(4, 24))[labels]
-    fn = functools.partial(scoring.gbc, num_classes=4, pca_dim=8, gaussian=gaussian)
     with jax.enable_x64(True):
-        if mode == "under_jit":
-            got = jax.jit(fn)(feats, labels)
-        elif mode == "disable_jit":
-            with jax.disable_jit():
-                got = fn(feats, labels)
-        else:
-            got = fn(feats, labels)
+        got = run(mode, scoring.gbc, feats, labels, num_classes=4, pca_dim=8, gaussian=gaussian)
         assert got.dtype == jnp.float64
         np.testing.assert_allclose(float(got), numpy_gbc(feats, labels, 8, gaussian), rtol=1e-9)
 
@@ -75,12 +68,9 @@ def test_default_pca_dim_is_64_and_float32_close():
 
 
 def test_separated_classes_score_higher_than_overlapping():
-    rng = np.random.default_rng(2)
-    labels = rng.integers(0, 4, 200)
-    noise = rng.normal(size=(200, 10))
-    centers = rng.normal(size=(4, 10))
-    separated = float(scoring.gbc(noise + 6 * centers[labels], labels))
-    overlapping = float(scoring.gbc(noise + 0.1 * centers[labels], labels))
+    far, near, labels = separated_and_overlapping(2, 200, 10, 4, far=6, near=0.1)
+    separated = float(scoring.gbc(far, labels))
+    overlapping = float(scoring.gbc(near, labels))
     assert overlapping < separated <= 0
     assert separated > -0.01  # barely any overlap left: every coefficient near 0
     assert overlapping < -0.9 * 4 * 3  # near-identical Gaussians: every coefficient near 1

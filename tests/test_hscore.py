@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from class_blobs import separated_and_overlapping
 from jit_modes import MODES, run
 from sklearn.covariance import LedoitWolf
 
@@ -81,12 +82,7 @@ def test_hscore_pseudo_inverse_on_rank_deficient_features():
 
 @pytest.mark.parametrize("fn", [scoring.hscore, scoring.regularized_hscore])
 def test_separated_classes_score_higher_than_overlapping(fn):
-    rng = np.random.default_rng(3)
-    labels = rng.integers(0, 5, 300)
-    noise = rng.normal(size=(300, 12))
-    centers = rng.normal(size=(5, 12))
-    separated = noise + 4 * centers[labels]
-    overlapping = noise + 0.2 * centers[labels]
+    separated, overlapping, labels = separated_and_overlapping(3, 300, 12, 5, far=4, near=0.2)
     assert float(fn(separated, labels)) > float(fn(overlapping, labels))
     # H-score lies in [0, C − 1]; near C − 1 = 4 when classes barely overlap.
     assert 3.5 < float(scoring.hscore(separated, labels)) <= 4 + 1e-5

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from class_blobs import separated_and_overlapping
 from sklearn.decomposition import PCA
 from sklearn.mixture import GaussianMixture
 
@@ -36,12 +37,9 @@ def test_matches_sklearn_pipeline_in_float64():
 
 
 def test_separated_classes_score_higher_than_overlapping():
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 3, 150)
-    noise = rng.normal(size=(150, 6))
-    centers = rng.normal(size=(3, 6))
-    separated = float(scoring.nleep(noise + 6 * centers[labels], labels))
-    overlapping = float(scoring.nleep(noise + 0.05 * centers[labels], labels))
+    far, near, labels = separated_and_overlapping(1, 150, 6, 3, far=6, near=0.05)
+    separated = float(scoring.nleep(far, labels))
+    overlapping = float(scoring.nleep(near, labels))
     assert overlapping < separated <= 0
     assert separated > -0.05  # the mixture components are pure: P(y|v) ≈ 1
     np.testing.assert_allclose(overlapping, -np.log(3), atol=0.15)  # near chance

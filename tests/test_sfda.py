@@ -1,12 +1,12 @@
 """SFDA against a NumPy/SciPy recomputation of the authors' algorithm (generalised eigenproblem)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from class_blobs import separated_and_overlapping
+from jit_modes import run
 
 import scoring
 
@@ -63,15 +63,8 @@ def test_matches_scipy_in_float64(mode, separation):
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 160)
     feats = rng.normal(size=(160, 12)) + separation * rng.normal(size=(4, 12))[labels]
-    fn = functools.partial(scoring.sfda, num_classes=4)
     with jax.enable_x64(True):
-        if mode == "under_jit":
-            got = jax.jit(fn)(feats, labels)
-        elif mode == "disable_jit":
-            with jax.disable_jit():
-                got = fn(feats, labels)
-        else:
-            got = fn(feats, labels)
+        got = run(mode, scoring.sfda, feats, labels, num_classes=4)
         assert got.dtype == jnp.float64
         np.testing.assert_allclose(float(got), numpy_sfda(feats, labels), rtol=1e-9)
 
@@ -90,12 +83,9 @@ def test_small_variance_features_use_real_shrinkage_and_float32_close():
 
 
 def test_separated_classes_score_higher_than_overlapping():
-    rng = np.random.default_rng(2)
-    labels = rng.integers(0, 4, 200)
-    noise = rng.normal(size=(200, 10))
-    centers = rng.normal(size=(4, 10))
-    separated = float(scoring.sfda(noise + 4 * centers[labels], labels))
-    overlapping = float(scoring.sfda(noise + 0.1 * centers[labels], labels))
+    far, near, labels = separated_and_overlapping(2, 200, 10, 4, far=4, near=0.1)
+    separated = float(scoring.sfda(far, labels))
+    overlapping = float(scoring.sfda(near, labels))
     assert 0 < overlapping < separated <= 1
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from class_blobs import separated_and_overlapping
 
 import scoring
 
@@ -43,12 +44,9 @@ def test_matches_numpy_in_float64(n, d, classes):
 
 
 def test_separated_classes_score_higher_than_overlapping():
-    rng = np.random.default_rng(1)
-    labels = rng.integers(0, 4, 200)
-    noise = rng.normal(size=(200, 8))
-    centers = rng.normal(size=(4, 8))
-    separated = scoring.transrate(noise + 5 * centers[labels], labels)
-    overlapping = scoring.transrate(noise + 0.1 * centers[labels], labels)
+    far, near, labels = separated_and_overlapping(1, 200, 8, 4, far=5, near=0.1)
+    separated = scoring.transrate(far, labels)
+    overlapping = scoring.transrate(near, labels)
     assert float(separated) > float(overlapping)
 
 
