@@ -39,3 +39,19 @@ def numpy_reference_logme(feats, labels):
         )  # fmt: skip
         evidences.append(evidence / n)
     return float(np.mean(evidences))
+
+
+def main():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("npz", help="a .npz with 'features' [N, D] and integer 'labels' [N]")
+    args = parser.parse_args()
+    with np.load(args.npz) as data:
+        print(numpy_reference_logme(data["features"], data["labels"]))
+
+
+if __name__ == "__main__":
+    main()
