@@ -1,22 +1,23 @@
 """Load pre-trained weights into jaxmodels' architectures, or fail loudly.
 
-`load(name, path)` reads three kinds of checkpoint and returns `(model, variables)`:
+`load(path)` or `load(name, path)` reads three kinds of checkpoint and returns `(model, variables)`:
   * `.safetensors` — a torchvision/timm ResNet or timm ViT state dict, read with
     `safetensors.numpy` (no torch needed; see `jaxmodels.load_torch` for the layout changes);
   * `.npz` — a google-research/vision_transformer or big_vision ViT (`jaxmodels.load_npz`);
-  * a directory — an orbax checkpoint of `{'params': ..., 'batch_stats': ...}`, as written by
-    `save` (which adds `model.json` with the name and architecture overrides) or by
-    `orbax.checkpoint.StandardCheckpointer().save(path, variables)`.
+  * a directory — hubtune's own format as written by `save` (`variables/`, an orbax checkpoint,
+    beside `model.json`, which names the architecture so `load(path)` needs no name), a run
+    folder holding such a directory as `model/`, or a bare orbax checkpoint of
+    `{'params': ..., 'batch_stats': ...}` (`orbax.checkpoint.StandardCheckpointer().save`).
 
 Only what the architectures express can load: class-token ViTs without a pre-logits layer,
 global-average pooling, MAP head, layer scale or register tokens, and torchvision-style
 ResNets (v1.5, 1×1 conv shortcuts). Other checkpoints are rejected with their unknown keys.
 
-The architecture comes from `name` and `**overrides` (as in `jaxmodels.create`); the number of
-classes and, for a ViT, the image size are read from the checkpoint. Every parameter of the
-model must come from the checkpoint and every checkpoint entry must land in the model with the
-right shape, otherwise `ValueError` lists the offending keys — nothing is silently left at its
-random initialisation. Then, as fine-tuning needs:
+The architecture comes from `name` (or `model.json`) and `**overrides` (as in
+`jaxmodels.create`); the number of classes and, for a ViT, the image size are read from the
+checkpoint. Every parameter of the model must come from the checkpoint and every checkpoint entry
+must land in the model with the right shape, otherwise `ValueError` lists the offending keys —
+nothing is silently left at its random initialisation. Then, as fine-tuning needs:
   * `num_classes` different from the checkpoint's → the head is re-initialised (seeded) with
     the model's own initialiser;
   * `image_size` different from the checkpoint's (ViT) → the position embedding of the patch
@@ -26,6 +27,7 @@ random initialisation. Then, as fine-tuning needs:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import pathlib
@@ -36,36 +38,41 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import load_npz, load_torch, registry
+from jaxmodels import load_npz, load_torch, paths, registry
 
-_MODEL_JSON = "model.json"
+MODEL_JSON = "model.json"
 _VARIABLES_DIR = "variables"
-_FORMAT = "hubtune-variables-v1"
-_HEAD = {"resnet": "fc", "vit": "head"}
+_FORMAT = "hubtune-variables-v2"
+_FORMATS = ("hubtune-variables-v1", _FORMAT)
 _POS_EMBEDDING = "params/Transformer/posembed_input/pos_embedding"
 _MAX_LISTED = 12
 
 
 def load(
-    name: str,
-    path: str | pathlib.Path,
+    name_or_path: str | pathlib.Path,
+    path: str | pathlib.Path | None = None,
     *,
     num_classes: int | None = None,
     image_size: int | None = None,
     seed: int = 0,
     **overrides: Any,
 ):
-    """Builds `name` and fills it with the weights at `path`.
+    """Builds a model and fills it with the weights at `path`.
+
+    Called as `load(path)` for hubtune's own directories (the name comes from `model.json`) or
+    as `load(name, path)` for any checkpoint.
 
     Args:
-      name: a `jaxmodels.MODEL_NAMES` entry, e.g. 'resnet50' or 'vit_b16'.
+      name_or_path: a `jaxmodels.MODEL_NAMES` entry, e.g. 'resnet50' or 'vit_b16' (then `path`
+        is the checkpoint), or the checkpoint path itself when it is a directory written by
+        `save` or a run folder holding one as `model/`.
       path: a `.safetensors` file (torchvision/timm state dict), a `.npz` file
-        (vision_transformer/big_vision ViT) or an orbax checkpoint directory.
+        (vision_transformer/big_vision ViT) or a directory (see the module docstring).
       num_classes: K of the returned model; default the checkpoint's. A different K
         re-initialises the head from `seed`; required for a checkpoint without a head
         (e.g. timm `num_classes=0` backbones), whose head is then initialised.
-      image_size: ViT input side of the returned model; default the checkpoint's. A different
-        size resizes the position embedding. ResNets accept any input size; ignored for them.
+      image_size: input side of the returned model; default the checkpoint's. For a ViT a
+        different size resizes the position embedding; a ResNet records it as its eval size.
       seed: PRNG seed for a re-initialised head.
       **overrides: architecture fields passed to `jaxmodels.create` (e.g. `width=8,
         stage_sizes=(1, 1, 1, 1)` or `num_heads=2`); `.npz` checkpoints default to
@@ -79,29 +86,41 @@ def load(
 
     Raises:
       FileNotFoundError: `path` does not exist.
-      ValueError: unknown name or file type; checkpoint keys that are unknown, missing or of the
-        wrong shape (all named); bad `num_classes`/`image_size`.
+      ValueError: unknown name or file type; a directory without `model.json` and no name given;
+        checkpoint keys that are unknown, missing or of the wrong shape (all named); bad
+        `num_classes`/`image_size`.
       TypeError: an override the architecture has no field for.
     """
-    path = pathlib.Path(path)
-    if name not in registry.MODEL_NAMES:
-        raise ValueError(f"name must be one of {', '.join(registry.MODEL_NAMES)}; got {name!r}")
+    if path is None:
+        path, name = pathlib.Path(name_or_path), None
+    else:
+        path, name = pathlib.Path(path), name_or_path
     if not path.exists():
         raise FileNotFoundError(f"checkpoint path {str(path)!r} does not exist")
+    path = model_dir(path)
+    if name is None:
+        if not (path / MODEL_JSON).is_file():
+            raise ValueError(
+                f"{str(path)!r} has no {MODEL_JSON} naming its architecture; call "
+                f"load(NAME, {str(path)!r}) with NAME one of {', '.join(registry.MODEL_NAMES)}"
+            )
+        name = model_info(path)["name"]
+    if name not in registry.MODEL_NAMES:
+        raise ValueError(f"name must be one of {', '.join(registry.MODEL_NAMES)}; got {name!r}")
     _check_optional_positive("num_classes", num_classes)
     _check_optional_positive("image_size", image_size)
-    family = registry.spec(name, **_architecture_only(overrides)).family
+    family = registry.family_of(name)
 
     flat, sources, unknown, defaults = _read(path, name, family, overrides)
     config = {**defaults, **overrides}
-    head = _HEAD[family]
+    head = registry.HEAD_NAMES[family]
     headless = not any(k.startswith(f"params/{head}/") for k in flat)
     if headless and num_classes is None:
         raise ValueError(
             f"checkpoint {str(path)!r} has no classification head "
             f"('{head}'); pass num_classes to initialise one"
         )
-    ckpt_classes = None if headless else _checkpoint_classes(flat, family)
+    ckpt_classes = None if headless else _checkpoint_classes(flat, head)
     if family == "vit":
         config.setdefault("image_size", _checkpoint_image_size(flat, name, config))
     model = registry.create(name, num_classes=ckpt_classes or num_classes or 1, **config)
@@ -109,14 +128,15 @@ def load(
         model, flat, sources, unknown, path, head_optional=f"params/{head}/" if headless else None
     )
 
-    variables = _unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
-    if family == "vit" and image_size is not None and image_size != config["image_size"]:
+    variables = paths.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    if image_size is not None and image_size != model.image_size:
+        if family == "vit":
+            pos = variables["params"]["Transformer"]["posembed_input"]["pos_embedding"]
+            grid = image_size // model.patch_size
+            variables["params"]["Transformer"]["posembed_input"]["pos_embedding"] = (
+                resize_position_embedding(pos, grid)
+            )
         config["image_size"] = image_size
-        pos = variables["params"]["Transformer"]["posembed_input"]["pos_embedding"]
-        grid = image_size // model.patch_size
-        variables["params"]["Transformer"]["posembed_input"]["pos_embedding"] = (
-            resize_position_embedding(pos, grid)
-        )
     classes = ckpt_classes if num_classes is None else num_classes
     model = registry.create(name, num_classes=classes, **config)
     if classes != ckpt_classes:
@@ -124,22 +144,67 @@ def load(
     return model, jax.tree.map(jnp.asarray, variables)
 
 
-def save(path: str | pathlib.Path, name: str, variables, **overrides: Any) -> None:
-    """Writes `variables` as an orbax checkpoint that `load(name, path)` reads back.
+def model_dir(path: str | pathlib.Path) -> pathlib.Path:
+    """The directory `save` wrote: `path` itself, or `path/model` for a run folder."""
+    path = pathlib.Path(path)
+    if (
+        path.is_dir()
+        and not (path / MODEL_JSON).is_file()
+        and (path / "model" / MODEL_JSON).is_file()
+    ):
+        return path / "model"
+    return path
+
+
+def model_info(path: str | pathlib.Path) -> dict[str, Any]:
+    """The description `save` wrote beside the weights (`model.json`), without reading weights.
+
+    Args:
+      path: a directory written by `save`, or a run folder holding one as `model/`.
+
+    Returns:
+      A dict with `name`, `overrides`, and (format v2) `num_classes`, `image_size` and `info`
+      (whatever the writer recorded, e.g. a fine-tuning run's mode and starting point).
+
+    Raises:
+      ValueError: no readable `model.json` there, or one of an unknown format.
+    """
+    file = model_dir(path) / MODEL_JSON
+    try:
+        meta = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{str(file)!r} is not a readable model description ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") not in _FORMATS or "name" not in meta:
+        raise ValueError(
+            f"{str(file)!r} is not a hubtune model description (format {_FORMAT!r} expected)"
+        )
+    return meta
+
+
+def save(
+    path: str | pathlib.Path,
+    name: str,
+    variables,
+    *,
+    info: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> None:
+    """Writes `variables` in hubtune's format, which `load(path)` reads back.
 
     Layout: `path/variables/` (orbax `StandardCheckpointer`, the variables pytree) and
-    `path/model.json` (`{"format", "name", "overrides"}`), so `load` rebuilds the same
-    architecture without being told the overrides again.
+    `path/model.json` (`format`, `name`, `overrides`, `num_classes`, `image_size`, `info`), so
+    `load` rebuilds the same architecture without being told anything.
 
     Args:
       path: a directory that does not exist yet.
       name: the `jaxmodels.MODEL_NAMES` entry the variables belong to.
       variables: `{'params': ..., 'batch_stats': ...}` as from `model.init` or `load`.
+      info: extra JSON facts to record (fine-tuning records its mode, seeds and starting point).
       **overrides: the architecture overrides the model was created with (JSON values only).
 
     Raises:
-      ValueError: unknown name, `path` exists, or `variables` lacks 'params'.
-      TypeError: an override value that JSON cannot store (e.g. a dtype).
+      ValueError: unknown name, `path` exists, or `variables` lacks 'params' or a head.
+      TypeError: an override or info value that JSON cannot store (e.g. a dtype).
     """
     import orbax.checkpoint as ocp
 
@@ -150,14 +215,42 @@ def save(path: str | pathlib.Path, name: str, variables, **overrides: Any) -> No
         raise ValueError(f"path {str(path)!r} already exists; save writes a new directory")
     if not isinstance(variables, dict) or "params" not in variables:
         raise ValueError("variables must be a dict with a 'params' collection")
+    head = registry.HEAD_NAMES[registry.family_of(name)]
+    kernel = variables["params"].get(head, {}).get("kernel")
+    if kernel is None:
+        raise ValueError(f"variables have no classifier head params/{head}/kernel")
+    meta = {
+        "format": _FORMAT,
+        "name": name,
+        "overrides": overrides,
+        "num_classes": int(kernel.shape[-1]),
+        "image_size": registry.spec(name, **_architecture_only(overrides)).preprocessing.image_size,
+        "info": info or {},
+    }
     try:
-        meta = json.dumps({"format": _FORMAT, "name": name, "overrides": overrides})
+        text = json.dumps(meta, indent=2)
     except TypeError as err:
-        raise TypeError(f"overrides must be JSON values (ints, bools, lists); {err}") from err
+        raise TypeError(f"overrides and info must be JSON values; {err}") from err
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path / _VARIABLES_DIR, jax.tree.map(np.asarray, variables))
     checkpointer.wait_until_finished()
-    (path / _MODEL_JSON).write_text(meta)
+    (path / MODEL_JSON).write_text(text)
+
+
+def content_digest(path: str | pathlib.Path) -> str:
+    """SHA-256 of a checkpoint's bytes: a file, or every file of a directory with its relative path.
+
+    Cache keys and run folders use it to tell whether two checkpoints hold the same weights.
+    """
+    path = pathlib.Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def resize_position_embedding(pos_1ND, grid: int) -> np.ndarray:
@@ -214,22 +307,21 @@ def _read_orbax(path: pathlib.Path, name: str):
 
     defaults = {}
     directory = path
-    if (path / _MODEL_JSON).exists():
-        meta = json.loads((path / _MODEL_JSON).read_text())
-        if meta.get("name") != name:
+    if (path / MODEL_JSON).exists():
+        meta = model_info(path)
+        if meta["name"] != name:
             raise ValueError(
-                f"checkpoint {str(path)!r} holds a {meta.get('name')!r} model; "
+                f"checkpoint {str(path)!r} holds a {meta['name']!r} model; "
                 f"asked to load it as {name!r}"
             )
         defaults = {
             k: tuple(v) if isinstance(v, list) else v for k, v in meta.get("overrides", {}).items()
         }
+        if "image_size" in meta and registry.family_of(name) == "resnet":
+            defaults.setdefault("image_size", meta["image_size"])
         directory = path / _VARIABLES_DIR
     tree = ocp.StandardCheckpointer().restore(directory.absolute())
-    flat = {
-        "/".join(str(getattr(k, "key", k)) for k in keys): np.asarray(v)
-        for keys, v in jax.tree_util.tree_flatten_with_path(tree)[0]
-    }
+    flat = {k: np.asarray(v) for k, v in paths.flatten(tree).items()}
     return flat, {k: k for k in flat}, [], defaults
 
 
@@ -245,8 +337,8 @@ def _check_optional_positive(arg: str, value) -> None:
         raise ValueError(f"{arg} must be a positive int or None; got {value!r}")
 
 
-def _checkpoint_classes(flat: dict, family: str) -> int | None:
-    kernel = flat.get(f"params/{_HEAD[family]}/kernel")
+def _checkpoint_classes(flat: dict, head: str) -> int | None:
+    kernel = flat.get(f"params/{head}/kernel")
     return int(kernel.shape[-1]) if kernel is not None and kernel.ndim == 2 else None
 
 
@@ -269,10 +361,7 @@ def _check_against_model(model, flat, sources, unknown, path, head_optional=None
     """
     size = getattr(model, "image_size", 32)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    expected = {
-        "/".join(str(k.key) for k in keys): tuple(v.shape)
-        for keys, v in jax.tree_util.tree_flatten_with_path(flax.core.unfreeze(abstract))[0]
-    }
+    expected = {k: tuple(v.shape) for k, v in paths.flatten(flax.core.unfreeze(abstract)).items()}
     missing = sorted(
         k
         for k in set(expected) - set(flat)
@@ -316,17 +405,6 @@ def _describe(model) -> str:
         "mlp_dim",
     )
     return ", ".join(f"{f}={getattr(model, f)!r}" for f in fields if hasattr(model, f))
-
-
-def _unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
 
 
 def _fresh_head(model, head: str, seed: int):

@@ -66,9 +66,13 @@ _VITS: dict[str, dict[str, Any]] = {
 _IMAGE_SIZE = {"resnet_tiny": 32, "vit_tiny": 32}
 _DEFAULT_IMAGE_SIZE = 224
 MODEL_NAMES: tuple[str, ...] = (*_RESNETS, *_VITS)
+# The top-level classifier module of each family (torchvision calls ResNet's ``fc``): the head that
+# loading re-initialises, linear probing trains and LEEP/NCE read.
+HEAD_NAMES = {"resnet": "fc", "vit": "head"}
+FAMILIES = {"resnet": ResNet, "vit": VisionTransformer}
 
 # Fields of each module that create(**overrides) may set (name/parent/ssf/num_classes are apart).
-_RESNET_OVERRIDES = ("stage_sizes", "block", "width", "zero_init_last_bn", "dtype")
+_RESNET_OVERRIDES = ("stage_sizes", "block", "width", "zero_init_last_bn", "image_size", "dtype")
 _VIT_OVERRIDES = (
     "image_size",
     "patch_size",
@@ -79,6 +83,12 @@ _VIT_OVERRIDES = (
     "gelu_approximate",
     "dtype",
 )
+# Fields that fix the shapes of a model's weights (not its head size, input size or dtype): a
+# registered name is the architecture these values give.
+ARCHITECTURE_FIELDS = {
+    "resnet": ("stage_sizes", "block", "width"),
+    "vit": ("patch_size", "width", "depth", "num_heads", "mlp_dim"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,8 +96,10 @@ class ModelSpec:
     """What a pipeline needs to know about a model besides its weights.
 
     Attributes:
-      name: the registry name.
+      name: the registry name (for a module built with overrides that match no registered name,
+        the family followed by ``*``, e.g. ``'resnet*'``).
       family: ``'resnet'`` or ``'vit'``.
+      head: the top-level classifier module (``'fc'`` or ``'head'``).
       preprocessing: how to prepare evaluation images (``jaxmodels.preprocess``).
       feature_dim: D, the width of ``method="features"``.
       macs_per_image: multiply-accumulates of one forward pass at ``preprocessing.image_size``
@@ -99,6 +111,7 @@ class ModelSpec:
 
     name: str
     family: str
+    head: str
     preprocessing: Preprocessing
     feature_dim: int
     macs_per_image: int
@@ -109,6 +122,11 @@ def _check_name(name: Any) -> str:
     if not isinstance(name, str) or name not in MODEL_NAMES:
         raise ValueError(f"unknown model name {name!r}; known names: {', '.join(MODEL_NAMES)}")
     return name
+
+
+def family_of(name: str) -> str:
+    """``'resnet'`` or ``'vit'`` for a registered name."""
+    return "resnet" if _check_name(name) in _RESNETS else "vit"
 
 
 def _check_num_classes(num_classes: Any) -> int:
@@ -126,17 +144,18 @@ def _config(name: str, overrides: dict[str, Any]) -> dict[str, Any]:
         raise TypeError(
             f"create({name!r}) got unknown overrides {unknown}; allowed: {', '.join(allowed)}"
         )
+    size = _IMAGE_SIZE.get(name, _DEFAULT_IMAGE_SIZE)
     if is_resnet:
-        config = {"width": 64, **_RESNETS[name], **overrides}
+        config = {"width": 64, "image_size": size, **_RESNETS[name], **overrides}
         if config["block"] not in ("basic", "bottleneck"):
             raise ValueError(f"block must be 'basic' or 'bottleneck'; got {config['block']!r}")
         sizes = tuple(config["stage_sizes"])
         if not sizes or any(not isinstance(n, int) or n < 1 for n in sizes):
             raise ValueError(f"stage_sizes must be positive ints; got {config['stage_sizes']!r}")
         config["stage_sizes"] = sizes
-        _check_positive(config, ("width",))
+        _check_positive(config, ("width", "image_size"))
         return config
-    config = {"image_size": _DEFAULT_IMAGE_SIZE, **_VITS[name], **overrides}
+    config = {"image_size": size, **_VITS[name], **overrides}
     _check_positive(config, ("image_size", "patch_size", "width", "depth", "num_heads", "mlp_dim"))
     if config["image_size"] % config["patch_size"]:
         raise ValueError(
@@ -165,9 +184,10 @@ def create(name: str, *, num_classes: int, ssf: bool = False, **overrides: Any) 
       name: one of ``MODEL_NAMES``.
       num_classes: K, the size of the classification head.
       ssf: insert SSF scale/shift after the reference sites (``jaxmodels.ssf``).
-      **overrides: module fields to change, e.g. ``image_size=384`` for a ViT (the position
-        embedding is sized for it), ``gelu_approximate=True`` for big_vision checkpoints,
-        ``dtype=jnp.bfloat16`` for bfloat16 compute, ``zero_init_last_bn=True`` for a ResNet.
+      **overrides: module fields to change, e.g. ``image_size=384`` (a ViT's position embedding is
+        sized for it; a ResNet records it as its evaluation size), ``gelu_approximate=True`` for
+        big_vision checkpoints, ``dtype=jnp.bfloat16`` for bfloat16 compute,
+        ``zero_init_last_bn=True`` for a ResNet.
 
     Returns:
       An unbound ``flax.linen.Module``; ``model.init(rng, images)`` makes its variables.
@@ -181,34 +201,12 @@ def create(name: str, *, num_classes: int, ssf: bool = False, **overrides: Any) 
     if not isinstance(ssf, bool):
         raise TypeError(f"ssf must be a bool; got {type(ssf).__name__}")
     config = _config(name, overrides)
-    cls = ResNet if name in _RESNETS else VisionTransformer
-    return cls(num_classes=num_classes, ssf=ssf, **config)
+    return FAMILIES[family_of(name)](num_classes=num_classes, ssf=ssf, **config)
 
 
-def spec(
-    name: str, *, num_classes: int = 1000, image_size: int | None = None, **overrides
-) -> ModelSpec:
-    """Preprocessing, feature width and forward cost of ``name``.
-
-    Args:
-      name: one of ``MODEL_NAMES``.
-      num_classes: K, counted in the head's cost (default ImageNet's 1000).
-      image_size: input side; default the name's own (224, or 32 for the tiny ones). For a ViT
-        this is the ``image_size`` override of ``create``.
-      **overrides: the same architecture overrides as ``create``.
-
-    Returns:
-      A ``ModelSpec``. ResNets use torchvision's eval transform (resize S/0.875 bilinear, centre
-      crop S, ImageNet mean/std); ViTs use timm's augreg / big_vision one (resize
-      floor(S/0.9) bicubic, centre crop S, scale to [−1, 1]).
-    """
-    _check_name(name)
-    _check_num_classes(num_classes)
-    default_size = _IMAGE_SIZE.get(name, _DEFAULT_IMAGE_SIZE)
-    if name in _RESNETS:
-        size = default_size if image_size is None else image_size
-        config = _config(name, overrides)
-        _check_positive({"image_size": size}, ("image_size",))
+def _spec(name: str, family: str, config: dict[str, Any], num_classes: int) -> ModelSpec:
+    size = config["image_size"]
+    if family == "resnet":
         prep = Preprocessing.from_crop_pct(size, 0.875, IMAGENET_MEAN, IMAGENET_STD, "bilinear")
         expansion = 1 if config["block"] == "basic" else 4
         feature_dim = config["width"] * 8 * expansion
@@ -219,14 +217,63 @@ def spec(
             num_classes=num_classes,
             image_size=size,
         )
-        family = "resnet"
     else:
-        if image_size is not None:
-            overrides = {**overrides, "image_size": image_size}
-        config = _config(name, overrides)
-        size = config["image_size"]
         prep = Preprocessing.from_crop_pct(size, 0.9, UNIT_RANGE_MEAN, UNIT_RANGE_STD, "bicubic")
         feature_dim = config["width"]
         macs = vit_macs(num_classes=num_classes, **config)
-        family = "vit"
-    return ModelSpec(name, family, prep, feature_dim, macs, 2 * macs)
+    return ModelSpec(name, family, HEAD_NAMES[family], prep, feature_dim, macs, 2 * macs)
+
+
+def spec(
+    name: str, *, num_classes: int = 1000, image_size: int | None = None, **overrides
+) -> ModelSpec:
+    """Preprocessing, head, feature width and forward cost of ``name``.
+
+    Args:
+      name: one of ``MODEL_NAMES``.
+      num_classes: K, counted in the head's cost (default ImageNet's 1000).
+      image_size: input side; default the name's own (224, or 32 for the tiny ones). This is the
+        ``image_size`` override of ``create``.
+      **overrides: the same architecture overrides as ``create``.
+
+    Returns:
+      A ``ModelSpec``. ResNets use torchvision's eval transform (resize S/0.875 bilinear, centre
+      crop S, ImageNet mean/std); ViTs use timm's augreg / big_vision one (resize
+      floor(S/0.9) bicubic, centre crop S, scale to [−1, 1]).
+    """
+    _check_name(name)
+    _check_num_classes(num_classes)
+    if image_size is not None:
+        overrides = {**overrides, "image_size": image_size}
+    return _spec(name, family_of(name), _config(name, overrides), num_classes)
+
+
+def spec_of(model: nn.Module) -> ModelSpec:
+    """The `ModelSpec` of a module built by `create` or `jaxmodels.load`, read off its fields.
+
+    Args:
+      model: a ``ResNet`` or ``VisionTransformer`` module.
+
+    Returns:
+      Its spec at its own ``image_size`` and ``num_classes``; ``name`` is the registered name whose
+      architecture it has, else the family followed by ``*``.
+
+    Raises:
+      TypeError: ``model`` is not one of jaxmodels' architectures (pass the preprocessing
+        explicitly to the function that asked).
+    """
+    family = next((f for f, cls in FAMILIES.items() if isinstance(model, cls)), None)
+    if family is None:
+        raise TypeError(
+            f"{type(model).__name__} is not a jaxmodels architecture (ResNet, VisionTransformer); "
+            "its preprocessing and cost are unknown"
+        )
+    allowed = _RESNET_OVERRIDES if family == "resnet" else _VIT_OVERRIDES
+    config = {f: getattr(model, f) for f in allowed if f != "dtype"}
+    if family == "resnet":
+        config["stage_sizes"] = tuple(config["stage_sizes"])
+    fields = ARCHITECTURE_FIELDS[family]
+    names = [n for n in MODEL_NAMES if family_of(n) == family]
+    match = [n for n in names if all(_config(n, {})[f] == config[f] for f in fields)]
+    name = match[0] if match else f"{family}*"
+    return _spec(name, family, config, model.num_classes)

@@ -128,6 +128,9 @@ class ResNet(nn.Module):
       width: channels of the stem and first stage (64 in the paper); stage s has ``width·2^s``.
       ssf: insert SSF after every BatchNorm (``jaxmodels.ssf``).
       zero_init_last_bn: zero-init the last BatchNorm scale of each block.
+      image_size: the side S of the images it is evaluated on (the centre crop of its
+        preprocessing, ``jaxmodels.spec``). The network is fully convolutional and accepts any
+        size; this records the one its weights were trained for, so a loaded model knows its input.
       dtype: computation dtype (parameters stay float32).
     """
 
@@ -137,6 +140,7 @@ class ResNet(nn.Module):
     width: int = 64
     ssf: bool = False
     zero_init_last_bn: bool = False
+    image_size: int = 224
     dtype: Any = jnp.float32
 
     @nn.compact

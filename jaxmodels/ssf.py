@@ -36,6 +36,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxmodels import paths
+
 SSF_PREFIX = "ssf_"
 SSF_INIT_STD = 0.02
 
@@ -74,14 +76,6 @@ def maybe_ssf(enabled: bool, target: str, x: jax.Array, feature_ndim: int = 1) -
     return ScaleShift(feature_ndim=feature_ndim, name=SSF_PREFIX + target)(x)
 
 
-def _key_name(key: Any) -> str:
-    """The string name of a pytree path key (DictKey, GetAttrKey, or a plain str)."""
-    for attr in ("key", "name"):
-        if hasattr(key, attr):
-            return str(getattr(key, attr))
-    return str(key)
-
-
 def is_ssf_path(path: Sequence[Any]) -> bool:
     """Whether a parameter path names an SSF leaf.
 
@@ -92,7 +86,7 @@ def is_ssf_path(path: Sequence[Any]) -> bool:
     Returns:
       True exactly when some key starts with ``ssf_``.
     """
-    return any(_key_name(k).startswith(SSF_PREFIX) for k in path)
+    return any(paths.key_name(k).startswith(SSF_PREFIX) for k in path)
 
 
 def ssf_mask(params: Any) -> Any:
@@ -200,3 +194,51 @@ def fold(variables: Mapping[str, Any]) -> dict[str, Any]:
     folded = dict(variables)
     folded["params"] = params
     return folded
+
+
+def with_fresh_ssf(abstract: Mapping[str, Any], loaded: Mapping[str, Any], seed: int) -> dict:
+    """Variables of an SSF model: every leaf from ``loaded``, SSF leaves drawn fresh from ``seed``.
+
+    Fine-tuning with SSF starts from pre-trained weights that have no SSF parameters; this adds
+    them with the initialisation of `ScaleShift` (γ ~ N(1, σ²), β ~ N(0, σ²), σ = 0.02). Each SSF
+    leaf's noise comes from ``fold_in(key(seed), i)`` over the sorted SSF paths, so runs that share
+    ``seed`` start from identical SSF parameters whatever else they vary.
+
+    Args:
+      abstract: the SSF model's variables or their shapes (``jax.eval_shape(model.init, ...)``).
+      loaded: the same variables without SSF leaves (e.g. from ``jaxmodels.load``).
+      seed: the initialisation seed.
+
+    Returns:
+      A nested dict of ``jax.Array``s with the structure of ``abstract``.
+
+    Raises:
+      ValueError: ``loaded`` lacks a non-SSF leaf of ``abstract``, has one it lacks, or a leaf of
+        another shape.
+    """
+    wanted = paths.flatten(abstract)
+    given = paths.flatten(loaded)
+    unknown = sorted(set(given) - set(wanted))
+    missing = sorted(p for p in set(wanted) - set(given) if not is_ssf_path(p.split(paths.SEP)))
+    if unknown or missing:
+        raise ValueError(
+            f"weights do not fit the model: leaves they lack {missing[:5]}, leaves the model "
+            f"lacks {unknown[:5]}"
+        )
+    key = jax.random.key(seed)
+    ssf_paths = sorted(p for p in wanted if p not in given)
+    flat = {}
+    for path, spec in wanted.items():
+        if path in given:
+            if tuple(given[path].shape) != tuple(spec.shape):
+                raise ValueError(
+                    f"leaf {path} has shape {tuple(given[path].shape)}; the model wants "
+                    f"{tuple(spec.shape)}"
+                )
+            flat[path] = jnp.asarray(given[path], spec.dtype)
+            continue
+        noise = SSF_INIT_STD * jax.random.normal(
+            jax.random.fold_in(key, ssf_paths.index(path)), spec.shape, spec.dtype
+        )
+        flat[path] = 1.0 + noise if path.endswith("/scale") else noise
+    return paths.unflatten(flat)

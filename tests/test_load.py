@@ -384,7 +384,7 @@ def test_save_errors_and_name_check(tmp_path):
         load("resnet34", tmp_path / "ckpt")
     with pytest.raises(ValueError, match="'params' collection"):
         save(tmp_path / "other", name, {"weights": {}})
-    with pytest.raises(TypeError, match="overrides must be JSON values"):
+    with pytest.raises(TypeError, match="overrides and info must be JSON values"):
         save(tmp_path / "other", name, variables, dtype=np.float16)
     with pytest.raises(ValueError, match="name must be one of"):
         save(tmp_path / "other", "resnet5", variables)

@@ -78,8 +78,8 @@ def test_num_classes_is_keyword_only_and_required():
 
 
 def test_bad_overrides():
-    with pytest.raises(TypeError, match="image_size"):
-        jaxmodels.create("resnet50", num_classes=10, image_size=224)  # not a ResNet field
+    with pytest.raises(TypeError, match="patch_size"):
+        jaxmodels.create("resnet50", num_classes=10, patch_size=16)  # not a ResNet field
     with pytest.raises(TypeError, match="unknown overrides"):
         jaxmodels.create("vit_b16", num_classes=10, hidden=3)
     with pytest.raises(ValueError, match="multiple of patch_size"):
