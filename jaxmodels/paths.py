@@ -7,10 +7,12 @@ separator of Flax checkpoints and of big_vision's ``.npz`` files) and converts b
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 SEP = "/"
 
@@ -60,3 +62,18 @@ def unflatten(flat: Mapping[str, Any]) -> dict:
                 raise ValueError(f"path {path!r} runs through the leaf {part!r}")
         node[name] = leaf
     return tree
+
+
+def tree_digest(tree: Mapping) -> str:
+    """SHA-256 of a variables tree: every leaf's path, dtype, shape and bytes, in path order.
+
+    Two trees have the same digest exactly when they hold the same arrays at the same paths; a
+    run records the digest of its starting variables, so soups can tell ingredients that started
+    from one point.
+    """
+    digest = hashlib.sha256()
+    for path, leaf in sorted(flatten(tree).items()):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{path}|{array.dtype.str}|{array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()

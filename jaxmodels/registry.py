@@ -277,3 +277,26 @@ def spec_of(model: nn.Module) -> ModelSpec:
     match = [n for n in names if all(_config(n, {})[f] == config[f] for f in fields)]
     name = match[0] if match else f"{family}*"
     return _spec(name, family, config, model.num_classes)
+
+
+def overrides_of(name: str, model: nn.Module) -> dict[str, Any]:
+    """The `create` overrides that rebuild `model` as `name` (fields that differ from the name's).
+
+    `jaxmodels.save` records them, so a model loaded from a big_vision checkpoint (tanh GELU) or
+    at another image size comes back as it was. The dtype is not recorded (a runtime choice).
+    """
+    family = family_of(name)
+    if not isinstance(model, FAMILIES[family]):
+        raise TypeError(f"model is a {type(model).__name__}, not a {family} like {name!r}")
+    allowed = _RESNET_OVERRIDES if family == "resnet" else _VIT_OVERRIDES
+    defaults = {f.name: f.default for f in dataclasses.fields(FAMILIES[family])}
+    base = {**defaults, **_config(name, {})}
+    out = {}
+    for field in allowed:
+        if field == "dtype":
+            continue
+        value = getattr(model, field)
+        value = tuple(value) if isinstance(value, list | tuple) else value
+        if value != base[field]:
+            out[field] = list(value) if isinstance(value, tuple) else value
+    return out

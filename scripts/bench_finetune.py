@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 import jaxmodels
+from jaxmodels import paths
 from training import masks, optim
 from training import train_step as step_lib
 
@@ -78,7 +79,7 @@ def bench_mode(
     head = masks.head_name_for(name)
     mask = masks.trainable_mask(variables["params"], mode, head)
     trainable, frozen = masks.split_params(variables["params"], mask)
-    decay = masks.flatten_params(masks.weight_decay_mask(variables["params"]))
+    decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
     optimizer, _ = optim.init_optimizer(optim.OptimConfig(total_steps=1000), trainable, decay)
     state = step_lib.init_train_state(variables, mask, optimizer)
     step_config = step_lib.StepConfig(

@@ -5,12 +5,16 @@ Run `python scripts/finetune.py --help` for the options and examples.
 
 import argparse
 import json
+import logging
 import sys
 
 import jax
 
+from jaxmodels import ModelRefError
+from jaxmodels.data import DataError
 from training import run as run_lib
 from training import sweep
+from training.run_config import AUGMENTATIONS, RunConfig, RunError
 
 EXAMPLES = """
 examples:
@@ -27,11 +31,24 @@ examples:
       --eval-data tfds:cifar10:test --mode full --lr 1e-5,3e-5 --seed 0,1 \\
       --augmentation light,strong --label-smoothing 0.1 --out runs/soup
 
-what you get in --out (for a sweep: in --out/<lr=..._seed=..._aug=..._ls=...>/):
-  checkpoints/   resumable train state; run the same command again to resume a killed run
-  model/         final weights, for jaxmodels.load(NAME, path) (SSF is folded away: plain model)
-  metrics.jsonl  one JSON object per logged step / evaluation
-  result.json    config, final accuracy, trainable parameter count, time
+what you get in --out (for a sweep: in --out/<lr=..._seed=..._aug=..._ls=...>/, plus
+--out/sweep.json listing every run):
+  config.json    the run's settings (a later command on this folder must match them)
+  checkpoints/   resumable train state + data position; run the same command again to resume
+                 a killed run (an unreadable latest checkpoint is moved aside, the previous used)
+  model/         final weights, for jaxmodels.load(path) or training.load_run(run folder) (SSF
+                 is folded away: the plain model at plain speed; EMA weights when --ema is on)
+  metrics.jsonl  one JSON object per logged step / evaluation, each step once
+  result.json    config, every evaluation, trainable parameter count, time (paths relative to
+                 the run folder)
+  A finished run is never retrained or rewritten: the same command prints its stored result.
+  One command per folder at a time (a lock file); every check happens before anything trains,
+  and a user error is one line with exit status 2.
+
+seeds: --seed drives data order, augmentation, dropout and mixup/cutmix; --init-seed drives
+  every fresh parameter (a new head, SSF, a random init). A sweep keeps --init-seed fixed, so
+  its runs start from one point: the ingredients of a model soup. For soups, start every
+  ingredient from one linear-probe run: --model NAME=LP_RUN/model (its head is kept).
 
 modes:
   full    every parameter                      linear  the classifier head only
@@ -51,11 +68,21 @@ devices: the batch is split over every visible device (data parallel); --batch-s
 
 
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+    try:
+        return [float(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers; got {text!r}"
+        ) from None
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers; got {text!r}"
+        ) from None
 
 
 def _words(text: str) -> list[str]:
@@ -96,12 +123,28 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=[1e-3],
         help="peak learning rate(s), comma-separated for a sweep (default 1e-3)",
     )
-    parser.add_argument("--seed", type=_ints, default=[0], help="seed(s) (default 0)")
+    parser.add_argument(
+        "--seed",
+        type=_ints,
+        default=[0],
+        help="data/augmentation seed(s): order, crops, flips, mixup (default 0)",
+    )
+    parser.add_argument(
+        "--init-seed",
+        type=int,
+        default=0,
+        help="seed of every fresh parameter (new head, SSF); shared by a sweep (default 0)",
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        help="head size (default: the training data's class count)",
+    )
     parser.add_argument(
         "--augmentation",
         type=_words,
         default=["light"],
-        help=f"preset(s) among {sorted(run_lib.AUGMENTATIONS)}: none = centre "
+        help=f"preset(s) among {sorted(AUGMENTATIONS)}: none = centre "
         "crop; light = crop 35-100%% + flip; strong = crop 8-100%% + flip + "
         "mixup 0.8 / cutmix 1.0 (default light)",
     )
@@ -154,6 +197,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=int,
         help="stop after this many steps (smoke tests); the run stays unfinished",
     )
+    parser.add_argument(
+        "--shard-params",
+        action="store_true",
+        help="shard parameters, gradients and optimizer state over the devices (FSDP) instead "
+        "of replicating them: for models that do not fit one device",
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
         "--distributed",
@@ -165,55 +214,72 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()
-    base = run_lib.RunConfig(
-        model=args.model,
-        train_data=args.data,
-        eval_data=args.eval_data,
-        out_dir=args.out,
-        mode=args.mode,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr[0],
-        weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs,
-        clip_norm=args.clip_norm or None,
-        label_smoothing=args.label_smoothing[0],
-        augmentation=args.augmentation[0],
-        ema_decay=args.ema,
-        bf16=args.bf16,
-        image_size=args.image_size,
-        seed=args.seed[0],
-        checkpoint_every=args.checkpoint_every,
-        tfds_data_dir=args.tfds_data_dir,
-        num_workers=args.num_workers,
-        stop_after_steps=args.max_steps,
-    )
-    grid = {
-        "lr": args.lr,
-        "seed": args.seed,
-        "augmentation": args.augmentation,
-        "label_smoothing": args.label_smoothing,
-    }
-    if all(len(v) == 1 for v in grid.values()):
-        results = [run_lib.run(base, progress=not args.no_progress)]
-    else:
-        configs = sweep.expand_grid(base, {k: v for k, v in grid.items() if len(v) > 1})
-        results = sweep.run_sweep(configs, progress=not args.no_progress)
-    for result in results:
-        final = result.get("final_eval") or {}
-        print(
-            json.dumps(
-                {
-                    "out_dir": result["config"]["out_dir"],
-                    "finished": result["finished"],
-                    "steps": result["steps"],
-                    "accuracy": final.get("accuracy"),
-                    "trainable_params": result["trainable_params"],
-                }
-            )
+    # orbax and absl log every retry of a broken checkpoint; hubtune reports them in one line
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    try:
+        if args.distributed:
+            jax.distributed.initialize()
+        base = RunConfig(
+            model=args.model,
+            train_data=args.data,
+            eval_data=args.eval_data,
+            out_dir=args.out,
+            mode=args.mode,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr[0],
+            weight_decay=args.weight_decay,
+            warmup_epochs=args.warmup_epochs,
+            clip_norm=args.clip_norm or None,
+            label_smoothing=args.label_smoothing[0],
+            augmentation=args.augmentation[0],
+            ema_decay=args.ema,
+            bf16=args.bf16,
+            image_size=args.image_size,
+            num_classes=args.num_classes,
+            seed=args.seed[0],
+            init_seed=args.init_seed,
+            checkpoint_every=args.checkpoint_every,
+            tfds_data_dir=args.tfds_data_dir,
+            num_workers=args.num_workers,
+            stop_after_steps=args.max_steps,
+            shard_params=args.shard_params,
         )
+        grid = {
+            "lr": args.lr,
+            "seed": args.seed,
+            "augmentation": args.augmentation,
+            "label_smoothing": args.label_smoothing,
+        }
+        grid = {k: v for k, v in grid.items() if len(v) > 1}
+        progress = not args.no_progress
+        if not grid:
+            plan = run_lib.plan(base)
+            if plan.finished:
+                print(f"{args.out}: finished before — nothing retrained; its stored result:")
+            results = [run_lib.run(plan, progress=progress)]
+            folders = [args.out]
+        else:
+            configs = sweep.expand_grid(base, grid)
+            results = sweep.run_sweep(configs, grid, args.out, progress=progress)
+            folders = [c.out_dir for c in configs]
+    except (RunError, DataError, ModelRefError) as err:
+        print(f"finetune.py: error: {err}", file=sys.stderr)
+        return 2
+    if jax.process_index() == 0:
+        for folder, result in zip(folders, results, strict=True):
+            final = result.get("final_eval") or {}
+            print(
+                json.dumps(
+                    {
+                        "out_dir": folder,
+                        "finished": result["finished"],
+                        "steps": result["steps"],
+                        "accuracy": final.get("accuracy"),
+                        "trainable_params": result["trainable_params"],
+                    }
+                )
+            )
     return 0
 
 

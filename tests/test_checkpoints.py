@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from tiny_classifier import init_tiny
 
+from jaxmodels import paths
 from training import checkpoints, data, loop, masks, optim, sources
 from training import train_step as step_lib
 
@@ -118,7 +119,7 @@ def test_data_position_round_trips_through_a_checkpoint(tmp_path):
     _, variables = init_tiny(num_classes=NUM_CLASSES)
     mask = masks.trainable_mask(variables["params"], "linear")
     trainable, _ = masks.split_params(variables["params"], mask)
-    decay = masks.flatten_params(masks.weight_decay_mask(variables["params"]))
+    decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
     optimizer, _ = optim.init_optimizer(optim.OptimConfig(), trainable, decay)
     state = step_lib.init_train_state(variables, mask, optimizer)
     identity = checkpoints.run_identity(state, model="tiny")

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from tiny_classifier import init_tiny, random_variables
 
+from jaxmodels import paths
 from training import data, loop, masks, optim, sources
 from training import train_step as step_lib
 
@@ -137,7 +138,7 @@ def test_finetune_script_writes_a_loadable_folded_model(tmp_path, capsys):
         np.asarray(variables["params"]["cls"]), np.asarray(pre_vars["params"]["cls"])
     )
     assert variables["params"]["head"]["kernel"].shape == (32, 2)
-    assert not any("ssf_" in k for k in masks.flatten_params(variables["params"]))
+    assert not any("ssf_" in k for k in paths.flatten(variables["params"]))
     assert pathlib.Path(out / "metrics.jsonl").exists()
     # the same folder with another learning rate is another run: refused, not silently mixed
     argv[argv.index("--lr") + 1] = "0.02"
@@ -203,8 +204,8 @@ def test_build_variables_adds_fresh_ssf_to_a_checkpoint(tmp_path):
     pre = random_variables(jaxmodels.create("vit_tiny", num_classes=4), seed=2)
     jaxmodels.save(tmp_path / "pre", "vit_tiny", jax.device_get(pre))
     model, variables = run_lib.build_variables("vit_tiny", str(tmp_path / "pre"), 4, ssf=True)
-    flat = masks.flatten_params(variables["params"])
-    loaded = masks.flatten_params(pre["params"])
+    flat = paths.flatten(variables["params"])
+    loaded = paths.flatten(pre["params"])
     for path, leaf in loaded.items():
         np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(leaf), err_msg=path)
     ssf_paths = set(flat) - set(loaded)

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 from tiny_classifier import init_tiny
 
+from jaxmodels import paths
 from training import masks
 
 ALL_SSF_BN = {
@@ -27,7 +28,7 @@ EXPECTED_TRAINABLE = {
 
 
 def _selected(mask) -> set[str]:
-    return {k for k, v in masks.flatten_params(mask).items() if v}
+    return {k for k, v in paths.flatten(mask).items() if v}
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +39,14 @@ def ssf_params():
 
 @pytest.mark.parametrize("mode", masks.MODES)
 def test_trainable_mask_selects_the_mode_leaves(ssf_params, mode):
-    assert set(masks.flatten_params(ssf_params)) == ALL_SSF_BN
+    assert set(paths.flatten(ssf_params)) == ALL_SSF_BN
     assert _selected(masks.trainable_mask(ssf_params, mode)) == EXPECTED_TRAINABLE[mode]
 
 
 def test_mask_leaves_are_python_bools_with_params_structure(ssf_params):
     mask = masks.trainable_mask(ssf_params, "ssf")
-    assert set(masks.flatten_params(mask)) == ALL_SSF_BN
-    assert all(type(v) is bool for v in masks.flatten_params(mask).values())
+    assert set(paths.flatten(mask)) == ALL_SSF_BN
+    assert all(type(v) is bool for v in paths.flatten(mask).values())
 
 
 def test_weight_decay_skips_ssf_biases_and_norm_scales(ssf_params):
@@ -81,8 +82,8 @@ def test_split_then_merge_gives_back_params(ssf_params):
     trainable, frozen = masks.split_params(ssf_params, mask)
     assert set(trainable) == EXPECTED_TRAINABLE["ssf"]
     assert set(frozen) == ALL_SSF_BN - EXPECTED_TRAINABLE["ssf"]
-    merged = masks.flatten_params(masks.merge_params(trainable, frozen))
-    for path, leaf in masks.flatten_params(ssf_params).items():
+    merged = paths.flatten(masks.merge_params(trainable, frozen))
+    for path, leaf in paths.flatten(ssf_params).items():
         np.testing.assert_array_equal(merged[path], leaf)
 
 
@@ -120,7 +121,7 @@ def test_ssf_mode_on_vit_tiny_trains_ssf_sites_and_head():
     ssf_count = 2 * (32 + 32) + 2 * 2 * (32 + 96 + 32 + 32 + 64 + 32)
     assert masks.count_params(trainable) == ssf_count + 32 * 5 + 5
     assert {k for k in trainable if not k.startswith("head/")} == {
-        k for k in masks.flatten_params(params) if "/ssf_" in "/" + k
+        k for k in paths.flatten(params) if "/ssf_" in "/" + k
     }
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from tiny_classifier import init_tiny
 
+from jaxmodels import paths
 from training import masks, optim
 
 
@@ -23,7 +24,7 @@ def test_optimizer_state_has_entries_for_trainable_leaves_only(mode):
     params = variables["params"]
     mask = masks.trainable_mask(params, mode)
     trainable, frozen = masks.split_params(params, mask)
-    decay = masks.flatten_params(masks.weight_decay_mask(params))
+    decay = paths.flatten(masks.weight_decay_mask(params))
     _, opt_state = optim.init_optimizer(optim.OptimConfig(total_steps=10), trainable, decay)
     assert _state_param_keys(opt_state) == set(trainable)
     assert not _state_param_keys(opt_state) & set(frozen)

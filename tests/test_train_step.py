@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny_classifier import init_tiny, random_variables
 
+from jaxmodels import paths
 from training import loop, masks, optim
 from training import train_step as step_lib
 
@@ -20,7 +21,7 @@ def _setup(mode, *, ssf=True, batch_norm=False, ema=None, compute_dtype="float32
     params = variables["params"]
     mask = masks.trainable_mask(params, mode)
     trainable, _ = masks.split_params(params, mask)
-    decay = masks.flatten_params(masks.weight_decay_mask(params))
+    decay = paths.flatten(masks.weight_decay_mask(params))
     config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1)
     optimizer, _ = optim.init_optimizer(config, trainable, decay)
     state = step_lib.init_train_state(variables, mask, optimizer, ema=ema is not None)
@@ -61,27 +62,27 @@ SSF_LEAVES = {"ssf_bn/scale", "ssf_bn/shift", "ssf_conv/scale", "ssf_conv/shift"
 )  # fmt: skip
 def test_step_changes_only_the_mode_leaves(mode, expected, jit):
     _, variables, state, step = _setup(mode, batch_norm=True)
-    before = masks.flatten_params(variables["params"])
+    before = paths.flatten(variables["params"])
     step = jax.jit(step) if jit else step
     new_state, metrics = step(state, _batch(), jax.random.key(0))
-    after = masks.flatten_params(new_state.params())
+    after = paths.flatten(new_state.params())
     assert _changed(before, after) == expected
     assert int(new_state.step) == 1
     assert np.isfinite(float(metrics["loss"]))
     # frozen BatchNorm statistics stay as they were outside full fine-tuning
-    for k, v in masks.flatten_params(variables["batch_stats"]).items():
-        np.testing.assert_array_equal(masks.flatten_params(new_state.batch_stats)[k], v)
+    for k, v in paths.flatten(variables["batch_stats"]).items():
+        np.testing.assert_array_equal(paths.flatten(new_state.batch_stats)[k], v)
 
 
 def test_full_step_changes_every_leaf_and_updates_batch_stats():
     _, variables, state, step = _setup("full", batch_norm=True)
     new_state, _ = jax.jit(step)(state, _batch(), jax.random.key(0))
-    before = masks.flatten_params(variables["params"])
-    assert _changed(before, masks.flatten_params(new_state.params())) == set(before)
+    before = paths.flatten(variables["params"])
+    assert _changed(before, paths.flatten(new_state.params())) == set(before)
     # momentum 0.5: new mean = 0.5·old + 0.5·batch mean of the conv output
     assert _changed(
-        masks.flatten_params(variables["batch_stats"]),
-        masks.flatten_params(new_state.batch_stats),
+        paths.flatten(variables["batch_stats"]),
+        paths.flatten(new_state.batch_stats),
     ) == {"bn/mean", "bn/var"}
 
 
@@ -244,7 +245,7 @@ def test_jaxmodels_step_changes_only_mode_leaves(name, mode, head):
     params = variables["params"]
     mask = masks.trainable_mask(params, mode, head)
     trainable, _ = masks.split_params(params, mask)
-    decay = masks.flatten_params(masks.weight_decay_mask(params))
+    decay = paths.flatten(masks.weight_decay_mask(params))
     optimizer, _ = optim.init_optimizer(optim.OptimConfig(learning_rate=0.01), trainable, decay)
     state = step_lib.init_train_state(variables, mask, optimizer)
     step = step_lib.make_train_step(
@@ -252,8 +253,8 @@ def test_jaxmodels_step_changes_only_mode_leaves(name, mode, head):
         step_lib.StepConfig(num_classes=NUM_CLASSES, update_batch_stats=False),
     )  # fmt: skip
     new_state, _ = jax.jit(step)(state, _batch(size=32), jax.random.key(0))
-    before = masks.flatten_params(params)
-    changed = _changed(before, masks.flatten_params(new_state.params()))
+    before = paths.flatten(params)
+    changed = _changed(before, paths.flatten(new_state.params()))
     is_ssf = lambda k: any(part.startswith("ssf_") for part in k.split("/"))
     expected = {k for k in before if k.startswith(head + "/") or (mode == "ssf" and is_ssf(k))}
     assert changed == expected

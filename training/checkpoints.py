@@ -1,20 +1,32 @@
-"""Orbax checkpoints of a fine-tuning run: train state, step, data position and run identity.
+"""Orbax checkpoints of a fine-tuning run: train state, data iterator position and run identity.
 
 A checkpoint holds the whole :class:`training.train_step.TrainState` (trainable and frozen
-params, BatchNorm statistics, optimizer state, EMA, step) and a JSON record of the data position
-and of what the run is (model, mode, trainable paths and shapes, data seed and size). Restoring
-into a run whose identity differs raises a ``ValueError`` naming the difference, before any
-array is read, instead of silently training the wrong parameters.
+params, BatchNorm statistics, optimizer state, EMA, step), the grain data iterator's state (so a
+resumed run continues at the exact next batch), and a JSON record of what the run is (model,
+mode, trainable paths and shapes, seeds, data). Restoring:
+
+- into a run whose identity differs raises a `RunError` naming the difference, before any array
+  is read, instead of silently training the wrong parameters;
+- from a checkpoint that cannot be read (a truncated file, empty metadata) reports it in one
+  line, moves it aside to ``<checkpoints>-unreadable/`` (never deletes it) and falls back to the
+  newest readable one.
 """
 
-import os
-from collections.abc import Mapping
+from __future__ import annotations
 
+import datetime
+import logging
+import os
+import shutil
+from collections.abc import Callable, Mapping
+
+import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from training.data import DataPosition
+from training.run_config import RunError
 
 
 def run_identity(state, **fields) -> dict:
@@ -42,33 +54,112 @@ def make_manager(directory: str, max_to_keep: int | None = 2) -> ocp.CheckpointM
     return ocp.CheckpointManager(directory, options=options)
 
 
-def save(
-    manager: ocp.CheckpointManager,
-    state,
-    position: DataPosition,
-    identity: Mapping,
-    wait: bool = False,
-) -> None:
-    """Saves ``state`` at its step with the data position and run identity.
+def save(manager, state, data_iterator, identity: Mapping, wait: bool = False) -> None:
+    """Saves ``state`` at its step with the data iterator's position and the run identity.
+
+    Every process calls this (orbax's save is collective); orbax writes each array once.
 
     Args:
         manager: from :func:`make_manager`.
-        state: the train state (a pytree of arrays, replicated over the mesh).
-        position: where the training data stream resumes.
+        state: the train state (a pytree of global arrays).
+        data_iterator: the grain iterator of the training batches (its state is saved).
         identity: from :func:`run_identity`.
         wait: block until the (asynchronous) write is done.
     """
     step = int(np.asarray(state.step.addressable_data(0)))
-    meta = {"position": position.to_dict(), "identity": dict(identity)}
     # one process: save a NumPy copy, which skips orbax's per-array device copies (one small
     # compilation per leaf shape); several: orbax writes the global arrays itself
     to_save = jax.device_get(state) if jax.process_count() == 1 else state
     manager.save(
         step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(to_save), meta=ocp.args.JsonSave(meta)),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(to_save),
+            data=grain.checkpoint.CheckpointSave(data_iterator),
+            meta=ocp.args.JsonSave({"identity": dict(identity)}),
+        ),
     )
     if wait:
         manager.wait_until_finished()
+
+
+def restore_latest(
+    manager, target_state, data_iterator, identity: Mapping, log: Callable[[str], None] = print
+):
+    """Restores the newest readable checkpoint into the structure/sharding of ``target_state``.
+
+    Args:
+        manager: from :func:`make_manager`.
+        target_state: a train state of this run (its arrays give shapes, dtypes and shardings).
+        data_iterator: the run's grain iterator; its position is restored in place.
+        identity: this run's :func:`run_identity`; must equal the saved one.
+        log: where the one-line report of an unreadable checkpoint goes.
+
+    Returns:
+        ``(state, step)``, or ``None`` when the directory holds no readable checkpoint.
+
+    Raises:
+        RunError: the checkpoint belongs to a different run (model, mode, shapes, data…).
+    """
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            with _quiet_orbax():
+                meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            found = meta["meta"]["identity"]
+        except Exception as err:  # orbax/tensorstore/json raise many kinds for broken files
+            _move_aside(manager, step, err, log)
+            continue
+        diff = _first_difference(_jsonable(identity), found)
+        if diff:
+            raise RunError(
+                f"checkpoint {manager.directory}/{step} belongs to another run ({diff}); use "
+                "another output folder or the run's original settings"
+            )
+        try:
+            with _quiet_orbax():
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
+        except Exception as err:  # a truncated array file, a missing data state…
+            _move_aside(manager, step, err, log)
+            continue
+        return restored["state"], step
+    return None
+
+
+def _move_aside(manager, step: int, err: Exception, log) -> None:
+    """Reports an unreadable checkpoint in one line and moves it out of the manager's sight."""
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    directory = os.fspath(manager.directory)
+    aside = f"{directory}-unreadable"
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    target = os.path.join(aside, f"{step}-{stamp}")
+    if jax.process_index() == 0:
+        log(f"checkpoint at step {step} is unreadable ({reason[:200]}); moved to {target}")
+        os.makedirs(aside, exist_ok=True)
+        shutil.move(os.path.join(directory, str(step)), target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
+    manager.reload()
+
+
+class _quiet_orbax:
+    """Silences orbax/absl logging while a possibly broken checkpoint is read (errors are
+    reported by the caller in one line)."""
+
+    def __enter__(self):
+        self.loggers = [logging.getLogger(n) for n in ("absl", "orbax", "jax._src.distributed")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels, strict=True):
+            lg.setLevel(level)
 
 
 def _first_difference(expected, found, prefix="") -> str | None:
@@ -88,39 +179,6 @@ def _first_difference(expected, found, prefix="") -> str | None:
     if expected != found:
         return f"{prefix.rstrip('/')}: this run has {expected!r}, checkpoint has {found!r}"
     return None
-
-
-def restore_latest(
-    manager: ocp.CheckpointManager, target_state, identity: Mapping
-) -> tuple[object, DataPosition] | None:
-    """Restores the newest checkpoint into the structure/sharding of ``target_state``.
-
-    Args:
-        manager: from :func:`make_manager`.
-        target_state: a train state of this run (its arrays give shapes, dtypes and shardings).
-        identity: this run's :func:`run_identity`; must equal the saved one.
-
-    Returns:
-        ``(state, position)``, or ``None`` when the directory holds no checkpoint.
-
-    Raises:
-        ValueError: the checkpoint belongs to a different run (model, mode, shapes, data…).
-    """
-    step = manager.latest_step()
-    if step is None:
-        return None
-    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    diff = _first_difference(_jsonable(identity), meta["identity"])
-    if diff:
-        raise ValueError(
-            f"checkpoint {manager.directory}/{step} does not match this run ({diff}); "
-            "use another checkpoint directory or the run's original settings"
-        )
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-    )["state"]
-    return restored, DataPosition.from_dict(meta["position"])
 
 
 def _jsonable(value):

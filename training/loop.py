@@ -1,13 +1,19 @@
 """The fine-tuning loop: data-parallel steps over a device mesh, evaluation, logs, checkpoints.
 
-Parameters and optimizer state are replicated over a 1-D ``Mesh`` of all devices (axis
-``data``) and each global batch is sharded along it with ``NamedSharding``; XLA inserts the
-gradient all-reduce. Each process loads only its slice of a batch and the global array is
-assembled with ``jax.make_array_from_process_local_data``, so the same code runs on one CPU,
-eight fake CPU devices, or many hosts. A run checkpoints every N steps and at the end, and a
-run started again with the same settings resumes from the newest checkpoint and ends with the
-same parameters as an uninterrupted one.
+Parameters and optimizer state live on a 1-D ``Mesh`` of all devices (axis ``data``,
+`jaxmodels.sharding`) — replicated, or sharded with ``shard_params`` — and each global batch is
+split along it with ``NamedSharding``; XLA inserts the gradient all-reduce. Batches come from the
+grain pipeline of `jaxmodels.pipeline` as uint8 and are normalised on the device; each process
+loads only its slice of a batch and the global array is assembled with
+``jax.make_array_from_process_local_data``, so the same code runs on one CPU, eight fake CPU
+devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and evaluated
+after every epoch with `jaxmodels.evaluate`. A run checkpoints every N steps and at the end
+(state plus the data iterator's position), and a run started again with the same settings
+resumes from the newest readable checkpoint and ends with the same parameters as an
+uninterrupted one.
 """
+
+from __future__ import annotations
 
 import dataclasses
 import json
@@ -18,15 +24,12 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
+import jaxmodels
+from jaxmodels import paths, pipeline, sharding
 from training import checkpoints, masks, optim
-from training import data as data_lib
 from training import train_step as step_lib
-
-DATA_AXIS = "data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,12 +83,21 @@ class FitConfig:
 
 @dataclasses.dataclass
 class FitResult:
-    """What :func:`fit` returns: the final state, evaluation history and the last metrics."""
+    """What :func:`fit` returns.
+
+    Attributes:
+        state: the final train state.
+        evals: every evaluation of the run, those from before a resume included.
+        last_train: the last logged training metrics.
+        finished: whether the run reached its last step.
+        resumed_from: the step it resumed from, or None for a fresh start.
+    """
 
     state: step_lib.TrainState
     evals: list[dict]
     last_train: dict
     finished: bool
+    resumed_from: int | None = None
 
 
 def host_copy(tree):
@@ -98,41 +110,29 @@ def host_copy(tree):
     return jax.tree.map(to_host, tree)
 
 
-def data_mesh() -> Mesh:
-    """A 1-D mesh over every device of every process, axis ``data``."""
-    return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+class _MetricsLog:
+    """The JSON-lines log, written by process 0; on resume, lines after the resumed step go."""
 
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """Global arrays from this process's slice of a batch, split along ``data``."""
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
-
-
-def evaluate(eval_fn, state, source, preprocess, global_batch, mesh, use_ema) -> dict:
-    """Loss and accuracy of ``state`` over ``source`` (padding excluded)."""
-    totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
-    params = state.params(use_ema=use_ema)
-    for batch in data_lib.eval_batches(
-        source, global_batch, preprocess, jax.process_index(), jax.process_count()
-    ):
-        sums = eval_fn(params, state.batch_stats, shard_batch(batch, mesh))
-        for k, v in host_copy(sums).items():
-            totals[k] += float(v)
-    count = max(totals["count"], 1.0)
-    return {
-        "loss": totals["loss_sum"] / count,
-        "accuracy": totals["correct"] / count,
-        "count": int(totals["count"]),
-    }
-
-
-class _JsonLines:
     def __init__(self, path: str | None):
+        self.path = path if path and jax.process_index() == 0 else None
         self.file = None
-        if path and jax.process_index() == 0:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            self.file = open(path, "a")  # closed in close()
+
+    def resume(self, step: int | None) -> list[dict]:
+        """Keeps the records up to `step` (none for a fresh start); returns their evaluations."""
+        if self.path is None:
+            return []
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        kept: list[dict] = []
+        if step is not None and os.path.exists(self.path):
+            with open(self.path) as f:
+                for line in f:
+                    record = _parse(line)
+                    if record is not None and record.get("step", 0) <= step:
+                        kept.append(record)
+        with open(self.path, "w") as f:  # each step once: what came after `step` is redone
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        self.file = open(self.path, "a")  # closed in close()
+        return [r for r in kept if r.get("split") == "eval"]
 
     def write(self, record: dict) -> None:
         if self.file:
@@ -144,52 +144,62 @@ class _JsonLines:
             self.file.close()
 
 
+def _parse(line: str) -> dict | None:
+    try:
+        record = json.loads(line)
+    except ValueError:  # a line cut by a kill
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def fit(
-    apply_fn: Callable,
+    model,
     variables: dict,
     train_source,
-    preprocess: data_lib.Preprocess,
+    augment: pipeline.Augment,
     optim_config: optim.OptimConfig,
     step_config: step_lib.StepConfig,
     config: FitConfig,
-    eval_source=None,
-    eval_preprocess: data_lib.Preprocess | None = None,
+    *,
+    eval_data=None,
     identity: dict | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Fine-tunes ``variables`` on ``train_source`` and evaluates after each epoch.
 
     Args:
-        apply_fn: ``model.apply`` of a Flax Linen classifier taking ``(variables, images,
-            train=)``; the classifier is the top-level module ``config.head_name``.
+        model: a Flax Linen classifier taking ``(variables, images, train=)``; the classifier
+            is its top-level module ``config.head_name``.
         variables: initial ``{"params": ..., ["batch_stats": ...]}``.
-        train_source: random-access source (see ``training.data``) of training examples.
-        preprocess: training transform settings (image size, normalisation).
+        train_source: an `ImageSource` (`jaxmodels.data`) of training examples.
+        augment: the training augmentation; its ``prep`` is the model's preprocessing, also used
+            to normalise on the device and to prepare the evaluation set.
         optim_config: optimizer settings; its ``total_steps`` should equal
             ``epochs * steps_per_epoch`` (use :func:`total_steps`).
         step_config: train-step options.
         config: loop settings.
-        eval_source: optional source evaluated after each epoch and at the end.
-        eval_preprocess: evaluation transform (default: ``preprocess``).
+        eval_data: optional labelled data (a source, spec or `jaxmodels.Prepared` set)
+            evaluated after each epoch and at the end.
         identity: extra facts a resumed run must match (e.g. ``{"model": "vit_s16"}``).
+        log: prints progress lines (evaluations, resumption) on process 0; default `print`.
 
     Returns:
         A :class:`FitResult`.
 
     Raises:
         ValueError: bad mode, a mask that selects nothing, a batch not divisible by the
-            device count, a schedule length other than the run's, or a checkpoint from a
-            different run.
+            device count, a schedule length other than the run's.
+        training.run_config.RunError: a checkpoint from a different run.
     """
-    mesh = data_mesh()
-    if config.global_batch % mesh.size:
-        raise ValueError(
-            f"global_batch {config.global_batch} must be divisible by the {mesh.size} devices"
-        )
-    per_epoch = data_lib.steps_per_epoch(len(train_source), config.global_batch)
-    if per_epoch == 0:
-        raise ValueError(
-            f"global_batch {config.global_batch} exceeds the {len(train_source)} training examples"
-        )
+    log = log or print
+    say = lambda text: log(text) if jax.process_index() == 0 else None
+    mesh = sharding.data_mesh()
+    sharding.check_batch_size(config.global_batch, mesh)
+    train = pipeline.train_dataset(
+        train_source, augment, global_batch=config.global_batch, seed=config.seed,
+        epochs=config.epochs, num_threads=config.num_workers,
+    )  # fmt: skip
+    per_epoch = train.steps_per_epoch
     total = config.epochs * per_epoch
     if optim_config.total_steps != total:
         # otherwise the cosine schedule would end early or never reach its floor
@@ -198,11 +208,11 @@ def fit(
             f"{config.epochs} * {per_epoch} = {total}; got {optim_config.total_steps}"
         )
     trainable_mask = masks.trainable_mask(variables["params"], config.mode, config.head_name)
-    decay_mask = masks.flatten_params(masks.weight_decay_mask(variables["params"]))
+    decay_mask = paths.flatten(masks.weight_decay_mask(variables["params"]))
     trainable, _ = masks.split_params(variables["params"], trainable_mask)
     optimizer, _ = optim.init_optimizer(optim_config, trainable, decay_mask)
 
-    replicated = NamedSharding(mesh, P())
+    replicated = sharding.replicated_sharding(mesh)
     state = step_lib.init_train_state(
         variables, trainable_mask, optimizer, ema=step_config.ema_decay is not None
     )
@@ -219,25 +229,31 @@ def fit(
             "num_train_examples": len(train_source),
         },
     )
-    position = data_lib.DataPosition()
+    batches = iter(train)
     manager = checkpoints.make_manager(config.checkpoint_dir) if config.checkpoint_dir else None
+    resumed_from = None
     if manager is not None:
-        restored = checkpoints.restore_latest(manager, state, run_id)
+        restored = checkpoints.restore_latest(manager, state, batches, run_id, say)
         if restored is not None:
-            state, position = restored
+            state, resumed_from = restored
+            say(f"resumed from step {resumed_from} of {total} ({config.checkpoint_dir})")
+    metrics_log = _MetricsLog(config.log_path)
+    evals = metrics_log.resume(resumed_from)
 
     schedule = optim.make_schedule(optim_config)
     train_fn = jax.jit(
-        step_lib.make_train_step(apply_fn, optimizer, step_config, schedule),
+        step_lib.make_train_step(model.apply, optimizer, step_config, schedule, augment.prep),
         out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
-    eval_fn = jax.jit(
-        step_lib.make_eval_step(apply_fn, step_config.compute_dtype), out_shardings=replicated
-    )
+    prepared = None
+    if eval_data is not None:
+        prepared = jaxmodels.prepare(
+            eval_data, augment.prep, batch_size=config.global_batch, mesh=mesh, progress=False
+        )
+    eval_dtype = None if step_config.compute_dtype == "float32" else jnp.bfloat16
+    use_ema = config.eval_with_ema and step_config.ema_decay is not None
     key = jax.device_put(jax.random.key(config.seed), replicated)
-    log = _JsonLines(config.log_path)
-    evals: list[dict] = []
     metrics: dict = {}
     step = int(host_copy(state.step))
     end = total if config.stop_after_steps is None else min(total, config.stop_after_steps)
@@ -247,64 +263,47 @@ def fit(
         disable=not config.progress or jax.process_index() > 0,
         desc=f"fit[{config.mode}]",
         unit="step",
+        leave=False,
     )
-    batches = data_lib.train_batches(
-        train_source,
-        config.global_batch,
-        preprocess,
-        config.seed,
-        position,
-        jax.process_index(),
-        jax.process_count(),
-        config.num_workers,
-    )
-    use_ema = config.eval_with_ema and step_config.ema_decay is not None
+    report = (lambda text: bar.write(text)) if not bar.disable else say
     try:
         tick = time.perf_counter()
         while step < end:
-            position, batch = next(batches)
-            state, metrics = train_fn(state, shard_batch(batch, mesh), key)
+            batch = next(batches)
+            state, metrics = train_fn(state, sharding.shard_local_batch(batch, mesh), key)
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == end:
                 metrics = {k: float(v) for k, v in host_copy(metrics).items()}
-                now = time.perf_counter()
-                log.write(
-                    {
-                        "split": "train",
-                        "step": step,
-                        "epoch": step / per_epoch,
-                        "elapsed_s": now - tick,
-                        **metrics,
-                    }
-                )
+                record = {"split": "train", "step": step, "epoch": step / per_epoch, **metrics}
+                metrics_log.write({**record, "elapsed_s": time.perf_counter() - tick})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if manager is not None and (step % config.checkpoint_every == 0 or step == total):
-                checkpoints.save(manager, state, position, run_id)
-            if eval_source is not None and (step % per_epoch == 0 or step == total):
-                result = evaluate(
-                    eval_fn,
-                    state,
-                    eval_source,
-                    eval_preprocess or preprocess,
-                    config.global_batch,
-                    mesh,
-                    use_ema,
-                )
-                record = {"split": "eval", "step": step, "epoch": step // per_epoch, **result}
+                checkpoints.save(manager, state, batches, run_id)
+            if prepared is not None and (step % per_epoch == 0 or step == total):
+                variables_now = {"params": state.params(use_ema=use_ema)}
+                if state.batch_stats:
+                    variables_now["batch_stats"] = state.batch_stats
+                result = jaxmodels.evaluate(model, variables_now, prepared, dtype=eval_dtype)
+                record = {"split": "eval", "step": step, "epoch": step // per_epoch,
+                          **result._asdict()}  # fmt: skip
                 evals.append(record)
-                log.write(record)
+                metrics_log.write(record)
+                report(
+                    f"epoch {step // per_epoch}/{config.epochs}  step {step}/{total}  "
+                    f"eval accuracy {result.accuracy:.4f}  loss {result.loss:.4f}  "
+                    f"({result.count} examples)"
+                )
     finally:
         bar.close()
-        log.close()
-        batches.close()
+        metrics_log.close()
         if manager is not None:
             manager.wait_until_finished()
             manager.close()
     metrics = {k: float(v) for k, v in host_copy(metrics).items()}
-    return FitResult(state=state, evals=evals, last_train=metrics, finished=step == total)
+    return FitResult(state, evals, metrics, step == total, resumed_from)
 
 
 def total_steps(num_examples: int, global_batch: int, epochs: int) -> int:
     """Optimizer steps of a run: ``epochs * (num_examples // global_batch)``."""
-    return epochs * data_lib.steps_per_epoch(num_examples, global_batch)
+    return epochs * pipeline.steps_per_epoch(num_examples, global_batch)

@@ -27,16 +27,13 @@ References:
 from collections.abc import Callable, Mapping
 
 import jax
-from flax import traverse_util
 
 import jaxmodels
+from jaxmodels import paths
 from jaxmodels import ssf as ssf_lib
 
 MODES = ("full", "linear", "bitfit", "ssf")
 HEAD_NAME = "head"
-# the top-level classifier module of each jaxmodels family (torchvision calls ResNet's ``fc``)
-FAMILY_HEAD_NAMES = {"vit": "head", "resnet": "fc"}
-PATH_SEP = "/"
 
 PathPredicate = Callable[[tuple[str, ...]], bool]
 
@@ -44,13 +41,13 @@ PathPredicate = Callable[[tuple[str, ...]], bool]
 def path_names(path: tuple[str, ...] | str) -> tuple[str, ...]:
     """Returns a parameter path as a tuple of names (accepts ``"a/b/kernel"`` or a tuple)."""
     if isinstance(path, str):
-        return tuple(path.split(PATH_SEP))
+        return tuple(path.split(paths.SEP))
     return tuple(str(name) for name in path)
 
 
 def head_name_for(model_name: str) -> str:
     """The classifier module's name for a ``jaxmodels`` model name (``fc`` for ResNets)."""
-    return FAMILY_HEAD_NAMES[jaxmodels.spec(model_name).family]
+    return jaxmodels.spec(model_name).head
 
 
 def is_head_path(path: tuple[str, ...] | str, head_name: str = HEAD_NAME) -> bool:
@@ -87,8 +84,8 @@ def _mode_predicate(mode: str, head_name: str) -> PathPredicate:
 
 
 def _mask_from_predicate(params: Mapping, predicate: PathPredicate) -> dict:
-    flat = traverse_util.flatten_dict(_as_dict(params))
-    return traverse_util.unflatten_dict({path: bool(predicate(path)) for path in flat})
+    flat = paths.flatten(_as_dict(params))
+    return paths.unflatten({path: bool(predicate(path_names(path))) for path in flat})
 
 
 def _as_dict(params: Mapping) -> dict:
@@ -156,16 +153,6 @@ def weight_decay_mask(params: Mapping) -> dict:
     )
 
 
-def flatten_params(params: Mapping) -> dict[str, jax.Array]:
-    """Flattens nested params to ``{"a/b/kernel": leaf}`` (string keys, so orbax can save them)."""
-    return traverse_util.flatten_dict(_as_dict(params), sep=PATH_SEP)
-
-
-def unflatten_params(flat: Mapping[str, jax.Array]) -> dict:
-    """Inverse of :func:`flatten_params`."""
-    return traverse_util.unflatten_dict(dict(flat), sep=PATH_SEP)
-
-
 def split_params(params: Mapping, mask: Mapping) -> tuple[dict, dict]:
     """Splits params into the trainable and frozen parts, as flat ``{path: leaf}`` dicts.
 
@@ -182,8 +169,8 @@ def split_params(params: Mapping, mask: Mapping) -> tuple[dict, dict]:
     Raises:
         ValueError: ``mask`` and ``params`` have different paths.
     """
-    flat_params = flatten_params(params)
-    flat_mask = flatten_params(mask)
+    flat_params = paths.flatten(_as_dict(params))
+    flat_mask = paths.flatten(_as_dict(mask))
     if set(flat_params) != set(flat_mask):
         missing = sorted(set(flat_params) ^ set(flat_mask))[:5]
         raise ValueError(f"mask paths differ from params paths (e.g. {missing})")
@@ -194,7 +181,7 @@ def split_params(params: Mapping, mask: Mapping) -> tuple[dict, dict]:
 
 def merge_params(trainable: Mapping[str, jax.Array], frozen: Mapping[str, jax.Array]) -> dict:
     """Inverse of :func:`split_params`: nested params from the two flat parts."""
-    return unflatten_params({**frozen, **trainable})
+    return paths.unflatten({**frozen, **trainable})
 
 
 def count_params(tree) -> int:

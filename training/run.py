@@ -1,226 +1,215 @@
-"""One fine-tuning run from names and paths: build the model, fit it, write weights and results.
+"""One fine-tuning run from a `RunConfig`: check everything, build the model, fit, write the folder.
 
-This is what ``scripts/finetune.py`` calls. A run is described by a :class:`RunConfig` (JSON-able,
-so a sweep can write it beside its result) and leaves in its output directory:
+This is what ``scripts/finetune.py`` calls, in two phases:
 
-- ``checkpoints/``: resumable train state (orbax), so a killed run picks up where it stopped;
-- ``model/``: the final weights for ``jaxmodels.load(model_name, path)``. SSF runs are folded
-  into the plain architecture (``jaxmodels.ssf.fold``): the deployed model has the original
-  speed. With EMA on, the EMA weights are the ones written (and evaluated);
-- ``metrics.jsonl``: training and evaluation metrics, one JSON object per line;
-- ``result.json``: the config, final evaluation, parameter counts and wall time.
+- `plan(config)` does every cheap check before anything heavy: settings, the output folder (a
+  file, a folder holding another run, a finished run), the model reference and its checkpoint's
+  header, the data (readable, labels within the classes, evaluation classes within training's,
+  TFDS prepared), batch size against devices and data. Errors are `RunError`, `DataError` or
+  `ModelRefError`: one line each.
+- `run(plan)` executes it in its run folder (`training.run_folder`): a finished run is immutable
+  (its stored result is returned and nothing is written); otherwise the folder is locked, the
+  model built from ``init_seed``, fitted (resuming from the newest readable checkpoint), and its
+  weights (SSF folded into the plain architecture, EMA weights when EMA is on) and results
+  written.
 """
 
+from __future__ import annotations
+
 import dataclasses
-import json
 import os
+import pathlib
 import time
+from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 import jaxmodels
-from training import data as data_lib
-from training import loop, masks, optim, sources
+from jaxmodels import data as data_lib
+from jaxmodels import paths, pipeline, registry
+from training import loop, masks, optim
+from training import run_folder as folder_lib
 from training import train_step as step_lib
-
-# Augmentation presets a sweep grids over (model soups vary augmentation strength per ingredient).
-AUGMENTATIONS = {
-    "none": dict(scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=False),
-    "light": dict(scale=(0.35, 1.0), hflip=True),
-    "strong": dict(scale=(0.08, 1.0), hflip=True, mixup_alpha=0.8, cutmix_alpha=1.0),
-}
+from training.run_config import AUGMENTATIONS, RunConfig, RunError
 
 
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything one fine-tuning run needs (all JSON-able).
+@dataclasses.dataclass
+class Plan:
+    """A run whose every cheap check has passed (`plan`); `run` executes it.
 
     Attributes:
-        model: ``NAME`` (random init) or ``NAME=CHECKPOINT`` (``jaxmodels.load`` path).
-        train_data: ``tfds:NAME[:SPLIT]``, a ``.npz`` file or an image folder.
-        eval_data: same forms; ``None`` skips evaluation.
-        out_dir: directory for checkpoints, weights, metrics and results.
-        mode: ``full``, ``linear``, ``bitfit`` or ``ssf``.
-        epochs, batch_size: passes over the data and the global batch size.
-        lr, weight_decay, warmup_epochs, clip_norm: optimizer (AdamW, warmup + cosine).
-        label_smoothing: ε of label smoothing.
-        augmentation: a key of :data:`AUGMENTATIONS`.
-        ema_decay: EMA of the trained weights (``None`` = off).
-        bf16: compute in bfloat16 (float32 master weights).
-        image_size: model input side (default the model's own).
-        seed: data order, augmentation, head/SSF initialisation.
-        checkpoint_every: steps between checkpoints.
-        tfds_data_dir: TFDS data directory.
-        num_workers: image-decoding threads.
-        stop_after_steps: stop early (e.g. for a smoke test) without marking the run finished.
+        config: the run's settings, paths made absolute.
+        stored_result: the folder's ``result.json`` when the run has finished (then nothing
+            else is opened: a finished run is only re-read).
+        ref: the model reference.
+        train_source, eval_source: the data (labels read, images not).
+        num_classes: the head's size.
+        steps_per_epoch: optimizer steps per epoch.
     """
 
-    model: str
-    train_data: str
-    out_dir: str
-    eval_data: str | None = None
-    mode: str = "ssf"
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    clip_norm: float | None = 1.0
-    label_smoothing: float = 0.0
-    augmentation: str = "light"
-    ema_decay: float | None = None
-    bf16: bool = False
-    image_size: int | None = None
-    seed: int = 0
-    checkpoint_every: int = 500
-    tfds_data_dir: str | None = None
-    num_workers: int = 4
-    stop_after_steps: int | None = None
-
-    def __post_init__(self):
-        if self.augmentation not in AUGMENTATIONS:
-            raise ValueError(
-                f"augmentation must be one of {sorted(AUGMENTATIONS)}; got {self.augmentation!r}"
-            )
-        if self.mode not in masks.MODES:
-            raise ValueError(f"mode must be one of {masks.MODES}; got {self.mode!r}")
-        name = self.model_name
-        if name not in jaxmodels.MODEL_NAMES:
-            raise ValueError(
-                f"model must be NAME or NAME=CHECKPOINT with NAME in "
-                f"{', '.join(jaxmodels.MODEL_NAMES)}; got {self.model!r}"
-            )
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0; got {self.warmup_epochs}")
+    config: RunConfig
+    stored_result: dict | None = None
+    ref: jaxmodels.ModelRef | None = None
+    train_source: data_lib.ImageSource | None = None
+    eval_source: data_lib.ImageSource | None = None
+    num_classes: int = 0
+    steps_per_epoch: int = 0
 
     @property
-    def model_name(self) -> str:
-        return self.model.split("=", 1)[0]
+    def finished(self) -> bool:
+        return self.stored_result is not None
 
     @property
-    def checkpoint(self) -> str | None:
-        return self.model.split("=", 1)[1] if "=" in self.model else None
+    def folder(self) -> pathlib.Path:
+        return pathlib.Path(self.config.out_dir)
 
 
-def build_variables(
-    model_name: str,
-    checkpoint: str | None,
-    num_classes: int,
-    ssf: bool,
-    image_size: int | None = None,
-    seed: int = 0,
-):
-    """The module and its starting variables, with fresh SSF parameters when ``ssf``.
-
-    Args:
-        model_name: a ``jaxmodels.MODEL_NAMES`` entry.
-        checkpoint: weights for ``jaxmodels.load`` (its head is re-initialised when the class
-            count differs); ``None`` initialises everything at random from ``seed``.
-        num_classes: K of the new head.
-        ssf: insert SSF (γ ~ N(1, 0.02), β ~ N(0, 0.02)) next to the loaded weights.
-        image_size: ViT input side (the position embedding is resized when it differs).
-        seed: initialisation seed.
-
-    Returns:
-        ``(model, variables)``.
-    """
-    overrides = (
-        {} if image_size is None or model_name.startswith("resnet") else {"image_size": image_size}
+def resolve_paths(config: RunConfig) -> RunConfig:
+    """The config with every local path absolute, so the stored config means the same thing
+    from any working directory (TFDS specs and bare model names are left as they are)."""
+    absolute = lambda p: os.path.abspath(p) if p else p
+    data = lambda spec: spec if spec is None or spec.startswith("tfds:") else absolute(spec)
+    return dataclasses.replace(
+        config,
+        model=_resolve_model_ref(config.model),
+        train_data=data(config.train_data),
+        eval_data=data(config.eval_data),
+        out_dir=absolute(config.out_dir),
+        tfds_data_dir=absolute(config.tfds_data_dir),
     )
-    model = jaxmodels.create(model_name, num_classes=num_classes, ssf=ssf, **overrides)
-    size = jaxmodels.spec(model_name, image_size=image_size).preprocessing.image_size
-    images = jnp.zeros((1, size, size, 3))
-    if checkpoint is None:
-        fresh = jax.jit(model.init)(jax.random.key(seed), images)
-        return model, jax.tree.map(jnp.asarray, dict(fresh))
-    _, loaded = jaxmodels.load(
-        model_name, checkpoint, num_classes=num_classes, image_size=image_size, seed=seed
-    )
-    # shapes only: every leaf but SSF's comes from the checkpoint, so compiling init is waste
-    shapes = jax.eval_shape(model.init, jax.random.key(seed), images)
-    return model, _with_fresh_ssf(dict(shapes), dict(loaded), seed)
 
 
-def _with_fresh_ssf(shapes: dict, loaded: dict, seed: int) -> dict:
-    """Loaded leaves where the model has them; SSF leaves drawn as ``jaxmodels.ssf`` does.
-
-    γ ~ N(1, σ²), β ~ N(0, σ²) with σ = ``jaxmodels.ssf.SSF_INIT_STD`` (Lian et al. 2022).
-    """
-    key = jax.random.key(seed)
-    out = {}
-    for collection, tree in shapes.items():
-        wanted = masks.flatten_params(tree)
-        given = masks.flatten_params(loaded.get(collection, {}))
-        unknown = sorted(set(given) - set(wanted))
-        missing = sorted(p for p in set(wanted) - set(given) if not masks.is_ssf_path(p))
-        if unknown or missing:
-            raise ValueError(
-                f"checkpoint does not fit the model: leaves it lacks {missing[:5]}, "
-                f"leaves the model lacks {unknown[:5]}"
-            )
-        flat = {}
-        for i, (path, spec) in enumerate(sorted(wanted.items())):
-            if path in given:
-                if tuple(given[path].shape) != tuple(spec.shape):
-                    raise ValueError(
-                        f"checkpoint leaf {collection}/{path} has shape "
-                        f"{tuple(given[path].shape)}; the model wants {tuple(spec.shape)}"
-                    )
-                flat[path] = jnp.asarray(given[path], spec.dtype)
-                continue
-            noise = jaxmodels.ssf.SSF_INIT_STD * jax.random.normal(
-                jax.random.fold_in(key, i), spec.shape, spec.dtype
-            )
-            flat[path] = 1.0 + noise if path.endswith("/scale") else noise
-        out[collection] = masks.unflatten_params(flat)
-    return out
+def _resolve_model_ref(text: str) -> str:
+    head, sep, rest = text.partition(":")
+    label, body = (head + sep, rest) if sep and "=" not in head and "/" not in head else ("", text)
+    name, eq, path = body.partition("=")
+    if eq:
+        return f"{label}{name}={os.path.abspath(path)}"
+    return text if name in jaxmodels.MODEL_NAMES else f"{label}{os.path.abspath(body)}"
 
 
-def run(config: RunConfig, progress: bool = True) -> dict:
-    """Runs (or resumes) one fine-tuning run and writes its outputs to ``config.out_dir``.
-
-    Args:
-        config: the run.
-        progress: show a progress bar.
-
-    Returns:
-        The result dict also written to ``out_dir/result.json``.
+def plan(config: RunConfig) -> Plan:
+    """Checks a run before any heavy work (module docstring).
 
     Raises:
-        ValueError: bad data or model specs, a mode that selects nothing, a batch not divisible
-            by the device count, or a checkpoint directory holding a different run.
+        RunError, jaxmodels.data.DataError, jaxmodels.ModelRefError: one line, naming the problem.
     """
-    augment = dict(AUGMENTATIONS[config.augmentation])
-    mixup_alpha = augment.pop("mixup_alpha", 0.0)
-    cutmix_alpha = augment.pop("cutmix_alpha", 0.0)
-    train_source = sources.open_source(config.train_data, "train", config.tfds_data_dir)
-    eval_source = None
-    if config.eval_data:
-        eval_source = sources.open_source(config.eval_data, "test", config.tfds_data_dir)
-    num_classes = train_source.num_classes
-    model, variables = build_variables(
-        config.model_name, config.checkpoint, num_classes, config.mode == "ssf",
-        config.image_size, config.seed,
+    config = resolve_paths(config)
+    folder = pathlib.Path(config.out_dir)
+    if folder.exists() and not folder.is_dir():
+        raise RunError(f"output folder {str(folder)!r} is a file")
+    stored = folder_lib.read_json(folder / folder_lib.CONFIG_JSON)
+    result = folder_lib.read_json(folder / folder_lib.RESULT_JSON)
+    if stored is None and isinstance(result, dict):
+        stored = result.get("config")
+    if isinstance(stored, dict):
+        differences = config.differences(stored)
+        if differences:
+            raise RunError(
+                f"{folder} holds a run with other settings ({'; '.join(differences)}); use "
+                "another --out, or the folder's own settings to resume or re-read it"
+            )
+    if isinstance(result, dict) and result.get("finished"):
+        return Plan(config, stored_result=result)
+    ref = jaxmodels.parse_model_ref(config.model)
+    train = data_lib.open_source(
+        config.train_data, split="train", data_dir=config.tfds_data_dir,
+        num_classes=config.num_classes,
     )  # fmt: skip
-    preprocess = data_lib.preprocess_for_model(config.model_name, config.image_size, **augment)
-    steps = loop.total_steps(len(train_source), config.batch_size, config.epochs)
-    if steps == 0:
-        raise ValueError(
-            f"batch_size {config.batch_size} exceeds the {len(train_source)} training examples"
+    num_classes = config.num_classes or train.num_classes
+    evaluation = None
+    if config.eval_data:
+        evaluation = data_lib.open_source(
+            config.eval_data, split="test", data_dir=config.tfds_data_dir
         )
-    per_epoch = steps // config.epochs
+        data_lib.check_classes_within(evaluation, num_classes, "evaluation data")
+    devices = jax.device_count()
+    if config.batch_size % devices:
+        lower = max(devices, config.batch_size // devices * devices)
+        raise RunError(
+            f"batch size {config.batch_size} must be a multiple of the {devices} devices "
+            f"(try {lower} or {lower + devices})"
+        )
+    per_epoch = pipeline.steps_per_epoch(len(train), config.batch_size)
+    if per_epoch == 0:
+        raise RunError(
+            f"batch size {config.batch_size} exceeds the {len(train)} training examples of "
+            f"{config.train_data}"
+        )
+    return Plan(config, None, ref, train, evaluation, num_classes, per_epoch)
+
+
+def run(
+    run_plan: Plan | RunConfig,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Runs (or resumes, or re-reads) one fine-tuning run in its folder.
+
+    Args:
+        run_plan: from `plan` (a `RunConfig` is planned first).
+        progress: show a progress bar.
+        log: prints progress lines on process 0 (default `print`).
+
+    Returns:
+        The run's result, also in ``result.json`` (for a finished run: the stored one, with
+        nothing in the folder changed).
+
+    Raises:
+        RunError: another process holds the folder, or its checkpoints belong to another run.
+    """
+    run_plan = plan(run_plan) if isinstance(run_plan, RunConfig) else run_plan
+    log = log or print
+    if run_plan.finished:
+        return run_plan.stored_result
+    config, folder = run_plan.config, run_plan.folder
+    lock = folder_lib.FolderLock(folder)
+    error = None
+    if jax.process_index() == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock.acquire()
+        except RunError as err:
+            error = err
+    if jax.process_count() > 1:  # every process learns whether process 0 holds the folder
+        held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+        if not held and error is None:
+            error = RunError(f"{folder} is in use by another command (see process 0)")
+    if error is not None:
+        raise error
+    try:
+        if jax.process_index() == 0 and not (folder / folder_lib.CONFIG_JSON).exists():
+            folder_lib.write_json(folder / folder_lib.CONFIG_JSON, _stored_config(config))
+        return _execute(run_plan, progress, log)
+    finally:
+        lock.release()
+
+
+def _execute(run_plan: Plan, progress: bool, log) -> dict:
+    config, folder = run_plan.config, run_plan.folder
+    built = jaxmodels.build(
+        run_plan.ref, num_classes=run_plan.num_classes, ssf=config.mode == "ssf",
+        init_seed=config.init_seed, image_size=config.image_size,
+    )  # fmt: skip
+    model, variables = built.model, built.variables
+    start_sha256 = paths.tree_digest(variables)
+    spec = jaxmodels.spec_of(model)
+    augment_options = dict(AUGMENTATIONS[config.augmentation])
+    mixup_alpha = augment_options.pop("mixup_alpha", 0.0)
+    cutmix_alpha = augment_options.pop("cutmix_alpha", 0.0)
+    augment = pipeline.Augment(spec.preprocessing, **augment_options)
+    steps = config.epochs * run_plan.steps_per_epoch
     optim_config = optim.OptimConfig(
         learning_rate=config.lr,
         total_steps=steps,
-        warmup_steps=min(steps, round(config.warmup_epochs * per_epoch)),
+        warmup_steps=min(steps, round(config.warmup_epochs * run_plan.steps_per_epoch)),
         weight_decay=config.weight_decay,
         clip_norm=config.clip_norm,
     )
-    head = masks.head_name_for(config.model_name)
     step_config = step_lib.StepConfig(
-        num_classes=num_classes,
+        num_classes=run_plan.num_classes,
         label_smoothing=config.label_smoothing,
         mixup_alpha=mixup_alpha,
         cutmix_alpha=cutmix_alpha,
@@ -234,69 +223,81 @@ def run(config: RunConfig, progress: bool = True) -> dict:
         global_batch=config.batch_size,
         seed=config.seed,
         mode=config.mode,
-        head_name=head,
-        checkpoint_dir=os.path.join(config.out_dir, "checkpoints"),
+        head_name=spec.head,
+        checkpoint_dir=str(folder / folder_lib.CHECKPOINT_DIR),
         checkpoint_every=config.checkpoint_every,
-        log_path=os.path.join(config.out_dir, "metrics.jsonl"),
+        log_path=str(folder / folder_lib.METRICS_JSONL),
         stop_after_steps=config.stop_after_steps,
         progress=progress,
         num_workers=config.num_workers,
     )
-    os.makedirs(config.out_dir, exist_ok=True)
     start = time.perf_counter()
-    result = loop.fit(
-        model.apply, variables, train_source, preprocess, optim_config, step_config, fit_config,
-        eval_source=eval_source, identity=_identity(config),
+    fitted = loop.fit(
+        model, variables, run_plan.train_source, augment, optim_config, step_config, fit_config,
+        eval_data=run_plan.eval_source,
+        identity={**config.identity(), "start_sha256": start_sha256}, log=log,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    state = result.state
-    final = {"params": state.params(use_ema=bool(state.ema))}
-    if state.batch_stats:
-        final["batch_stats"] = state.batch_stats
-    model_dir = os.path.join(config.out_dir, "model")
-    if result.finished and jax.process_index() == 0 and not os.path.exists(model_dir):
+    state = fitted.state
+    model_dir = folder / folder_lib.MODEL_DIR
+    if fitted.finished:
+        final = {"params": state.params(use_ema=bool(state.ema))}
+        if state.batch_stats:
+            final["batch_stats"] = state.batch_stats
         weights = loop.host_copy(final)
         weights = jaxmodels.ssf.fold(weights) if config.mode == "ssf" else weights
-        overrides = (
-            {}
-            if config.image_size is None or config.model_name.startswith("resnet")
-            else {"image_size": config.image_size}
-        )
-        jaxmodels.save(model_dir, config.model_name, jax.device_get(weights), **overrides)
-    output = {
-        "config": dataclasses.asdict(config),
-        "finished": result.finished,
+        plain = model.clone(ssf=False) if config.mode == "ssf" else model
+        info = {
+            "mode": config.mode,
+            "ssf_folded": config.mode == "ssf",
+            "ema": config.ema_decay is not None,
+            "seed": config.seed,
+            "init_seed": config.init_seed,
+            "base_model": config.model,
+            "base_checkpoint_sha256": built.checkpoint_sha256,
+            "start_sha256": start_sha256,
+            "train_data": config.train_data,
+            "eval_data": config.eval_data,
+        }
+        _save_model(model_dir, built.ref.name, plain, weights, info)
+    result = {
+        "config": _stored_config(config),
+        "finished": fitted.finished,
         "steps": int(loop.host_copy(state.step)),
         "seconds": seconds,
-        "num_classes": num_classes,
+        "resumed_from": fitted.resumed_from,
+        "num_classes": run_plan.num_classes,
+        "seed": config.seed,
+        "init_seed": config.init_seed,
         "trainable_params": masks.count_params(state.trainable),
         "total_params": masks.count_params(state.trainable) + masks.count_params(state.frozen),
-        "final_eval": result.evals[-1] if result.evals else None,
-        "evals": result.evals,
-        "last_train": result.last_train,
-        "model_dir": model_dir if result.finished else None,
+        "final_eval": fitted.evals[-1] if fitted.evals else None,
+        "evals": fitted.evals,
+        "last_train": fitted.last_train,
+        "model_dir": folder_lib.MODEL_DIR if fitted.finished else None,
+        "metrics": folder_lib.METRICS_JSONL,
+        "checkpoints": folder_lib.CHECKPOINT_DIR,
     }
     if jax.process_index() == 0:
-        with open(os.path.join(config.out_dir, "result.json"), "w") as f:
-            json.dump(_plain(output), f, indent=2)
-    return output
+        folder_lib.write_json(folder / folder_lib.RESULT_JSON, _plain(result))
+    return _plain(result)
 
 
-# settings that may change between a run and its resumption (they do not alter the weights)
-_RESUMABLE_FIELDS = (
-    "out_dir",
-    "eval_data",
-    "checkpoint_every",
-    "tfds_data_dir",
-    "num_workers",
-    "stop_after_steps",
-)
+def _save_model(model_dir: pathlib.Path, name: str, model, weights: dict, info: dict) -> None:
+    """Writes the final weights; every process takes part (orbax's save is collective)."""
+    if model_dir.exists():  # written by an earlier attempt that died before result.json
+        if jax.process_index() == 0:
+            aside = model_dir.with_name(f"{model_dir.name}-incomplete-{int(time.time())}")
+            model_dir.rename(aside)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("model folder moved aside")
+    overrides = registry.overrides_of(name, model)
+    jaxmodels.save(model_dir, name, jax.device_get(weights), info=info, **overrides)
 
 
-def _identity(config: RunConfig) -> dict:
-    """The settings a resumed run must share with the run that wrote the checkpoint."""
-    fields = dataclasses.asdict(config)
-    return _plain({k: v for k, v in fields.items() if k not in _RESUMABLE_FIELDS})
+def _stored_config(config: RunConfig) -> dict:
+    """The config as a run folder stores it: out_dir is the folder itself."""
+    return {**config.to_json(), "out_dir": "."}
 
 
 def _plain(value):

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from jaxmodels import preprocess
 from training import masks
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -186,6 +187,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     config: StepConfig,
     schedule: optax.Schedule | None = None,
+    preprocessing: preprocess.Preprocessing | None = None,
 ) -> Callable:
     """Builds ``train_step(state, batch, key) -> (state, metrics)``; pure, so ``jax.jit`` it.
 
@@ -194,11 +196,14 @@ def make_train_step(
         optimizer: the same transformation the state's ``opt_state`` was made with.
         config: step options.
         schedule: learning-rate schedule, only to log the rate used.
+        preprocessing: normalises uint8 batches on the device (``preprocess.normalize``), as the
+            data pipelines deliver them; float batches are taken as already normalised.
 
     Returns:
-        A function of ``state``, ``batch`` = ``{"image": [B, H, W, C] float32, "label": [B] int}``
-        and a PRNG ``key`` (fold the step into it so a resumed run draws the same numbers),
-        returning the new state and scalar metrics ``loss``, ``accuracy``, ``grad_norm``, ``lr``.
+        A function of ``state``, ``batch`` = ``{"image": [B, H, W, C] uint8 or float32,
+        "label": [B] int}`` and a PRNG ``key`` (the step is folded into it, so a resumed run
+        draws the same numbers), returning the new state and scalar metrics ``loss``,
+        ``accuracy``, ``grad_norm``, ``lr``.
     """
     dtype = COMPUTE_DTYPES[config.compute_dtype]
 
@@ -230,7 +235,12 @@ def make_train_step(
         key_mix, key_model = jax.random.split(key)
         labels_B = batch["label"]
         targets = soft_targets(labels_B, config.num_classes, config.label_smoothing)
-        images, targets = _mix(config, batch["image"], targets, key_mix)
+        images = batch["image"]
+        if images.dtype == jnp.uint8:
+            if preprocessing is None:
+                raise ValueError("uint8 batches need the model's preprocessing to be normalised")
+            images = preprocess.normalize(images, preprocessing)
+        images, targets = _mix(config, images, targets, key_mix)
         (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
             state.trainable, state.frozen, state.batch_stats, images, targets, key_model
         )
@@ -257,35 +267,3 @@ def make_train_step(
         return new_state, metrics
 
     return train_step
-
-
-def make_eval_step(apply_fn: Callable, compute_dtype: str = "float32") -> Callable:
-    """Builds ``eval_step(params, batch_stats, batch) -> sums`` for accumulating over batches.
-
-    Args:
-        apply_fn: ``model.apply``.
-        compute_dtype: ``"float32"`` or ``"bfloat16"``.
-
-    Returns:
-        A function of nested ``params``, ``batch_stats`` (``{}`` if none) and ``batch`` =
-        ``{"image": [B,H,W,C], "label": [B] int, "weight": [B] float}`` (weight 0 marks padding)
-        returning sums ``loss_sum``, ``correct``, ``count`` (float32 scalars).
-    """
-    dtype = COMPUTE_DTYPES[compute_dtype]
-
-    def eval_step(params, batch_stats, batch):
-        variables = {"params": jax.tree.map(lambda p: p.astype(dtype), params)}
-        if batch_stats:
-            variables["batch_stats"] = batch_stats
-        logits_BK = apply_fn(variables, batch["image"].astype(dtype), train=False)
-        logits_BK = logits_BK.astype(jnp.float32)
-        weight_B = batch["weight"].astype(jnp.float32)
-        losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BK, batch["label"])
-        correct_B = (jnp.argmax(logits_BK, -1) == batch["label"]).astype(jnp.float32)
-        return {
-            "loss_sum": jnp.sum(losses_B * weight_B),
-            "correct": jnp.sum(correct_B * weight_B),
-            "count": jnp.sum(weight_B),
-        }
-
-    return eval_step

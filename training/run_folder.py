@@ -1,0 +1,202 @@
+"""Run folders: what a fine-tuning run leaves on disk, one process per folder, and `load_run`.
+
+A run folder describes itself, so soups, cascades and the demo rebuild a run from its path alone:
+
+- ``config.json``: the `RunConfig`, written when the run starts;
+- ``checkpoints/``: resumable train state with the data iterator's position (orbax);
+- ``metrics.jsonl``: training and evaluation metrics, one JSON object per line, each step once;
+- ``model/``: the final weights (`jaxmodels.save`; SSF runs folded), whose ``model.json`` records
+  the architecture, classes, image size, mode, both seeds, the base checkpoint's content hash, a
+  hash of the starting variables, and the data specs;
+- ``result.json``: the config, every evaluation, parameter counts, wall time; every path in it is
+  relative to the run folder;
+- ``lock``: present while a process works on the folder (host and pid inside).
+
+A sweep folder holds one run folder per grid point and ``sweep.json`` (each run's folder, swept
+values and final metrics). `load_run` reads either.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import pathlib
+import socket
+import warnings
+from typing import Any
+
+import jaxmodels
+from training.run_config import RunConfig, RunError
+
+CONFIG_JSON = "config.json"
+RESULT_JSON = "result.json"
+METRICS_JSONL = "metrics.jsonl"
+MODEL_DIR = "model"
+CHECKPOINT_DIR = "checkpoints"
+LOCK = "lock"
+SWEEP_JSON = "sweep.json"
+
+
+def read_json(path: str | os.PathLike) -> Any | None:
+    """The JSON at `path`, or None when there is no such file.
+
+    Raises:
+      RunError: the file exists but is not valid JSON (named, with the parser's reason).
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunError(f"{path} is not readable JSON ({err})") from err
+
+
+def write_json(path: str | os.PathLike, value: Any) -> None:
+    """Writes JSON atomically (a temporary file renamed over the target): never half-written."""
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class FolderLock:
+    """An exclusive claim on a run folder: ``lock`` holds the owner's host and pid.
+
+    A second process on the same folder gets a `RunError`; a lock left by a dead process on this
+    host is taken over with a warning (a lock from another host cannot be checked and is not).
+    """
+
+    def __init__(self, folder: str | os.PathLike):
+        self.path = pathlib.Path(folder) / LOCK
+        self.held = False
+
+    def acquire(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        record = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                holder = self._holder()
+                if not self._is_stale(holder):
+                    raise RunError(
+                        f"{self.path.parent} is in use by pid {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {holder.get('started')}); wait for it, or "
+                        f"delete {self.path} if that process is gone"
+                    ) from None
+                warnings.warn(
+                    f"taking over {self.path}: its process (pid {holder.get('pid')}) is gone",
+                    stacklevel=2,
+                )
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(record, f)
+            self.held = True
+            return self
+        raise RunError(f"could not take {self.path}: another process keeps creating it")
+
+    def release(self) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False
+
+    def __enter__(self) -> FolderLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def _holder(self) -> dict:
+        try:
+            holder = json.loads(self.path.read_text())
+            return holder if isinstance(holder, dict) else {}
+        except (OSError, ValueError):  # a lock being written right now, or garbage
+            return {}
+
+    @staticmethod
+    def _is_stale(holder: dict) -> bool:
+        if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+            return False
+        try:
+            os.kill(holder["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, owned by someone else
+            return False
+        return False
+
+
+@dataclasses.dataclass
+class Run:
+    """A finished run, rebuilt from its folder by `load_run`.
+
+    Attributes:
+      folder: the run folder.
+      model: the Flax module (plain architecture; SSF runs are stored folded).
+      variables: its final variables.
+      config: the `RunConfig` it ran with.
+      result: its ``result.json``.
+      info: the ``model.json`` of its weights (architecture, seeds, starting point, data).
+    """
+
+    folder: pathlib.Path
+    model: Any
+    variables: dict
+    config: RunConfig
+    result: dict
+    info: dict
+
+    @property
+    def name(self) -> str:
+        """The folder's name (sweeps name runs by their grid point)."""
+        return self.folder.name
+
+    @property
+    def preprocessing(self) -> jaxmodels.Preprocessing:
+        """The evaluation preprocessing of its model."""
+        return jaxmodels.spec_of(self.model).preprocessing
+
+
+def load_run(folder: str | os.PathLike) -> Run | list[Run]:
+    """Rebuilds a finished run (or every run of a sweep) from its folder alone.
+
+    Args:
+      folder: a run folder, or a sweep folder (with ``sweep.json``). Works from any working
+        directory: paths inside are relative to the folder.
+
+    Returns:
+      A `Run`, or for a sweep a list of them in the sweep's order.
+
+    Raises:
+      RunError: no run there, an unfinished run, or unreadable files (one line each).
+    """
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise RunError(f"run folder {str(folder)!r} does not exist")
+    sweep = read_json(folder / SWEEP_JSON)
+    if sweep is not None:
+        runs = sweep.get("runs") if isinstance(sweep, dict) else None
+        if not runs:
+            raise RunError(f"sweep {str(folder)!r} lists no runs in {SWEEP_JSON}")
+        return [_load_one(folder / entry["folder"]) for entry in runs]
+    return _load_one(folder)
+
+
+def _load_one(folder: pathlib.Path) -> Run:
+    result = read_json(folder / RESULT_JSON)
+    if result is None:
+        raise RunError(f"{str(folder)!r} is not a run folder (no {RESULT_JSON})")
+    if not result.get("finished") or not (folder / MODEL_DIR).is_dir():
+        raise RunError(f"run {str(folder)!r} has not finished (no final model yet)")
+    model, variables = jaxmodels.load(folder / MODEL_DIR)
+    info = jaxmodels.model_info(folder / MODEL_DIR)
+    config = RunConfig.from_json({**result["config"], "out_dir": str(folder)})
+    return Run(folder, model, variables, config, result, info)
