@@ -234,8 +234,12 @@ def test_image_folder(tmp_path):
     assert open_source(tmp_path, num_classes=4).num_classes == 4
     before = source.fingerprint
     assert open_source(tmp_path).fingerprint == before
+    # Same file names, new content: the fingerprint follows.
+    Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tmp_path / "cat" / "a.png")
+    rewritten = open_source(tmp_path).fingerprint
+    assert rewritten != before
     Image.fromarray(np.zeros((3, 3, 3), np.uint8)).save(tmp_path / "dog" / "e.png")
-    assert open_source(tmp_path).fingerprint != before
+    assert open_source(tmp_path).fingerprint not in (before, rewritten)
 
 
 def test_bad_folders(tmp_path):

@@ -145,9 +145,11 @@ def test_augment_crop_recipe():
         top, left, h, w = augment.crop_box(40, 60, rng)
         assert 0 <= top and top + h <= 40 and 0 <= left and left + w <= 60
         assert 0.2 <= h * w / 2400 <= 0.55
-    # No try fits a 100×2 image at aspect 1: the fallback is the centred 2×2 box.
-    square = pipeline.Augment(PREP, scale=(0.9, 1.0), ratio=(1.0, 1.0))
-    assert square.crop_box(100, 2, np.random.default_rng(0)) == (49, 0, 2, 2)
+    # No try fits a 100×2 (or 2×100) image: the fallback is the centred box with the aspect
+    # clipped to the ratio range, h = w / 0.5 (or w = h · 2).
+    clipped = pipeline.Augment(PREP, scale=(0.9, 1.0), ratio=(0.5, 2.0))
+    assert clipped.crop_box(100, 2, np.random.default_rng(0)) == (48, 0, 4, 2)
+    assert clipped.crop_box(2, 100, np.random.default_rng(0)) == (0, 48, 2, 4)
 
 
 @pytest.mark.parametrize("process_count", [1, 2])
