@@ -2,8 +2,8 @@
 and the data layer (specs → sources → grain pipelines)."""
 
 from jaxmodels import data, pipeline, preprocess, ssf
+from jaxmodels.array_source import ArraySource
 from jaxmodels.data import (
-    ArraySource,
     DataError,
     ImageSource,
     cache_root,

@@ -14,8 +14,9 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import jaxmodels
-from jaxmodels import data, preprocess
-from jaxmodels.data import ArraySource, DataError, check_classes_within, open_source
+from jaxmodels import array_source, data, preprocess
+from jaxmodels.array_source import ArraySource
+from jaxmodels.data import DataError, check_classes_within, open_source
 
 
 @pytest.fixture(autouse=True)
@@ -156,7 +157,7 @@ def test_array_source_and_num_classes():
 def test_bad_npz_is_one_data_error(tmp_path, arrays, kwargs, match):
     path = tmp_path / "bad.npz"
     np.savez(path, **arrays)
-    message = _raises_one_line(match, data.open_npz, path, **kwargs)
+    message = _raises_one_line(match, array_source.open_npz, path, **kwargs)
     assert "bad.npz" in message
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import jaxmodels
 from jaxmodels import pipeline
-from jaxmodels.data import ArraySource
+from jaxmodels.array_source import ArraySource
 from jaxmodels.preprocess import Preprocessing
 
 PREP = Preprocessing(6, 7, (0.5,) * 3, (0.5,) * 3, "bilinear")
