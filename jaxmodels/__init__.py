@@ -1,33 +1,54 @@
-"""jaxmodels: what a model is and how it runs — architectures, SSF, weight import, the data layer,
-inference, ensembles and cascades."""
+"""jaxmodels: what a model is and how it runs — architectures, SSF, weight import, the data layer
+(specs → sources → grain pipelines), inference, ensembles and cascades."""
 
-from jaxmodels import preprocess, ssf
+from jaxmodels import data, paths, pipeline, preprocess, ssf
+from jaxmodels.array_source import ArraySource
+from jaxmodels.data import (
+    DataError,
+    ImageSource,
+    cache_root,
+    check_classes_within,
+    open_source,
+)
 from jaxmodels.features import extract_features, stream_reduce
 from jaxmodels.inference import EvalResult, Prepared, evaluate, predict, prepare
 from jaxmodels.load import content_digest, load, model_info, save
 from jaxmodels.model_refs import BuiltModel, ModelRef, ModelRefError, build, parse_model_ref
-from jaxmodels.preprocess import Preprocessing, preprocess_for_eval
+from jaxmodels.pipeline import Augment, eval_dataset, train_dataset
+from jaxmodels.preprocess import Preprocessing, prepare_for_eval, preprocess_for_eval
 from jaxmodels.registry import MODEL_NAMES, ModelSpec, create, spec, spec_of
 
 __all__ = [
     "MODEL_NAMES",
+    "ArraySource",
+    "Augment",
     "BuiltModel",
+    "DataError",
     "EvalResult",
+    "ImageSource",
     "ModelRef",
     "ModelRefError",
     "ModelSpec",
     "Prepared",
     "Preprocessing",
     "build",
+    "cache_root",
+    "check_classes_within",
     "content_digest",
     "create",
+    "data",
+    "eval_dataset",
     "evaluate",
     "extract_features",
     "load",
     "model_info",
+    "open_source",
     "parse_model_ref",
+    "paths",
+    "pipeline",
     "predict",
     "prepare",
+    "prepare_for_eval",
     "preprocess",
     "preprocess_for_eval",
     "save",
@@ -35,4 +56,5 @@ __all__ = [
     "spec_of",
     "ssf",
     "stream_reduce",
+    "train_dataset",
 ]

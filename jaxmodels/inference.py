@@ -39,6 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxmodels import data as data_lib
+from jaxmodels.array_source import ArraySource
 from jaxmodels import image_batches, pipeline, preprocess, registry, sharding
 
 PyTree = Any
@@ -249,7 +250,7 @@ def prepare(
 def as_source(data, *, split: str | None = None, data_dir: str | None = None):
     """An `ImageSource` from a spec string, a source, or `(images, labels)` arrays."""
     if isinstance(data, tuple) and len(data) == 2:
-        return data_lib.ArraySource(*data)
+        return ArraySource(*data)
     if isinstance(data, np.ndarray | jax.Array):
         raise TypeError(
             "pass arrays with their labels as (images [N, H, W, 3], labels [N]); for "

@@ -3,9 +3,17 @@
 Each model family was trained on images prepared in one way: torchvision ResNets on
 ``resize(shorter side to S/0.875, bilinear) → centre crop S → (x/255 − mean)/std`` with ImageNet
 mean/std; timm / big_vision ViTs on the same chain with ``crop_pct`` 0.9, bicubic and
-mean = std = 0.5, i.e. scaling to [−1, 1]. A ``Preprocessing`` records those choices and the functions
-here apply them; they work on NumPy arrays (host, in a data pipeline) and on JAX arrays (device,
-inside a jitted step), dispatching on the input's type.
+mean = std = 0.5, i.e. scaling to [−1, 1]. A ``Preprocessing`` records those choices.
+
+The one evaluation preprocessing, used identically by ranking, fine-tuning's evaluation and
+everything after, is split where the data crosses to the device:
+
+* on the host, `prepare_for_eval`: uint8 [H, W, 3] → resize the shorter side to ``resize_size``
+  with PIL on the uint8 image (what torchvision and timm do) → centre crop → uint8 [S, S, 3];
+* on the device, inside the jitted forward, `normalize`: ``(x / 255 − mean) / std``.
+
+Prepared images are therefore uint8 [N, S, S, 3] everywhere (4× less host→device traffic than
+float32). `preprocess_for_eval` is the two chained on the host, for callers that want floats.
 
 Shapes: images are ``[..., H, W, 3]`` (NHWC or a single HWC image), values in [0, 255].
 """
@@ -147,16 +155,67 @@ def _resize_pil(images: np.ndarray, new_h: int, new_w: int, interpolation: str) 
     return np.stack(out).reshape(*lead, new_h, new_w, images.shape[-1])
 
 
-def preprocess_for_eval(images, prep: Preprocessing):
-    """Resize the shorter side, centre-crop to ``image_size`` and normalise.
+def prepare_for_eval(image_HW3, prep: Preprocessing) -> np.ndarray:
+    """The host half of evaluation preprocessing: resize the shorter side, centre-crop.
+
+    The shorter side is resized to ``prep.resize_size`` with PIL on the uint8 image (the
+    model's interpolation, antialiased), then the central ``image_size`` square is cut out.
+    Normalisation happens on the device (`normalize`, inside the jitted forward).
 
     Args:
-      images: [..., H, W, 3] uint8 (or float in [0, 255]); NumPy (host) or JAX (device). A batch
-        must share one size; on the host, variable-size images are passed one at a time.
+      image_HW3: one image, NumPy uint8 [H, W, 3].
       prep: the model's preprocessing (``jaxmodels.spec(name).preprocessing``).
 
     Returns:
-      float32 [..., image_size, image_size, 3], same array type as the input.
+      uint8 [image_size, image_size, 3], C-contiguous.
+
+    Raises:
+      TypeError: not a NumPy uint8 array.
+      ValueError: not of shape [H, W, 3].
     """
-    resized = resize_shorter_side(images, prep.resize_size, prep.interpolation)
-    return normalize(center_crop(resized, prep.image_size), prep)
+    if not isinstance(image_HW3, np.ndarray) or image_HW3.dtype != np.uint8:
+        got = getattr(image_HW3, "dtype", type(image_HW3).__name__)
+        raise TypeError(f"image_HW3 must be a NumPy uint8 array [H, W, 3]; got {got}")
+    if image_HW3.ndim != 3 or image_HW3.shape[-1] != 3:
+        raise ValueError(f"image_HW3 must have shape [H, W, 3]; got {image_HW3.shape}")
+    resized = resize_shorter_side(image_HW3, prep.resize_size, prep.interpolation)
+    return np.ascontiguousarray(center_crop(resized, prep.image_size))
+
+
+def preprocess_for_eval(images, prep: Preprocessing) -> np.ndarray:
+    """``normalize(prepare_for_eval(image))`` on the host, for one image or a batch.
+
+    Args:
+      images: NumPy [..., H, W, 3] uint8 (a float copy of uint8 pixels — whole numbers in
+        [0, 255] — is accepted and converted exactly). Variable-size images are passed one at
+        a time.
+      prep: the model's preprocessing.
+
+    Returns:
+      float32 [..., image_size, image_size, 3].
+
+    Raises:
+      TypeError: a JAX array (normalise prepared uint8 images on the device with `normalize`
+        instead), or pixels that are not uint8 values.
+      ValueError: not [..., H, W, 3].
+    """
+    if isinstance(images, jax.Array) or not isinstance(images, np.ndarray):
+        raise TypeError(
+            "images must be a NumPy array (host); on the device, normalize uint8 images from "
+            f"prepare_for_eval with preprocess.normalize; got {type(images).__name__}"
+        )
+    if images.dtype != np.uint8:
+        exact = np.issubdtype(images.dtype, np.number) and np.array_equal(
+            images, np.clip(np.rint(images), 0, 255)
+        )
+        if not exact:
+            raise TypeError(
+                f"images must be uint8 pixels (or whole numbers in [0, 255]); got {images.dtype}"
+                " values outside that"
+            )
+        images = images.astype(np.uint8)
+    if images.ndim < 3 or images.shape[-1] != 3:
+        raise ValueError(f"images must have shape [..., H, W, 3]; got {images.shape}")
+    flat = images.reshape(-1, *images.shape[-3:])
+    out = np.stack([normalize(prepare_for_eval(image, prep), prep) for image in flat])
+    return out.reshape(*images.shape[:-3], *out.shape[1:])

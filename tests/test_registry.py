@@ -1,5 +1,6 @@
 """Registry: names and argument checks, specs (preprocessing, cost), preprocessing functions."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,14 +209,17 @@ def test_preprocess_for_eval_shape():
         jaxmodels.Preprocessing(32, 30, (0.5,) * 3, (0.5,) * 3, "bilinear")
 
 
-@pytest.mark.parametrize("jit", [False, True])
-def test_preprocess_for_eval_device_matches_host(jit):
-    images = np.random.default_rng(1).integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
-    prep = jaxmodels.spec("resnet_tiny").preprocessing
-    host = np.stack([jaxmodels.preprocess_for_eval(image, prep) for image in images])
-    run = lambda x: jaxmodels.preprocess_for_eval(x, prep)
-    device = (jax.jit(run) if jit else run)(jnp.asarray(images))
-    assert isinstance(device, jax.Array) and device.shape == host.shape == (2, 32, 32, 3)
-    # Both round the resized image to uint8; they may differ by one grey level.
-    one_level = 1 / 255 / min(prep.std)
-    assert np.abs(np.asarray(device) - host).max() <= one_level + 1e-6
+class PreprocessSplitTest(chex.TestCase):
+    """Host prepare_for_eval + device normalize (inside jit) = host preprocess_for_eval."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_device_normalize_of_prepared_images_matches_host(self):
+        images = np.random.default_rng(1).integers(0, 256, (2, 40, 60, 3), dtype=np.uint8)
+        prep = jaxmodels.spec("resnet_tiny").preprocessing
+        host = np.stack([jaxmodels.preprocess_for_eval(image, prep) for image in images])
+        prepared = np.stack([jaxmodels.prepare_for_eval(image, prep) for image in images])
+        assert prepared.dtype == np.uint8
+        device = self.variant(lambda x: normalize(x, prep))(jnp.asarray(prepared))
+        assert isinstance(device, jax.Array)
+        chex.assert_shape(device, (2, 32, 32, 3))
+        chex.assert_trees_all_close(np.asarray(device), host, atol=1e-6)
