@@ -39,8 +39,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from jaxmodels import data as data_lib
-from jaxmodels.array_source import ArraySource
 from jaxmodels import image_batches, pipeline, preprocess, registry, sharding
+from jaxmodels.array_source import ArraySource
 
 PyTree = Any
 
