@@ -25,9 +25,9 @@ import zipfile
 import jax
 import jax.numpy as jnp
 
-from jaxmodels import load as load_lib
 from jaxmodels import registry
 from jaxmodels import ssf as ssf_lib
+from jaxmodels.load import MODEL_JSON, content_digest, load, model_dir, model_info
 
 
 class ModelRefError(ValueError):
@@ -89,12 +89,12 @@ def parse_model_ref(text: str) -> ModelRef:
                 "nor a model or run folder"
             )
         try:
-            info = load_lib.model_info(folder)
+            info = model_info(folder)
         except ValueError as err:
             raise ModelRefError(
                 f"model folder {body!r} has no readable model.json ({err})"
             ) from err
-        checkpoint = load_lib.model_dir(folder)
+        checkpoint = model_dir(folder)
         return ModelRef(label or _folder_label(checkpoint), info["name"], checkpoint, text)
     if name not in registry.MODEL_NAMES:
         raise ModelRefError(
@@ -105,7 +105,7 @@ def parse_model_ref(text: str) -> ModelRef:
         raise ModelRefError(f"checkpoint {path!r} of model {text!r} not found")
     check_checkpoint(checkpoint)
     if checkpoint.is_dir():
-        default_label = _folder_label(load_lib.model_dir(checkpoint))
+        default_label = _folder_label(model_dir(checkpoint))
     else:
         default_label = checkpoint.stem
     return ModelRef(label or default_label, name, checkpoint, text)
@@ -121,9 +121,9 @@ def check_checkpoint(path: pathlib.Path) -> None:
     where = str(path)
     try:
         if path.is_dir():
-            folder = load_lib.model_dir(path)
-            if (folder / load_lib.MODEL_JSON).exists():
-                load_lib.model_info(folder)
+            folder = model_dir(path)
+            if (folder / MODEL_JSON).exists():
+                model_info(folder)
                 if not (folder / "variables").is_dir():
                     raise ModelRefError(f"model folder {where!r} has no variables/ directory")
             return
@@ -186,14 +186,14 @@ def build(
         variables = jax.jit(model.init)(jax.random.key(init_seed), _dummy(model))
         return BuiltModel(model, jax.tree.map(jnp.asarray, dict(variables)), ref, None)
     try:
-        plain, loaded = load_lib.load(
+        plain, loaded = load(
             ref.name, ref.checkpoint, num_classes=num_classes, image_size=image_size,
             seed=init_seed,
         )  # fmt: skip
     except (OSError, ValueError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelRefError(f"cannot load {ref.label!r}: {first}") from err
-    digest = load_lib.content_digest(ref.checkpoint)
+    digest = content_digest(ref.checkpoint)
     if not ssf:
         return BuiltModel(plain, loaded, ref, digest)
     model = plain.clone(ssf=True)

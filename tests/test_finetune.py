@@ -1,46 +1,55 @@
-"""Tests for training.loop, training.run, training.sweep and scripts/finetune.py."""
+"""Tests for training.loop, training.run, training.sweep, run folders and scripts/finetune.py."""
 
+import importlib.util
 import json
 import os
+import pathlib
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from tiny_classifier import init_tiny, random_variables
 
+import jaxmodels
 from jaxmodels import paths
-from training import data, loop, masks, optim, sources
+from training import load_run, loop, optim, sweep
 from training import train_step as step_lib
+from training.run_config import RunConfig, RunError
 
 NUM_CLASSES = 3
+REPO = pathlib.Path(__file__).parents[1]
+PREP = jaxmodels.Preprocessing(8, 8, (0.5,) * 3, (0.25,) * 3, "bilinear")
 
 
 def _learnable_task(n=96, size=8, seed=0):
     """Class k images are bright in colour channel k: learnable in a few steps."""
     rng = np.random.default_rng(seed)
-    labels = rng.integers(0, NUM_CLASSES, n)
+    labels = np.arange(n) % NUM_CLASSES
     images = rng.integers(0, 80, (n, size, size, 3))
     images[np.arange(n), :, :, labels] += 170
-    return sources.ArraySource(images.astype(np.uint8), labels)
+    return jaxmodels.ArraySource(images.astype(np.uint8), labels)
 
 
 def test_fit_reduces_loss_on_a_learnable_task(tmp_path):
-    mode = "ssf"
     model, variables = init_tiny(ssf=True, num_classes=NUM_CLASSES)
     source = _learnable_task()
-    preprocess = data.Preprocess(image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, scale=(0.5, 1.0))
     config = loop.FitConfig(
-        epochs=4, global_batch=16, mode=mode, log_path=str(tmp_path / "log.jsonl"), log_every=1,
+        epochs=4, global_batch=16, mode="ssf", log_path=str(tmp_path / "log.jsonl"), log_every=1,
         progress=False,
     )  # fmt: skip
     total = loop.total_steps(len(source), 16, 4)
+    lines = []
     result = loop.fit(
-        model.apply, variables, source, preprocess,
+        model, variables, source, jaxmodels.Augment(PREP, scale=(0.5, 1.0)),
         optim.OptimConfig(learning_rate=0.03, total_steps=total, warmup_steps=2),
-        step_lib.StepConfig(num_classes=NUM_CLASSES), config, eval_source=source,
+        step_lib.StepConfig(num_classes=NUM_CLASSES), config, eval_data=source, log=lines.append,
     )  # fmt: skip
-    assert result.finished
+    assert result.finished and result.resumed_from is None
     # the train step donates its state; the caller's variables must not be among the donated
     assert not any(x.is_deleted() for x in jax.tree.leaves(variables))
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
@@ -48,6 +57,7 @@ def test_fit_reduces_loss_on_a_learnable_task(tmp_path):
     evals = [r for r in records if r["split"] == "eval"]
     assert [r["step"] for r in train] == list(range(1, total + 1))
     assert [r["epoch"] for r in evals] == [1, 2, 3, 4]
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "3/4", "4/4"]  # printed live
     assert np.mean([r["loss"] for r in train[-4:]]) < 0.6 * np.mean([r["loss"] for r in train[:4]])
     assert evals[-1]["loss"] < evals[0]["loss"]
     assert evals[-1]["accuracy"] > 0.8
@@ -56,166 +66,281 @@ def test_fit_reduces_loss_on_a_learnable_task(tmp_path):
 
 def test_fit_rejects_batch_not_divisible_by_devices():
     model, variables = init_tiny(num_classes=NUM_CLASSES)
-    with pytest.raises(ValueError, match="global_batch 12 must be divisible by the 8 devices"):
+    with pytest.raises(ValueError, match="batch_size must be a positive multiple of the 8"):
         loop.fit(
-            model.apply, variables, _learnable_task(), data.Preprocess(image_size=8),
-            optim.OptimConfig(), step_lib.StepConfig(num_classes=NUM_CLASSES),
+            model, variables, _learnable_task(), jaxmodels.Augment(PREP), optim.OptimConfig(),
+            step_lib.StepConfig(num_classes=NUM_CLASSES),
             loop.FitConfig(global_batch=12, progress=False),
         )  # fmt: skip
 
 
-def test_bad_fit_mode_is_a_value_error():
-    with pytest.raises(ValueError, match=r"mode must be one of .*'prompt'"):
-        loop.FitConfig(mode="prompt")
+def test_fit_rejects_a_schedule_of_another_length():
+    model, variables = init_tiny(num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match=r"total_steps must equal epochs \* steps per epoch"):
+        loop.fit(
+            model, variables, _learnable_task(), jaxmodels.Augment(PREP),
+            optim.OptimConfig(total_steps=7), step_lib.StepConfig(num_classes=NUM_CLASSES),
+            loop.FitConfig(global_batch=16, progress=False),
+        )  # fmt: skip
 
 
-def test_sweep_grid_names_one_directory_per_run(tmp_path):
-    from training import run as run_lib
-    from training import sweep
-
-    base = run_lib.RunConfig(model="vit_tiny", train_data="x.npz", out_dir=str(tmp_path))
-    configs = sweep.expand_grid(base, {"lr": [0.1, 0.01], "augmentation": ["none", "strong"]})
-    assert [(c.lr, c.augmentation) for c in configs] == [
-        (0.1, "none"), (0.1, "strong"), (0.01, "none"), (0.01, "strong")
+def test_sweep_grid_names_one_folder_per_run(tmp_path):
+    base = RunConfig(model="vit_tiny", train_data="x.npz", out_dir=str(tmp_path))
+    configs = sweep.expand_grid(base, {"lr": [1e-3, 3e-3], "seed": [0, 1]})
+    assert [os.path.basename(c.out_dir) for c in configs] == [
+        "lr=0.001_seed=0", "lr=0.001_seed=1", "lr=0.003_seed=0", "lr=0.003_seed=1"
     ]  # fmt: skip
-    assert configs[1].out_dir == str(tmp_path / "lr=0.1_aug=strong")
-    assert all(c.mode == "ssf" and c.seed == 0 for c in configs)
-    with pytest.raises(ValueError, match=r"sweep fields must be among .*\['epochs'\]"):
+    assert {c.init_seed for c in configs} == {0}  # one starting point for every ingredient
+    with pytest.raises(RunError, match="repeats a value"):
+        sweep.expand_grid(base, {"seed": [0, 0]})
+    with pytest.raises(RunError, match="sweep fields must be among"):
         sweep.expand_grid(base, {"epochs": [1, 2]})
-    with pytest.raises(ValueError, match="'seed' repeats a value"):
-        sweep.expand_grid(base, {"seed": [1, 1]})
-    with pytest.raises(ValueError, match="augmentation must be one of"):
-        sweep.expand_grid(base, {"augmentation": ["wild"]})
+    with pytest.raises(RunError, match="lr must be > 0"):
+        sweep.expand_grid(base, {"lr": [1e-3, 0.0]})
 
 
-def test_run_config_rejects_unknown_model():
-    from training import run as run_lib
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"lr": 0.0}, "lr must be > 0"),
+        ({"lr": -0.01}, "lr must be > 0"),
+        ({"lr": float("nan")}, "lr must be a finite number"),
+        ({"epochs": 0}, "epochs must be an integer ≥ 1"),
+        ({"mode": "prompt"}, "mode must be one of"),
+        ({"label_smoothing": 1.0}, "label_smoothing must be < 1"),
+        ({"ema_decay": 1.0}, "ema_decay must be < 1"),
+    ],
+)
+def test_run_config_rejects_bad_settings(change, match):
+    with pytest.raises(RunError, match=match):
+        RunConfig(model="vit_tiny", train_data="x.npz", out_dir="o", **change)
 
-    with pytest.raises(ValueError, match=r"model must be NAME or NAME=CHECKPOINT .*'vit_huge=x'"):
-        run_lib.RunConfig(model="vit_huge=x", train_data="x.npz", out_dir="o")
+
+def test_run_config_differences_name_only_result_changing_fields():
+    a = RunConfig(model="vit_tiny", train_data="x.npz", out_dir="o", lr=0.01)
+    b = RunConfig(model="vit_tiny", train_data="x.npz", out_dir="p", lr=0.02, num_workers=0)
+    assert b.differences(a.to_json()) == ["lr: 0.01 → 0.02"]
 
 
-def _load_script():
-    import importlib.util
-    import pathlib
+# ----------------------------------------------------------------------------- the script
 
-    script = pathlib.Path(__file__).parents[1] / "scripts" / "finetune.py"
-    spec = importlib.util.spec_from_file_location("finetune_script", script)
+
+def _script():
+    spec = importlib.util.spec_from_file_location("finetune_script", REPO / "scripts/finetune.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_finetune_script_writes_a_loadable_folded_model(tmp_path, capsys):
-    import pathlib
+def _task_npz(path, n=24, classes=2, size=32, seed=0, labels=None):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes if labels is None else labels
+    images = rng.integers(0, 256, (n, size, size, 3)).astype(np.uint8)
+    np.savez(path, images=images, labels=labels)
+    return path
 
-    import jaxmodels
 
-    rng = np.random.default_rng(0)
-    labels = np.arange(16) % 2
-    images = rng.integers(0, 256, (16, 32, 32, 3)).astype(np.uint8)
-    np.savez(tmp_path / "d.npz", images=images, labels=labels)
-    # a "pre-trained" checkpoint for NAME=CHECKPOINT (SSF is added to it, then folded away)
-    pre_vars = random_variables(jaxmodels.create("vit_tiny", num_classes=5), seed=1)
-    jaxmodels.save(tmp_path / "pre", "vit_tiny", jax.device_get(dict(pre_vars)))
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A 'pre-trained' vit_tiny checkpoint (5 classes) and a 2-class task."""
+    root = tmp_path_factory.mktemp("pre")
+    variables = random_variables(jaxmodels.create("vit_tiny", num_classes=5), seed=1)
+    jaxmodels.save(root / "pre", "vit_tiny", jax.device_get(dict(variables)))
+    return {"root": root, "pre": root / "pre", "data": _task_npz(root / "d.npz")}
+
+
+def _argv(pretrained, out, *extra):
+    return [
+        "--model", f"vit_tiny={pretrained['pre']}", "--data", str(pretrained["data"]),
+        "--eval-data", str(pretrained["data"]), "--mode", "ssf", "--epochs", "1",
+        "--batch-size", "8", "--lr", "0.01", "--out", str(out), "--no-progress",
+        "--num-workers", "0", *extra,
+    ]  # fmt: skip
+
+
+def _trained_state_params(folder, step):
+    """The trained (unfolded) parameters in the final checkpoint: what the run optimised."""
+    state = ocp.StandardCheckpointer().restore(folder / "checkpoints" / str(step) / "state")
+    trained = state["ema"] or state["trainable"]
+    return paths.unflatten({**state["frozen"], **trained}), state["batch_stats"]
+
+
+@pytest.fixture(scope="module")
+def ssf_run(pretrained):
+    """finetune.py with SSF and EMA on: a finished run folder."""
+    out = pretrained["root"] / "ssf"
+    assert _script().main(_argv(pretrained, out, "--ema", "0.5")) == 0
+    return out
+
+
+def test_saved_model_predicts_what_the_trained_ssf_state_does(ssf_run, pretrained):
+    run = load_run(ssf_run)
+    assert run.info["ssf_folded"] and run.info["ema"] and run.result["finished"]
+    assert not any("ssf_" in k for k in paths.flatten(run.variables["params"]))
+    # the folded, saved model against the unfolded EMA weights of the last checkpoint
+    params, _ = _trained_state_params(ssf_run, run.result["steps"])
+    ssf_model = jaxmodels.create("vit_tiny", num_classes=2, ssf=True)
+    data = (np.load(pretrained["data"])["images"], np.load(pretrained["data"])["labels"])
+    folded = jaxmodels.predict(run.model, run.variables, data, batch_size=8, progress=False)
+    unfolded = jaxmodels.predict(ssf_model, {"params": params}, data, batch_size=8, progress=False)
+    np.testing.assert_allclose(folded, unfolded, rtol=1e-4, atol=1e-5)
+    # and the trained weights are not the starting ones (a run that saved its start would pass
+    # the comparison above only if training changed nothing)
+    start = jaxmodels.build(f"vit_tiny={pretrained['pre']}", num_classes=2, ssf=True)
+    assert paths.tree_digest(start.variables) == run.info["start_sha256"]
+    assert paths.tree_digest(start.variables) != paths.tree_digest({"params": params})
+    # backbone leaves SSF did not train are the pre-trained ones
+    _, pre = jaxmodels.load(pretrained["pre"])
+    np.testing.assert_array_equal(run.variables["params"]["cls"], pre["params"]["cls"])
+
+
+def test_run_folder_describes_itself(ssf_run, pretrained, monkeypatch):
+    result = json.loads((ssf_run / "result.json").read_text())
+    assert result["model_dir"] == "model" and result["metrics"] == "metrics.jsonl"
+    assert result["config"]["out_dir"] == "."
+    assert result["seed"] == 0 and result["init_seed"] == 0
+    assert result["trainable_params"] == 1280 + 66  # SSF sites of vit_tiny + head 32·2 + 2
+    info = jaxmodels.model_info(ssf_run)
+    assert info["name"] == "vit_tiny" and info["num_classes"] == 2 and info["image_size"] == 32
+    assert info["info"]["mode"] == "ssf"
+    assert info["info"]["base_checkpoint_sha256"] == jaxmodels.content_digest(pretrained["pre"])
+    monkeypatch.chdir(pretrained["root"].parent)  # any working directory
+    model, _ = jaxmodels.load(ssf_run)  # the run folder itself; the name from model.json
+    assert model.num_classes == 2
+    assert load_run(ssf_run).config.out_dir == str(ssf_run)
+
+
+def test_rerunning_a_finished_run_changes_nothing(ssf_run, pretrained, capsys):
+    before = {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in ssf_run.rglob("*")}
+    result = (ssf_run / "result.json").read_bytes()
+    assert _script().main(_argv(pretrained, ssf_run, "--ema", "0.5")) == 0
+    out = capsys.readouterr().out
+    assert "finished before" in out and json.loads(out.splitlines()[-1])["accuracy"] is not None
+    assert (ssf_run / "result.json").read_bytes() == result
+    assert {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in ssf_run.rglob("*")} == before
+
+
+def test_other_settings_on_a_finished_run_are_refused_before_training(ssf_run, pretrained, capsys):
+    before = sorted(ssf_run.rglob("*"))
+    tick = time.perf_counter()
+    code = _script().main(_argv(pretrained, ssf_run, "--ema", "0.5", "--epochs", "2"))
+    assert code == 2 and time.perf_counter() - tick < 5
+    err = capsys.readouterr().err
+    assert "epochs: 1 → 2" in err and err.count("\n") == 1
+    assert sorted(ssf_run.rglob("*")) == before
+
+
+def _bad_cases(pretrained, tmp):
+    data = str(pretrained["data"])
+    stray = str(_task_npz(tmp / "stray.npz", labels=np.array([0, 1, 2, 3, 4, 99] * 4)))
+    wide = str(_task_npz(tmp / "wide.npz", classes=3))
+    (tmp / "a_file").write_text("x")
+    return [
+        (["--lr", "0"], "lr must be > 0"),
+        (["--lr", "-0.01"], "lr must be > 0"),
+        (["--lr", "nan"], "lr must be a finite number"),
+        (["--lr", "1e-3,0"], "lr must be > 0"),
+        (["--epochs", "0"], "epochs must be an integer ≥ 1"),
+        (["--data", stray], "has no example of 94 of its 100 classes"),
+        (["--data", stray, "--num-classes", "5"], "label 99 (4 images)"),
+        (["--eval-data", wide], "labels beyond the 2 classes"),
+        (["--data", str(tmp / "missing.npz")], "not found"),
+        (["--model", "vit_huge"], "neither a known name"),
+        (["--model", f"vit_tiny={tmp / 'nope.safetensors'}"], "not found"),
+        (["--out", str(tmp / "a_file")], "is a file"),
+        (["--batch-size", "12"], "multiple of the 8 devices"),
+        (["--batch-size", "64"], "exceeds the 24 training examples"),
+        (["--data", "tfds:no_such_dataset_xyz"], "tfds"),
+        (["--data", data, "--eval-data", "tfds:mnist:test", "--tfds-data-dir", str(tmp)],
+         "not prepared"),
+    ]  # fmt: skip
+
+
+def test_every_bad_argument_is_one_line_and_exit_2_before_training(pretrained, tmp_path, capsys):
+    script = _script()
+    for extra, match in _bad_cases(pretrained, tmp_path):
+        out = tmp_path / "run"
+        argv = _argv(pretrained, out)
+        for flag, value in zip(extra[::2], extra[1::2], strict=True):
+            if flag in argv:
+                argv[argv.index(flag) + 1] = value
+            else:
+                argv += [flag, value]
+        tick = time.perf_counter()
+        assert script.main(argv) == 2, extra
+        elapsed = time.perf_counter() - tick
+        err = capsys.readouterr().err
+        assert match in err and err.startswith("finetune.py: error:"), (extra, err)
+        assert err.count("\n") == 1, err
+        assert elapsed < 10, (extra, elapsed)
+        assert not out.exists() or not any(out.rglob("*")), extra  # nothing trained or written
+
+
+def test_a_held_folder_is_refused_and_a_stale_lock_taken_over(pretrained, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["--model", f"vit_tiny={tmp_path / 'pre'}", "--data", str(tmp_path / "d.npz"),
-            "--eval-data", str(tmp_path / "d.npz"), "--mode", "ssf", "--epochs", "1",
-            "--batch-size", "8", "--lr", "0.01", "--out", str(out), "--no-progress",
-            "--num-workers", "0"]  # fmt: skip
-    assert _load_script().main(argv) == 0
-    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert line["out_dir"] == str(out) and line["finished"]
-    result = json.load(open(out / "result.json"))
-    assert result["finished"] and result["steps"] == 2
-    # SSF sites of vit_tiny (1280, see test_masks) + head 32·2 + 2
-    assert result["trainable_params"] == 1280 + 66
-    assert result["final_eval"]["count"] == 16
-    assert sorted(os.listdir(out / "checkpoints")) == ["2"]
-    _, variables = jaxmodels.load("vit_tiny", out / "model")
-    # backbone leaves the SSF run did not train are the pre-trained ones; no SSF leaf is left
-    np.testing.assert_array_equal(
-        np.asarray(variables["params"]["cls"]), np.asarray(pre_vars["params"]["cls"])
-    )
-    assert variables["params"]["head"]["kernel"].shape == (32, 2)
-    assert not any("ssf_" in k for k in paths.flatten(variables["params"]))
-    assert pathlib.Path(out / "metrics.jsonl").exists()
-    # the same folder with another learning rate is another run: refused, not silently mixed
-    argv[argv.index("--lr") + 1] = "0.02"
-    with pytest.raises(
-        ValueError,
-        match=r"does not match this run \(lr: this run has 0.02, "
-        r"checkpoint has 0.01\)",
-    ):
-        _load_script().main(argv)
+    out.mkdir()
+    (out / "lock").write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid()}))
+    assert _script().main(_argv(pretrained, out)) == 2
+    assert "is in use by pid" in capsys.readouterr().err
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    (out / "lock").write_text(json.dumps({"host": os.uname().nodename, "pid": int(dead.stdout)}))
+    with pytest.warns(UserWarning, match="its process .* is gone"):
+        assert _script().main(_argv(pretrained, out, "--max-steps", "1")) == 0
+    assert not (out / "lock").exists()
 
 
-def test_finetune_script_sweep_runs_every_point_and_skips_finished(tmp_path, monkeypatch, capsys):
-    from training import run as run_lib
+def test_two_commands_on_one_folder_at_once(pretrained, tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    cmd = [sys.executable, str(REPO / "scripts/finetune.py"), *_argv(pretrained, out)[:-2],
+           "--epochs", "2"]  # fmt: skip
+    first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (out / "lock").exists() and time.time() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    _, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err.decode()[-2000:]
+    assert second.returncode == 2 and "is in use by pid" in second.stderr, second.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["finished"] and result["steps"] == 6
+    records = [json.loads(x) for x in open(out / "metrics.jsonl")]
+    train_steps = [r["step"] for r in records if r["split"] == "train"]
+    assert train_steps == sorted(set(train_steps)) and train_steps[-1] == 6  # one writer
 
-    calls = []
 
-    def fake_run(config, progress=True):
-        calls.append(config)
-        result = {"config": {"out_dir": config.out_dir}, "finished": True, "steps": 1,
-                  "final_eval": None, "trainable_params": 1}  # fmt: skip
-        os.makedirs(config.out_dir)
-        with open(os.path.join(config.out_dir, "result.json"), "w") as f:
-            json.dump(result, f)
-        return result
-
-    monkeypatch.setattr(run_lib, "run", fake_run)
-    argv = ["--model", "vit_tiny", "--data", "x.npz", "--seed", "0,1", "--label-smoothing",
-            "0,0.1", "--out", str(tmp_path)]  # fmt: skip
-    script = _load_script()
-    assert script.main(argv) == 0
-    assert [(c.seed, c.label_smoothing) for c in calls] == [(0, 0.0), (0, 0.1), (1, 0.0), (1, 0.1)]
-    assert calls[3].out_dir == str(tmp_path / "seed=1_ls=0.1")
-    assert script.main(argv) == 0
-    assert len(calls) == 4
-    assert capsys.readouterr().out.count("finished before, skipped") == 4
+def test_seed_sweep_shares_its_start_writes_sweep_json_and_loads_anywhere(
+    pretrained, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "sweep"
+    assert _script().main(_argv(pretrained, out, "--seed", "0,1")) == 0
+    printed = capsys.readouterr().out
+    assert "* best:" in printed and "seed=0" in printed and "seed=1" in printed
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [r["folder"] for r in manifest["runs"]] == ["seed=0", "seed=1"]
+    assert manifest["swept"] == {"seed": [0, 1]}
+    assert all(r["finished"] and r["accuracy"] is not None for r in manifest["runs"])
+    monkeypatch.chdir("/")
+    runs = load_run(out)
+    assert [r.name for r in runs] == ["seed=0", "seed=1"] and [r.config.seed for r in runs] == [0, 1]
+    # one starting point (head and SSF drawn from init_seed 0), then different data orders
+    expected = jaxmodels.build(f"vit_tiny={pretrained['pre']}", num_classes=2, ssf=True)
+    assert {r.info["start_sha256"] for r in runs} == {paths.tree_digest(expected.variables)}
+    logits = [np.asarray(r.model.apply(r.variables, jnp.ones((1, 32, 32, 3)))) for r in runs]
+    assert not np.allclose(logits[0], logits[1])
+    with pytest.raises(RunError, match="not a run folder"):
+        load_run(tmp_path)
+    (out / "seed=1" / "result.json").write_text(json.dumps({"finished": False}))
+    with pytest.raises(RunError, match="has not finished"):
+        load_run(out)
 
 
 def test_finetune_script_help_answers_newcomers():
-    import subprocess
-    import sys
-
-    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "finetune.py")
-    out = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
-                         check=True).stdout  # fmt: skip
-    for needle in ["--mode", "ssf", "sweep", "result.json", "tfds:NAME", "jaxmodels.load"]:
-        assert needle in out
-
-
-def test_fit_rejects_a_schedule_of_another_length():
-    model, variables = init_tiny(num_classes=NUM_CLASSES)
-    with pytest.raises(ValueError, match=r"total_steps must equal .* = 1 \* 6 = 6; got 1000"):
-        loop.fit(
-            model.apply, variables, _learnable_task(), data.Preprocess(image_size=8),
-            optim.OptimConfig(total_steps=1000), step_lib.StepConfig(num_classes=NUM_CLASSES),
-            loop.FitConfig(global_batch=16, progress=False),
-        )  # fmt: skip
-
-
-def test_build_variables_adds_fresh_ssf_to_a_checkpoint(tmp_path):
-    import jaxmodels
-    from training import run as run_lib
-
-    pre = random_variables(jaxmodels.create("vit_tiny", num_classes=4), seed=2)
-    jaxmodels.save(tmp_path / "pre", "vit_tiny", jax.device_get(pre))
-    model, variables = run_lib.build_variables("vit_tiny", str(tmp_path / "pre"), 4, ssf=True)
-    flat = paths.flatten(variables["params"])
-    loaded = paths.flatten(pre["params"])
-    for path, leaf in loaded.items():
-        np.testing.assert_array_equal(np.asarray(flat[path]), np.asarray(leaf), err_msg=path)
-    ssf_paths = set(flat) - set(loaded)
-    assert ssf_paths and all(masks.is_ssf_path(p) for p in ssf_paths)
-    scales = np.concatenate([np.asarray(flat[p]) for p in ssf_paths if p.endswith("/scale")])
-    shifts = np.concatenate([np.asarray(flat[p]) for p in ssf_paths if p.endswith("/shift")])
-    assert scales.size == shifts.size == 640  # half of vit_tiny's 1280 SSF values each
-    # γ ~ N(1, 0.02²), β ~ N(0, 0.02²): 640 draws put the mean within ~4 standard errors
-    assert abs(scales.mean() - 1) < 4 * 0.02 / np.sqrt(640)
-    assert abs(shifts.mean()) < 4 * 0.02 / np.sqrt(640)
-    np.testing.assert_allclose([scales.std(), shifts.std()], 0.02, rtol=0.15)
-    logits = jax.jit(model.apply)(variables, jnp.zeros((2, 32, 32, 3)))
-    assert logits.shape == (2, 4)
+    out = subprocess.run(
+        [sys.executable, str(REPO / "scripts/finetune.py"), "--help"],
+        capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    for needle in ["--mode", "ssf", "sweep", "result.json", "tfds:NAME", "--init-seed",
+                   "load_run", "never retrained"]:  # fmt: skip
+        assert needle in out, needle

@@ -199,25 +199,6 @@ def test_sharded_step_equals_single_device_step():
         )
     np.testing.assert_allclose(float(metrics["loss"]), float(expected_metrics["loss"]), rtol=1e-6)
 
-
-@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
-def test_eval_step_sums_ignore_padding(jit):
-    model, variables = init_tiny(num_classes=NUM_CLASSES)
-    batch = _batch(batch=8)
-    batch["weight"] = jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
-    fn = step_lib.make_eval_step(model.apply)
-    fn = jax.jit(fn) if jit else fn
-    sums = fn(variables["params"], {}, batch)
-    logits = np.asarray(model.apply(variables, batch["image"]), np.float64)[:5]
-    labels = np.asarray(batch["label"])[:5]
-    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-    np.testing.assert_allclose(
-        float(sums["loss_sum"]), -log_probs[np.arange(5), labels].sum(), rtol=1e-5
-    )
-    assert float(sums["correct"]) == float((logits.argmax(-1) == labels).sum())
-    assert float(sums["count"]) == 5.0
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -86,8 +86,8 @@ def _resolve_model_ref(text: str) -> str:
     label, body = (head + sep, rest) if sep and "=" not in head and "/" not in head else ("", text)
     name, eq, path = body.partition("=")
     if eq:
-        return f"{label}{name}={os.path.abspath(path)}"
-    return text if name in jaxmodels.MODEL_NAMES else f"{label}{os.path.abspath(body)}"
+        return f"{label}{name}={os.path.abspath(path)}" if os.path.exists(path) else text
+    return f"{label}{os.path.abspath(body)}" if os.path.isdir(body) else text
 
 
 def plan(config: RunConfig) -> Plan:
@@ -119,6 +119,8 @@ def plan(config: RunConfig) -> Plan:
         num_classes=config.num_classes,
     )  # fmt: skip
     num_classes = config.num_classes or train.num_classes
+    if config.num_classes is None:
+        _check_every_class_present(train)
     evaluation = None
     if config.eval_data:
         evaluation = data_lib.open_source(
@@ -139,6 +141,20 @@ def plan(config: RunConfig) -> Plan:
             f"{config.train_data}"
         )
     return Plan(config, None, ref, train, evaluation, num_classes, per_epoch)
+
+
+def _check_every_class_present(source) -> None:
+    """Without --num-classes the head has max(label) + 1 outputs: a stray label (99 among 0–4)
+    would silently add 95 empty classes, so every class below the largest must have examples."""
+    counts = np.bincount(source.labels, minlength=source.num_classes)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        listed = ", ".join(f"label {c} ({counts[c]} images)" for c in np.flatnonzero(counts))
+        raise RunError(
+            f"training data {source.spec!r} has no example of {empty.size} of its "
+            f"{source.num_classes} classes (first missing: {int(empty[0])}); its labels: "
+            f"{listed}. Fix stray labels, or pass --num-classes to train a head with empty classes"
+        )
 
 
 def run(

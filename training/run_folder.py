@@ -144,7 +144,9 @@ class Run:
       variables: its final variables.
       config: the `RunConfig` it ran with.
       result: its ``result.json``.
-      info: the ``model.json`` of its weights (architecture, seeds, starting point, data).
+      info: what the ``model.json`` of its weights records, flattened: ``name``, ``overrides``,
+        ``num_classes``, ``image_size`` and the run's facts (``mode``, ``seed``, ``init_seed``,
+        ``base_checkpoint_sha256``, ``start_sha256``, ``train_data``, ...).
     """
 
     folder: pathlib.Path
@@ -197,6 +199,7 @@ def _load_one(folder: pathlib.Path) -> Run:
     if not result.get("finished") or not (folder / MODEL_DIR).is_dir():
         raise RunError(f"run {str(folder)!r} has not finished (no final model yet)")
     model, variables = jaxmodels.load(folder / MODEL_DIR)
-    info = jaxmodels.model_info(folder / MODEL_DIR)
+    meta = jaxmodels.model_info(folder / MODEL_DIR)
+    info = {**{k: v for k, v in meta.items() if k not in ("info", "format")}, **meta["info"]}
     config = RunConfig.from_json({**result["config"], "out_dir": str(folder)})
     return Run(folder, model, variables, config, result, info)
