@@ -84,6 +84,7 @@ def extract_features(
         but absent.
     """
     _check_model(model)
+    inference._check_dtype(dtype)
     run_model = inference._with_compute_dtype(model, dtype)
     variables = inference._cast_floating(variables, dtype)
     if _is_dataset(images):

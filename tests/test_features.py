@@ -16,7 +16,7 @@ import pytest
 
 import jaxmodels
 from jaxmodels import features as features_lib
-from jaxmodels import sharding
+from jaxmodels import inference, sharding
 
 NUM_CLASSES = 3
 
@@ -114,8 +114,8 @@ def test_logits_reuse_the_backbone_pass(tiny):
     v = sharding.replicate(variables, mesh)
 
     def flops(with_logits):
-        step = features_lib._extract_step(model, mesh, with_logits)
-        return step.lower(v, x).compile().cost_analysis()["flops"]
+        step = features_lib._extract_step(model, None, None, mesh, with_logits)
+        return step.jitted.lower(v, x).compile().cost_analysis()["flops"]
 
     def unmerged(v, x):  # two passes XLA cannot merge: the second input differs
         return model.apply(v, x, method="features"), model.apply(v, x + 1.0)
@@ -192,9 +192,9 @@ def test_bfloat16_is_close_to_float32(tiny, model_cls):
 
 def test_bfloat16_clones_models_with_a_dtype_field():
     # A layer with dtype=float32 would silently compute in float32 on bfloat16 inputs.
-    model = features_lib._with_compute_dtype(TinyNetWithDtype(), jnp.bfloat16)
+    model = inference._with_compute_dtype(TinyNetWithDtype(), jnp.bfloat16)
     assert model.dtype == jnp.bfloat16
-    assert features_lib._with_compute_dtype(TinyNet(), jnp.bfloat16) == TinyNet()
+    assert inference._with_compute_dtype(TinyNet(), jnp.bfloat16) == TinyNet()
 
 
 def _gram_update(carry, feats_BD, labels_B, valid_B):

@@ -9,8 +9,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny_classifier import init_tiny, random_variables
 
-from jaxmodels import paths
-from training import loop, masks, optim
+from jaxmodels import paths, sharding
+from training import masks, optim
 from training import train_step as step_lib
 
 NUM_CLASSES = 3
@@ -187,9 +187,9 @@ def test_sharded_step_equals_single_device_step():
     _, _, state, step = _setup("ssf", batch_norm=True)
     batch = _batch(batch=16)
     expected, expected_metrics = jax.jit(step)(state, batch, jax.random.key(0))
-    mesh = loop.data_mesh()
+    mesh = sharding.data_mesh()
     assert mesh.size == 8
-    sharded = loop.shard_batch(jax.device_get(batch), mesh)
+    sharded = sharding.shard_local_batch(jax.device_get(batch), mesh)
     assert sharded["image"].sharding == NamedSharding(mesh, P("data"))
     state_r = jax.device_put(state, NamedSharding(mesh, P()))
     got, metrics = jax.jit(step)(state_r, sharded, jax.random.key(0))
