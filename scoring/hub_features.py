@@ -1,18 +1,19 @@
 """Features and streamed statistics of hub models on a target dataset, cached on disk.
 
-For `scoring.hub_ranking`: builds each MODEL_SPEC's model (`jaxmodels.load` for `name=checkpoint`,
-a seeded random initialisation for a bare `name`), preprocesses the data for it, and either
-extracts features and head logits (`jaxmodels.extract_features`) or folds them into
-`scoring.ScoreStats` inside the extraction step (`jaxmodels.stream_reduce`). Results are cached
-under a key of the checkpoint's content hash (or the random-init seed), the data's fingerprint and
-spec, and the preprocessing, so a second ranking of the same (model, data) extracts nothing.
+For `scoring.hub_ranking`: builds each model reference (`jaxmodels.build`: a checkpoint, a run
+folder, or a seeded random initialisation) and either extracts features and head logits over the
+data (`jaxmodels.extract_features`, with the model's own evaluation preprocessing — the one every
+package uses) or folds them into `scoring.ScoreStats` inside the extraction step
+(`jaxmodels.stream_reduce`). Results are cached under a key of the weights' content hash (or the
+random-init seed) and the data's fingerprint; the key is computed without building the model, so a
+second ranking of the same (model, data) compiles and extracts nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
+import os
 import pathlib
 
 import jax
@@ -21,118 +22,74 @@ import numpy as np
 
 import jaxmodels
 from scoring import stats as stats_lib
-from scoring.hub_data import HubDataset
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 _RANDOM_INIT_CLASSES = 1000  # a random-init model gets an ImageNet-sized head
-_HEAD_NAMES = ("fc", "head")  # ResNet, ViT
 
 
 class SpecError(ValueError):
-    """A bad MODEL_SPEC, score list, ground-truth file or option (one-line message)."""
+    """A bad score list, ground-truth file or option (one-line message)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelEntry:
-    """One MODEL_SPEC: `label` (how it is reported), registry `name`, optional checkpoint."""
-
-    label: str
-    name: str
-    checkpoint: pathlib.Path | None
+def default_cache_dir() -> pathlib.Path:
+    """Where features are cached by default: ``jaxmodels.cache_root() / "features"``."""
+    return jaxmodels.cache_root() / "features"
 
 
-def parse_model_spec(text: str) -> ModelEntry:
-    """`name=checkpoint_path` or a bare `name` (random init); checks both exist."""
-    name, sep, path = text.partition("=")
-    if name not in jaxmodels.MODEL_NAMES:
-        raise SpecError(
-            f"unknown model {name!r} in {text!r}; known: {', '.join(jaxmodels.MODEL_NAMES)}"
-        )
-    if not sep:
-        return ModelEntry(name, name, None)
-    checkpoint = pathlib.Path(path)
-    if not path or not checkpoint.exists():
-        raise SpecError(f"checkpoint {path!r} of model spec {text!r} not found")
-    return ModelEntry(text, name, checkpoint)
-
-
-def _digest_path(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
+def weights_digest(ref: jaxmodels.ModelRef, seed: int, cache_dir: pathlib.Path) -> str:
+    """The content hash of a reference's weights (memoised by path, size and mtime), or the
+    random initialisation's seed."""
+    if ref.checkpoint is None:
+        return f"random-init seed {seed}"
+    path = pathlib.Path(ref.checkpoint).absolute()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
-
-
-def _build_model(entry: ModelEntry, seed: int):
-    """(model, variables, preprocessing) for a spec; load errors become `SpecError`."""
-    if entry.checkpoint is None:
-        model = jaxmodels.create(entry.name, num_classes=_RANDOM_INIT_CLASSES)
-        prep = jaxmodels.spec(entry.name).preprocessing
-        dummy = jnp.zeros((1, prep.image_size, prep.image_size, 3), jnp.float32)
-        return model, model.init(jax.random.key(seed), dummy), prep
+    stamp = hashlib.sha256(
+        "".join(f"{f}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n" for f in files).encode()
+    ).hexdigest()
+    memo_path = cache_dir / "digests.json"
     try:
-        model, variables = jaxmodels.load(entry.name, entry.checkpoint)
-    except (OSError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise SpecError(f"cannot load {entry.label!r}: {first}") from err
-    prep = jaxmodels.spec(entry.name, image_size=getattr(model, "image_size", None)).preprocessing
-    return model, variables, prep
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    if stamp not in memo:
+        memo[stamp] = jaxmodels.content_digest(path)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = memo_path.with_name(f".digests.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        os.replace(tmp, memo_path)
+    return memo[stamp]
 
 
-def _cache_key(entry: ModelEntry, data: HubDataset, prep, seed: int, kind: str) -> str:
-    weights = (
-        f"random-init seed {seed}" if entry.checkpoint is None else _digest_path(entry.checkpoint)
-    )
+def _cache_path(ref, data, seed, cache_dir, kind: str) -> pathlib.Path:
     key = {
         "version": _CACHE_VERSION,
         "kind": kind,
-        "model": entry.name,
-        "weights": weights,
+        "model": ref.name,
+        "weights": weights_digest(ref, seed, cache_dir),
         "data": data.fingerprint,
-        "data_spec": data.spec,
-        "preprocessing": dataclasses.asdict(prep),
     }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir / f"{ref.name}-{digest}{'' if kind == 'features' else '-stats'}.npz"
 
 
-def _preprocessed_batches(data: HubDataset, prep, labels_N: np.ndarray | None = None):
-    """Preprocessed float32 image batches [b, S, S, 3], paired with labels when given."""
-    for start, images in data.chunks():
-        if len({im.shape for im in images}) == 1:
-            batch = jaxmodels.preprocess_for_eval(np.stack(images).astype(np.float32), prep)
-        else:  # variable-size images (a folder): one at a time
-            batch = np.stack(
-                [jaxmodels.preprocess_for_eval(im.astype(np.float32), prep) for im in images]
-            )
-        batch = np.asarray(batch, np.float32)
-        yield batch if labels_N is None else (batch, labels_N[start : start + len(images)])
+def _build(ref, seed):
+    built = jaxmodels.build(ref, init_seed=seed, random_init_classes=_RANDOM_INIT_CLASSES)
+    return built.model, built.variables
 
 
-def _head(variables):
-    """(kernel [D, K], bias [K]) of the model's linear head."""
-    params = variables.get("params", {})
-    for name in _HEAD_NAMES:
-        if name in params and {"kernel", "bias"} <= set(params[name]):
-            return params[name]["kernel"], params[name]["bias"]
-    raise SpecError("the model has no linear head ('fc' or 'head'): LEEP and NCE need one")
+def _head(model, variables):
+    """(kernel [D, K], bias [K]) of the model's linear head (its spec names it)."""
+    head = jaxmodels.spec_of(model).head
+    params = variables["params"][head]
+    return params["kernel"], params["bias"]
 
 
-def _feature_dim(model, variables, prep) -> int:
-    dummy = jax.ShapeDtypeStruct((1, prep.image_size, prep.image_size, 3), jnp.float32)
-    out = jax.eval_shape(lambda x: model.apply(variables, x, method="features"), dummy)
-    return int(out.shape[-1])
-
-
-def features_for(entry, data, cache_dir, batch_size, seed, log):
+def features_for(ref, data, cache_dir, batch_size, seed, log):
     """Features and head logits of one model on the data, from the cache or extracted.
 
     Args:
-        entry: the model (`parse_model_spec`).
-        data: the dataset (`scoring.hub_data.open_dataset`).
+        ref: the model (`jaxmodels.parse_model_ref`).
+        data: the dataset (`jaxmodels.open_source`).
         cache_dir: `pathlib.Path` of the cache.
         batch_size: global extraction batch (a multiple of the device count).
         seed: seed of a random-init model.
@@ -142,23 +99,21 @@ def features_for(entry, data, cache_dir, batch_size, seed, log):
         (features [N, D] float32, logits [N, K] float32, from_cache).
 
     Raises:
-        SpecError: the checkpoint cannot be loaded.
+        jaxmodels.ModelRefError: the checkpoint cannot be loaded.
     """
-    model, variables, prep = _build_model(entry, seed)
-    path = cache_dir / f"{entry.name}-{_cache_key(entry, data, prep, seed, 'features')[:24]}.npz"
+    path = _cache_path(ref, data, seed, cache_dir, "features")
     if path.exists():
         log(f"  cached features: {path}")
         with np.load(path) as cached:
             return cached["features"], cached["logits"], True
+    model, variables = _build(ref, seed)
     feats, logits = jaxmodels.extract_features(
-        model,
-        variables,
-        _preprocessed_batches(data, prep),
-        batch_size=batch_size,
-        return_logits=True,
+        model, variables, data, batch_size=batch_size, return_logits=True
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    np.savez(path, features=feats, logits=logits, labels=data.labels)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    np.savez(tmp, features=feats, logits=logits, labels=data.labels)
+    os.replace(tmp, path)
     log(f"  extracted {feats.shape[0]} × {feats.shape[1]} features → {path}")
     return feats, logits, False
 
@@ -180,7 +135,7 @@ def _load_tuple(saved, prefix, cls):
     return cls(*(jnp.asarray(saved[f"{prefix}.{f}"]) for f in cls._fields))
 
 
-def statistics_for(entry, data, scores, cache_dir, batch_size, seed, log):
+def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
     """Streamed statistics of one model on the data, from the cache or accumulated on device.
 
     Args: as `features_for`, plus `scores`, the names to compute (a subset of logme, hscore,
@@ -192,9 +147,7 @@ def statistics_for(entry, data, scores, cache_dir, batch_size, seed, log):
     Raises:
         SpecError: the checkpoint cannot be loaded, or LEEP/NCE asked of a model without a head.
     """
-    model, variables, prep = _build_model(entry, seed)
-    key = _cache_key(entry, data, prep, seed, "stream:" + ",".join(sorted(scores)))
-    path = cache_dir / f"{entry.name}-{key[:24]}-stats.npz"
+    path = _cache_path(ref, data, seed, cache_dir, "stream:" + ",".join(sorted(scores)))
     if path.exists():
         log(f"  cached statistics: {path}")
         with np.load(path) as saved:
@@ -203,9 +156,10 @@ def statistics_for(entry, data, scores, cache_dir, batch_size, seed, log):
                 _load_tuple(saved, "leep", stats_lib.LeepPass),
                 True,
             )
-    classes, index_N = np.unique(data.labels, return_inverse=True)
+    model, variables = _build(ref, seed)
+    classes = np.unique(data.labels)
     with_head = any(s in ("leep", "nce") for s in scores)
-    kernel_DK, bias_K = _head(variables) if with_head else (None, None)
+    kernel_DK, bias_K = _head(model, variables) if with_head else (None, None)
 
     # The head rides in the carry instead of being closed over: embedded as a jit constant, a
     # random-init ViT's all-zero head kernel made XLA:CPU return NaN softmaxes (jax 0.10.2).
@@ -224,26 +178,23 @@ def statistics_for(entry, data, scores, cache_dir, batch_size, seed, log):
         probs_BK = source_probs(head, feats_BD)
         return head, stats_lib.leep_pass_update(lp, probs_BK, labels_B, valid_B)
 
-    def batches():
-        return _preprocessed_batches(data, prep, index_N)
-
     # float64 accumulators: FᵀF − Nμμᵀ and LogME's spectrum keep their digits at any N.
     with jax.enable_x64(True):
         init = stats_lib.init(
-            _feature_dim(model, variables, prep),
+            jaxmodels.spec_of(model).feature_dim,
             len(classes),
             num_source_classes=int(kernel_DK.shape[1]) if with_head else None,
             dtype=jnp.float64,
         )
         _, acc = jaxmodels.stream_reduce(
-            model, variables, batches(), init=(head, init), update=update, batch_size=batch_size
+            model, variables, data, init=(head, init), update=update, batch_size=batch_size
         )
         second = None
         if "leep" in scores:  # LEEP's second pass needs P̂(y | z) from the first
             _, second = jaxmodels.stream_reduce(
                 model,
                 variables,
-                batches(),
+                data,
                 init=(head, stats_lib.leep_pass_init(acc)),
                 update=leep_update,
                 batch_size=batch_size,

@@ -25,6 +25,7 @@ class Ranking:
         cached: {model: whether its features/statistics came from the cache}.
         accuracies: {model: fine-tuned accuracy} or None.
         agreement: {score: RankAgreement} or None.
+        error: what stopped the ranking early (a score that failed), or None.
     """
 
     data: str
@@ -35,6 +36,7 @@ class Ranking:
     cached: dict[str, bool]
     accuracies: dict[str, float] | None = None
     agreement: dict[str, rank_correlation.RankAgreement] | None = None
+    error: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -46,13 +48,14 @@ class Ranking:
                     "scores": self.values[m],
                     "ranks": self.ranks[m],
                     "accuracy": None if self.accuracies is None else self.accuracies[m],
-                    "from_cache": self.cached[m],
+                    "from_cache": self.cached.get(m),
                 }
                 for m in self.models
             ],
             "rank_correlation": None
             if self.agreement is None
             else {s: a._asdict() for s, a in self.agreement.items()},
+            "error": self.error,
         }
 
 
@@ -82,7 +85,11 @@ def format_table(ranking: Ranking) -> str:
 
 
 def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
-    """Score vs fine-tuned accuracy, one panel per score, saved as an image."""
+    """Score vs fine-tuned accuracy, one panel per score, one colour and marker per model.
+
+    Models are told apart by a shared legend below the panels (labels written next to points
+    overlap once a hub has more than a handful of models).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,19 +98,31 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
     n = len(ranking.scores)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows + 0.9), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
+    markers = "os^Dv<>pP*Xh"
+    colors = plt.get_cmap("tab10" if len(ranking.models) <= 10 else "tab20").colors
     accs = [ranking.accuracies[m] for m in ranking.models]
     for ax, name in zip(axes.flat, ranking.scores, strict=False):
-        xs = [ranking.values[m][name] for m in ranking.models]
-        ax.scatter(xs, accs)
-        for x, y, m in zip(xs, accs, ranking.models, strict=True):
-            ax.annotate(m, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel(name)
-        ax.set_ylabel("fine-tuned accuracy")
-        ax.set_title(f"{name}: weighted τ = {ranking.agreement[name].weighted_tau:.3f}")
-    fig.tight_layout()
+        for i, (model, acc) in enumerate(zip(ranking.models, accs, strict=True)):
+            ax.scatter(
+                ranking.values[model][name], acc, label=model, s=40,
+                marker=markers[i % len(markers)], color=colors[i % len(colors)],
+            )  # fmt: skip
+        ax.set_xlabel(name, fontsize=9)
+        ax.set_ylabel("fine-tuned accuracy", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.locator_params(axis="x", nbins=4)  # few ticks: long numbers never overlap
+        if ranking.agreement is not None:
+            ax.set_title(f"weighted τ = {ranking.agreement[name].weighted_tau:.2f}", fontsize=9)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False
+    )
+    fig.suptitle(f"transferability scores vs fine-tuned accuracy on {ranking.data}", fontsize=10)
+    legend_rows = -(-len(labels) // 4)
+    fig.tight_layout(rect=(0, 0.05 + 0.035 * legend_rows, 1, 0.96))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

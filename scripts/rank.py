@@ -1,23 +1,30 @@
 """Rank pre-trained models for a target dataset with LogME and its peers, without fine-tuning.
 
 Usage:
-    python scripts/rank.py --models MODEL_SPEC... --data DATA_SPEC [--ground-truth accs.json]
+    python scripts/rank.py --models MODEL... --data DATA_SPEC [--ground-truth accs.json]
                            [--scores logme,leep,...] [--stream] --out DIR
 
-MODEL_SPEC: `name=checkpoint` (a .safetensors torchvision/timm state dict, a vision_transformer
-    .npz, or an orbax directory written by `jaxmodels.save`; anything `jaxmodels.load` reads) or a
-    bare `name` (random initialisation, for trying things out). Names: see `jaxmodels.MODEL_NAMES`.
-DATA_SPEC: `data.npz` with `images` [N, H, W, 3] (0–255) and integer `labels` [N]; a folder with
-    one sub-folder of images per class; or `tfds:NAME:SPLIT` (e.g. tfds:cifar100:train[:5000],
-    already prepared as ArrayRecord under TFDS's data_dir).
+MODEL: `[LABEL:]NAME=CHECKPOINT` (a .safetensors torchvision/timm state dict, a vision_transformer
+    or big_vision .npz, or a folder written by `jaxmodels.save`), a fine-tuning run folder (the
+    architecture is read from it), or a bare `NAME` (a random initialisation, for trying things
+    out). LABEL is the short name used in the table, ranking.json and ranking.png; by default the
+    run folder's name, the checkpoint file's stem, or NAME. Names: {names}.
+DATA_SPEC: `data.npz` with `images` [N, H, W(, 3)] (uint8, or float with a stated `value_range`)
+    and integer `labels` [N] (0..C−1, every class present); a folder with one sub-folder of images
+    per class; or `tfds:NAME[:SPLIT]` (e.g. tfds:cifar100:train[:5000], already prepared as
+    ArrayRecord under --tfds-data-dir; nothing is downloaded).
 
-Each model's features (and head logits, for LEEP/NCE) are extracted once over all devices and
-cached under --cache-dir, keyed by the checkpoint's content hash and the data, so re-ranking with
-other scores is instant. Prints a table (model, each score with the model's rank) and writes
-DIR/ranking.json; with --ground-truth (a JSON object {model: fine-tuned accuracy}) it also prints
-each score's weighted Kendall τ, Kendall τ, Spearman ρ and top-1 regret and draws DIR/ranking.png.
---stream never holds the features: statistics are summed inside the extraction step (LogME,
-H-score, LEEP, NCE only). Bad specs print one line and exit with status 2.
+Everything cheap is checked before the first extraction: every checkpoint's header opens, the
+labels, each score's needs (e.g. N-LEEP's samples per mixture component), --out. Each model's
+features (and head logits, for LEEP/NCE) are extracted once over all devices, with the model's own
+evaluation preprocessing, and cached under --cache-dir (default {cache}), keyed by the weights'
+content hash and the data, so re-ranking with other scores compiles and extracts nothing. Prints a
+table (model, each score with the model's rank) and writes DIR/ranking.json; with --ground-truth
+(a JSON object {{label or name: fine-tuned accuracy}}) it also prints each score's weighted Kendall
+τ, Kendall τ, Spearman ρ and top-1 regret and draws DIR/ranking.png. --stream never holds the
+features: statistics are summed inside the extraction step (LogME, H-score, LEEP, NCE; those are
+the default scores then). A user error prints one line and exits with status 2; a score that
+fails keeps the scores that finished in ranking.json.
 
 Example:
     python scripts/rank.py --models resnet_tiny vit_tiny --data tiny.npz --scores logme,hscore \\
@@ -25,32 +32,49 @@ Example:
 """
 
 import argparse
+import pathlib
 import sys
 
+import jaxmodels
 from scoring import hub_ranking
-from scoring.hub_data import DataSpecError
+from scoring.hub_features import default_cache_dir
+
+USER_ERRORS = (hub_ranking.SpecError, jaxmodels.DataError, jaxmodels.ModelRefError)
 
 
 def main(argv=None) -> int:
+    doc = __doc__.format(names=", ".join(jaxmodels.MODEL_NAMES), cache=default_cache_dir())
     parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        description=doc.split("\n\n")[0],
+        epilog="\n\n".join(doc.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--models", nargs="+", required=True, metavar="MODEL_SPEC")
+    parser.add_argument("--models", nargs="+", required=True, metavar="MODEL")
     parser.add_argument("--data", required=True, metavar="DATA_SPEC")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument(
         "--scores",
-        default=",".join(hub_ranking.DEFAULT_SCORES),
-        help=f"comma-separated, from {', '.join(hub_ranking.SCORES)} (default: %(default)s)",
+        help=f"comma-separated, from {', '.join(hub_ranking.SCORES)} (default: "
+        f"{','.join(hub_ranking.DEFAULT_SCORES)}; with --stream: "
+        f"{','.join(hub_ranking.STREAM_SCORES)})",
     )
     parser.add_argument("--ground-truth", metavar="JSON", help="{model: fine-tuned accuracy}")
     parser.add_argument("--stream", action="store_true", help="score from streamed statistics")
-    parser.add_argument("--cache-dir", default=".cache/hubtune_features")
+    parser.add_argument(
+        "--cache-dir", help=f"feature cache (default {default_cache_dir()}, or $HUBTUNE_CACHE)"
+    )
     parser.add_argument("--batch-size", type=int, help="global batch (default 32 per device)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random-init models")
+    parser.add_argument("--tfds-data-dir", help="TFDS data directory")
     args = parser.parse_args(argv)
+
+    def fail(message: str) -> int:
+        print(f"rank.py: error: {message}", file=sys.stderr)
+        return 2
+
+    out = pathlib.Path(args.out)
+    if out.exists() and not out.is_dir():
+        return fail(f"--out {str(out)!r} is a file; give a folder")
     try:
         ranking = hub_ranking.rank_hub(
             args.models,
@@ -61,14 +85,16 @@ def main(argv=None) -> int:
             batch_size=args.batch_size,
             stream=args.stream,
             seed=args.seed,
+            data_dir=args.tfds_data_dir,
         )
-    except (hub_ranking.SpecError, DataSpecError) as err:
-        print(f"rank.py: error: {err}", file=sys.stderr)
-        return 2
+    except USER_ERRORS as err:
+        return fail(str(err))
     print()
     print(hub_ranking.format_table(ranking))
-    for path in hub_ranking.write_outputs(ranking, args.out):
+    for path in hub_ranking.write_outputs(ranking, out):
         print(f"wrote {path}")
+    if ranking.error:
+        return fail(f"{ranking.error} (the scores that finished are in {out / 'ranking.json'})")
     return 0
 
 

@@ -323,7 +323,10 @@ def test_seed_sweep_shares_its_start_writes_sweep_json_and_loads_anywhere(
     assert all(r["finished"] and r["accuracy"] is not None for r in manifest["runs"])
     monkeypatch.chdir("/")
     runs = load_run(out)
-    assert [r.name for r in runs] == ["seed=0", "seed=1"] and [r.config.seed for r in runs] == [0, 1]
+    assert [r.name for r in runs] == ["seed=0", "seed=1"] and [r.config.seed for r in runs] == [
+        0,
+        1,
+    ]
     # one starting point (head and SSF drawn from init_seed 0), then different data orders
     expected = jaxmodels.build(f"vit_tiny={pretrained['pre']}", num_classes=2, ssf=True)
     assert {r.info["start_sha256"] for r in runs} == {paths.tree_digest(expected.variables)}

@@ -199,6 +199,7 @@ def test_sharded_step_equals_single_device_step():
         )
     np.testing.assert_allclose(float(metrics["loss"]), float(expected_metrics["loss"]), rtol=1e-6)
 
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
