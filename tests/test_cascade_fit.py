@@ -163,6 +163,25 @@ def test_three_and_four_stages_within_one_percent_of_brute_force(num_members, gr
     check_fit_is_what_it_says(fit, conf_MN, correct_MN, costs)
 
 
+@pytest.mark.parametrize("num_members", [3, 4])
+def test_fit_is_optimal_along_every_threshold(num_members):
+    """No single threshold, moved anywhere with the others fixed, gives a better cascade."""
+    logits, labels, costs = synthetic(num_members, seed=num_members)
+    conf_MN, correct_MN = reference_stages(logits, labels, "ensemble", "max_prob")
+    target, budget = goals(logits, labels, costs, "ensemble", "max_prob")
+    for goal in [dict(target=target), dict(budget=budget)]:
+        key = "target_accuracy" if "target" in goal else "flops_budget"
+        fit = fit_cascade(logits, labels, costs, **{key: next(iter(goal.values()))})
+        for k in range(num_members - 1):
+            thresholds_GK = np.repeat(fit.thresholds[None, :], len(conf_MN[k]) + 1, axis=0)
+            thresholds_GK[:, k] = all_thresholds(conf_MN[k])
+            best = optimum(*outcomes(conf_MN, correct_MN, costs, thresholds_GK), **goal)
+            if "target" in goal:
+                assert fit.avg_cost <= best[1] * (1 + 1e-12)
+            else:
+                assert fit.accuracy >= best[0]
+
+
 def test_fitted_thresholds_drive_the_simulated_cascade():
     logits, labels, costs = synthetic(3)
     fit = fit_cascade(logits, labels, costs, flops_budget=4.0)
