@@ -2,8 +2,17 @@
 ensembles and cascades."""
 
 from jaxmodels import committees, preprocess, ssf
-from jaxmodels.cascade_fit import CascadeFit, FrontierPoint, fit_cascade, search_cascades
-from jaxmodels.committees import Cascade, CascadeOutput, Ensemble, Member, simulate_cascade
+from jaxmodels.committees import (
+    Cascade,
+    CascadeFit,
+    CascadeOutput,
+    Ensemble,
+    FrontierPoint,
+    Member,
+    fit_cascade,
+    search_cascades,
+    simulate_cascade,
+)
 from jaxmodels.features import extract_features, stream_reduce
 from jaxmodels.load import load, save
 from jaxmodels.preprocess import Preprocessing, preprocess_for_eval

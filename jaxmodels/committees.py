@@ -14,6 +14,12 @@ of its average cost. This module runs them:
     scattered back in input order. Its decisions follow `jaxmodels.cascade_rules`, which
     `simulate_cascade` also uses, so the executor and the simulation agree on the same logits.
 
+The pieces live in five modules; this one re-exports their public names:
+  `jaxmodels.cascade_rules` — confidences, stage rule, exit rule, `simulate_cascade`;
+  `jaxmodels.cascade_fit` — `fit_cascade` (thresholds) and `search_cascades` (Pareto frontier);
+  `jaxmodels.row_batches` — bucketed, sharded execution over chosen rows;
+  `jaxmodels.members` — `Member`, its inputs and its forward pass.
+
 Both shard every batch over the 'data' axis of a `Mesh` (all devices by default) with the
 variables replicated, and keep one jitted step per (model, input shape). Images are either one
 array [N, H, W, 3] for all members or one array per member (members with different input sizes);
@@ -30,9 +36,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -40,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import cascade_rules, row_batches, sharding
+from jaxmodels import members as members_lib
+from jaxmodels.cascade_fit import CascadeFit, FrontierPoint, fit_cascade, search_cascades
 from jaxmodels.cascade_rules import (
     CONFIDENCES,
     CascadeOutput,
@@ -48,153 +54,26 @@ from jaxmodels.cascade_rules import (
     neg_entropy,
     simulate_cascade,
 )
-from jaxmodels.preprocess import Preprocessing, normalize
+from jaxmodels.members import Member
+from jaxmodels.preprocess import Preprocessing
 
 PyTree = Any
 
 __all__ = [
     "CONFIDENCES",
     "Cascade",
+    "CascadeFit",
     "CascadeOutput",
     "Ensemble",
+    "FrontierPoint",
     "Member",
+    "fit_cascade",
     "margin",
     "max_prob",
     "neg_entropy",
+    "search_cascades",
     "simulate_cascade",
 ]
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class Member:
-    """One model of a committee.
-
-    Attributes:
-      model: a Flax Linen module; ``model.apply(variables, x, train=False)`` -> logits [B, K].
-      variables: its variables, e.g. ``{'params': ..., 'batch_stats': ...}``.
-      flops: forward cost per image, e.g. ``jaxmodels.spec(name, ...).flops_per_image``.
-      preprocessing: how its images are normalised; required when images are uint8.
-      name: a short label for reports.
-    """
-
-    model: Any
-    variables: PyTree
-    flops: float
-    preprocessing: Preprocessing | None = None
-    name: str = ""
-
-    def __post_init__(self):
-        if not callable(getattr(self.model, "apply", None)):
-            raise TypeError(f"model must be a Flax module; got {type(self.model).__name__}")
-        if isinstance(self.flops, bool) or not isinstance(self.flops, int | float | np.number):
-            raise TypeError(f"flops must be a number; got {type(self.flops).__name__}")
-        if not math.isfinite(self.flops) or self.flops <= 0:
-            raise ValueError(f"flops must be positive and finite; got {self.flops}")
-        if self.preprocessing is not None and not isinstance(self.preprocessing, Preprocessing):
-            raise TypeError(
-                "preprocessing must be a jaxmodels.Preprocessing or None; got "
-                f"{type(self.preprocessing).__name__}"
-            )
-        if not isinstance(self.name, str):
-            raise TypeError(f"name must be a str; got {type(self.name).__name__}")
-
-
-# ----------------------------------------------------------------------------- checks
-
-
-def _check_members(members) -> tuple[Member, ...]:
-    if isinstance(members, Member) or not isinstance(members, Sequence):
-        raise TypeError(f"members must be a sequence of Member; got {type(members).__name__}")
-    if not members:
-        raise ValueError("members must not be empty")
-    for i, member in enumerate(members):
-        if not isinstance(member, Member):
-            raise TypeError(f"members[{i}] must be a Member; got {type(member).__name__}")
-    return tuple(members)
-
-
-def _check_runtime() -> None:
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            f"ensembles and cascades run in a single process; got {jax.process_count()} processes"
-        )
-
-
-def _member_inputs(images, members: tuple[Member, ...]) -> list[np.ndarray]:
-    """One host array [N, H, W, 3] per member (the same object where images are shared)."""
-    if isinstance(images, np.ndarray | jax.Array):
-        arrays = [images] * len(members)
-    elif isinstance(images, Sequence) and not isinstance(images, str | bytes):
-        if len(images) != len(members):
-            raise ValueError(
-                f"images must be one array for all members or one per member ({len(members)}); "
-                f"got a sequence of {len(images)}"
-            )
-        arrays = list(images)
-    else:
-        raise TypeError(
-            "images must be an array [N, H, W, 3] or a sequence of such arrays, one per member; "
-            f"got {type(images).__name__}"
-        )
-    host: dict[int, np.ndarray] = {}  # converted once per distinct array object
-    result = []
-    for i, (x, member) in enumerate(zip(arrays, members, strict=True)):
-        if id(x) not in host:
-            if not isinstance(x, np.ndarray | jax.Array):
-                raise TypeError(f"images[{i}] must be an array; got {type(x).__name__}")
-            host[id(x)] = np.asarray(x)
-        x = host[id(x)]
-        if x.ndim != 4 or x.shape[-1] != 3 or x.shape[0] == 0:
-            raise ValueError(f"images for member {i} must be [N>0, H, W, 3]; got {x.shape}")
-        if result and x.shape[0] != result[0].shape[0]:
-            raise ValueError(
-                f"every member's images must have the same N; member 0 has "
-                f"{result[0].shape[0]}, member {i} has {x.shape[0]}"
-            )
-        if x.dtype == np.uint8:
-            if member.preprocessing is None:
-                raise ValueError(
-                    f"member {i} ({member.name or 'unnamed'}) gets uint8 images but has no "
-                    "preprocessing to normalise them; pass Member(preprocessing=...) or floats"
-                )
-        elif not np.issubdtype(x.dtype, np.floating):
-            raise TypeError(f"images for member {i} must be uint8 or floating; got {x.dtype}")
-        result.append(x)
-    return result
-
-
-_JIT_CACHE: dict = {}
-
-
-def _cached_jit(key, build):
-    """One jitted step per key (model, preprocessing, stage rule, mesh, ...), shared by every
-    Ensemble / Cascade built from the same pieces, so rebuilding one never re-traces."""
-    if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = build()
-    return _JIT_CACHE[key]
-
-
-def _check_finite(logits: np.ndarray, what: str) -> np.ndarray:
-    if not np.isfinite(logits).all():
-        raise ValueError(f"{what} produced non-finite logits (NaN or inf)")
-    return logits
-
-
-# ----------------------------------------------------------------------------- device steps
-
-
-def _forward(model, preprocessing, variables, images_BHWC) -> jax.Array:
-    """logits_BK float32 of one member; uint8 images are normalised here, on the device."""
-    if images_BHWC.dtype == jnp.uint8:
-        images_BHWC = normalize(images_BHWC, preprocessing)
-    return model.apply(variables, images_BHWC, train=False).astype(jnp.float32)
-
-
-def _signature(member: Member):
-    """What members must share to be stacked under one vmap."""
-    leaves, treedef = jax.tree.flatten(member.variables)
-    shapes = tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
-    return member.model, treedef, shapes, member.preprocessing
 
 
 # ----------------------------------------------------------------------------- ensemble
@@ -223,15 +102,23 @@ class Ensemble:
       weights: non-negative weights [M] with a positive sum (normalised to sum 1); default uniform.
       mesh: a `Mesh` with a 'data' axis; default all devices.
       batch_size: rows per device step, a multiple of the 'data' size; default 256 rounded up
-        to one. The last batch is padded to the smallest of 8 bucket sizes that holds it.
+        to one. The last batch is padded to the smallest default bucket that holds it
+        (`row_batches.default_buckets`).
+      vmap: run members of one architecture as one `vmap` over their stacked variables
+        (default). False runs every member on its own, one after another in the same jitted
+        step: faster for convolutional members on XLA:CPU, where a vmapped convolution with
+        per-member kernels becomes a grouped convolution, about 3× slower there than separate
+        ones (docs/benchmarks.md); accelerators run grouped convolutions well.
 
     Raises:
       TypeError / ValueError: empty or malformed members, bad combine, weights, mesh or
         batch size.
     """
 
-    def __init__(self, members, *, combine="logits", weights=None, mesh=None, batch_size=None):
-        self.members = _check_members(members)
+    def __init__(
+        self, members, *, combine="logits", weights=None, mesh=None, batch_size=None, vmap=True
+    ):
+        self.members = members_lib.check_members(members)
         if combine not in ("logits", "probs"):
             raise ValueError(f"combine must be 'logits' or 'probs'; got {combine!r}")
         self.combine = combine
@@ -258,36 +145,42 @@ class Ensemble:
         self.mesh, self.buckets = row_batches.mesh_and_buckets(mesh, batch_size, None)
         self.batch_size = self.buckets[-1]
 
+        if not isinstance(vmap, bool):
+            raise TypeError(f"vmap must be a bool; got {type(vmap).__name__}")
         by_signature: dict[Any, list[int]] = {}
         for i, member in enumerate(self.members):
-            by_signature.setdefault(_signature(member), []).append(i)
+            key = members_lib.stacking_signature(member) if vmap else i
+            by_signature.setdefault(key, []).append(i)
         self._groups, group_variables = [], []
         for indices in by_signature.values():
             first = self.members[indices[0]]
             self._groups.append(_Group(tuple(indices), first.model, first.preprocessing))
             trees = [self.members[i].variables for i in indices]
-            group_variables.append(jax.tree.map(lambda *xs: np.stack(xs), *trees))
+            stacked = (
+                trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: np.stack(xs), *trees)
+            )
+            group_variables.append(stacked)
         self._group_variables = sharding.replicate(group_variables, self.mesh)
-        # Member indices of each architecture, each run as one vmap (public for inspection).
+        # Member indices run together: one vmap per architecture (public for inspection).
         self.groups = tuple(group.members for group in self._groups)
 
     def member_logits(self, images) -> np.ndarray:
         """Every member's logits, logits_MNK float32 (one pass over the images)."""
         (logits_NMK,) = self._run(images, combined=False)
-        return _check_finite(np.moveaxis(logits_NMK, 1, 0), "a member")
+        return members_lib.check_finite(np.moveaxis(logits_NMK, 1, 0), "a member")
 
     def logits(self, images) -> np.ndarray:
         """The combined logits [N, K] float32 (log of averaged probabilities for "probs")."""
         (logits_NK,) = self._run(images, combined=True)
-        return _check_finite(logits_NK, "the ensemble")
+        return members_lib.check_finite(logits_NK, "the ensemble")
 
     def predict(self, images) -> np.ndarray:
         """The predicted class of each image, [N] int32."""
         return np.argmax(self.logits(images), axis=-1).astype(np.int32)
 
     def _run(self, images, combined: bool):
-        _check_runtime()
-        inputs = _member_inputs(images, self.members)
+        members_lib.check_single_process()
+        inputs = members_lib.member_inputs(images, self.members)
         slots = {id(x): None for x in inputs}  # distinct arrays, in first-use order
         slot_of = {key: i for i, key in enumerate(slots)}
         arrays = [next(x for x in inputs if id(x) == key) for key in slots]
@@ -308,8 +201,12 @@ class Ensemble:
                 out = [None] * len(member_slots)
                 for group, variables in zip(groups, group_variables, strict=True):
                     slots = [member_slots[m] for m in group.members]
-                    forward = lambda v, x, g=group: _forward(g.model, g.preprocessing, v, x)
-                    if len(set(slots)) == 1:  # shared images: vmap over the variables only
+                    forward = lambda v, x, g=group: members_lib.forward(
+                        g.model, g.preprocessing, v, x
+                    )
+                    if len(slots) == 1:  # a member on its own: no vmap
+                        logits_GBK = forward(variables, images[slots[0]])[None]
+                    elif len(set(slots)) == 1:  # shared images: vmap over the variables only
                         logits_GBK = jax.vmap(forward, in_axes=(0, None))(
                             variables, images[slots[0]]
                         )
@@ -332,7 +229,7 @@ class Ensemble:
 
             return jax.jit(step, out_shardings=sharding.batch_sharding(self.mesh))
 
-        return _cached_jit(key, build)
+        return members_lib.cached_jit(key, build)
 
 
 # ----------------------------------------------------------------------------- cascade
@@ -357,8 +254,8 @@ class Cascade:
       batch_size: rows of the largest device step; stage 0 runs in batches of this size.
         Default 256 rounded up to a multiple of the 'data' size.
       buckets: the padded sizes a stage's leftover examples may take (each a multiple of the
-        'data' size, none above batch_size); default batch_size · {1/8, 2/8, ..., 1}. Each
-        (stage, bucket) compiles once.
+        'data' size, none above batch_size); default `row_batches.default_buckets`: steps of
+        batch_size/16, and powers of two below. Each (stage, bucket) compiles once.
 
     Raises:
       TypeError / ValueError: bad members (empty, flops decreasing), thresholds, confidence,
@@ -376,7 +273,7 @@ class Cascade:
         batch_size=None,
         buckets=None,
     ):
-        self.members = _check_members(members)
+        self.members = members_lib.check_members(members)
         flops_M = np.array([m.flops for m in self.members], dtype=np.float64)
         if (np.diff(flops_M) < 0).any():
             raise ValueError(
@@ -410,7 +307,7 @@ class Cascade:
 
         def build():
             def step(variables, images_BHWC, sum_prev_BK=None):
-                logits_BK = _forward(model, preprocessing, variables, images_BHWC)
+                logits_BK = members_lib.forward(model, preprocessing, variables, images_BHWC)
                 sum_BK, combined_BK = cascade_rules.stage_combine(
                     sum_prev_BK, logits_BK, stage=stage, rule=rule
                 )
@@ -420,7 +317,7 @@ class Cascade:
             return jax.jit(step, out_shardings=sharding.batch_sharding(self.mesh))
 
         key = ("stage", model, preprocessing, stage, rule, confidence_fn, keep_sum, self.mesh)
-        return _cached_jit(key, build)
+        return members_lib.cached_jit(key, build)
 
     def run(self, images) -> CascadeOutput:
         """Runs the cascade adaptively over `images`.
@@ -437,8 +334,8 @@ class Cascade:
         Raises:
           TypeError / ValueError: malformed images; a member producing NaN/inf logits.
         """
-        _check_runtime()
-        inputs = _member_inputs(images, self.members)
+        members_lib.check_single_process()
+        inputs = members_lib.member_inputs(images, self.members)
         num_stages, num_images = len(self.members), len(inputs[0])
         start = time.perf_counter()
         exit_N = np.full(num_images, num_stages - 1, dtype=np.int32)

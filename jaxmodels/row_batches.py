@@ -4,7 +4,7 @@ An adaptive cascade sends a different, data-dependent subset of the examples to 
 Compiling one step per subset size would recompile all the time; padding every subset to the
 full batch would waste the savings. `map_rows` cuts the rows into batches of the largest bucket
 and pads only the remainder, to the smallest bucket that holds it, so each step compiles at
-most once per bucket, and the waste is below one bucket step. Every batch is gathered on the
+most once per bucket, and the waste is below one bucket step (`default_buckets`). Every batch is gathered on the
 host, sharded over the 'data' axis of a `Mesh` and dispatched asynchronously; the previous
 batch's outputs are fetched while the next one computes.
 
@@ -22,9 +22,21 @@ from jax.sharding import Mesh
 from jaxmodels import sharding
 
 DEFAULT_BATCH_SIZE = 256
-# Default buckets: the batch size times 1/8, 2/8, ..., 8/8 (each rounded up to the mesh), so a
-# leftover wastes under 1/8 of a batch on padding and a step compiles at most 8 shapes.
-NUM_DEFAULT_BUCKETS = 8
+# Default buckets: multiples of batch/16 (a leftover of many rows wastes at most batch/16 of
+# them), and below batch/16 the powers of two (a small leftover at most doubles); every size
+# rounded up to the mesh. With batch 256 on one device: 1, 2, 4, 8, 16, 32, ..., 240, 256.
+NUM_LINEAR_BUCKETS = 16
+
+
+def default_buckets(batch_size: int, shards: int) -> set[int]:
+    """The default bucket sizes for `batch_size` rows on `shards` devices (see above)."""
+    step = batch_size / NUM_LINEAR_BUCKETS
+    sizes = {math.ceil(step * i) for i in range(1, NUM_LINEAR_BUCKETS + 1)}
+    size = 1
+    while size < step:
+        sizes.add(size)
+        size *= 2
+    return {min(batch_size, math.ceil(size / shards) * shards) for size in sizes}
 
 
 def mesh_and_buckets(mesh, batch_size, buckets) -> tuple[Mesh, tuple[int, ...]]:
@@ -34,7 +46,7 @@ def mesh_and_buckets(mesh, batch_size, buckets) -> tuple[Mesh, tuple[int, ...]]:
       mesh: a `Mesh` with a 'data' axis, or None for all devices.
       batch_size: rows of the largest batch, or None: the largest bucket if buckets are given,
         else `DEFAULT_BATCH_SIZE` rounded up to a multiple of the 'data' size.
-      buckets: padded batch sizes, or None for batch_size · {1/8, ..., 8/8}.
+      buckets: padded batch sizes, or None for `default_buckets`.
 
     Returns:
       (mesh, buckets) with every bucket a positive multiple of the 'data' size.
@@ -55,8 +67,7 @@ def mesh_and_buckets(mesh, batch_size, buckets) -> tuple[Mesh, tuple[int, ...]]:
         batch_size = max(buckets) if buckets else math.ceil(DEFAULT_BATCH_SIZE / shards) * shards
     sharding.check_batch_size(batch_size, mesh)
     if buckets is None:
-        step = batch_size / NUM_DEFAULT_BUCKETS
-        buckets = {math.ceil(step * i / shards) * shards for i in range(1, NUM_DEFAULT_BUCKETS + 1)}
+        buckets = default_buckets(batch_size, shards)
     elif max(buckets) > batch_size:
         raise ValueError(f"buckets must not exceed batch_size {batch_size}; got {sorted(buckets)}")
     return mesh, tuple(sorted({int(size) for size in buckets} | {int(batch_size)}))

@@ -195,12 +195,15 @@ def test_same_architecture_vmap_equals_member_loop(images, resnets):
     assert ensemble.groups == ((0, 1, 2, 3),)  # one vmap over stacked variables
     np.testing.assert_allclose(ensemble.member_logits(images["u8_32"]), logits_MNK, atol=2e-5)
     np.testing.assert_allclose(ensemble.logits(images["u8_32"]), logits_MNK.mean(0), atol=2e-5)
+    sequential = Ensemble(members, batch_size=16, vmap=False)
+    assert sequential.groups == ((0,), (1,), (2,), (3,))
+    np.testing.assert_allclose(sequential.member_logits(images["u8_32"]), logits_MNK, atol=2e-5)
 
 
 def test_ensemble_with_default_batch_pads_to_a_bucket(images, resnets):
     members, logits_MNK = resnets
     ensemble = Ensemble(members[:2])
-    assert ensemble.batch_size == 256 and ensemble.buckets[0] == 32
+    assert ensemble.batch_size == 256 and ensemble.buckets[:4] == (8, 16, 32, 48)  # 37 rows → 48
     np.testing.assert_allclose(ensemble.logits(images["u8_32"]), logits_MNK[:2].mean(0), atol=2e-5)
 
 
