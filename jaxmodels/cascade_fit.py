@@ -104,29 +104,43 @@ class _Stages:
             passing_T = self.num_examples - np.searchsorted(np.sort(conf_N), t_T, "right")
             self.passing.append(passing_T)
 
+    def cost(self, counts_XM):
+        """Summed cost of exit counts [..., M]; a function of the integer counts alone, so one
+        threshold setting reached along different paths gets bit-identical costs."""
+        return np.sum(counts_XM * self.cum_cost_M, axis=-1)
+
     def totals(self, thresholds_K):
         """(correct count, summed cost, exit_N) of one threshold vector."""
         exit_N = cascade_rules.exit_stages(self.conf_MN, thresholds_K)
         correct = int(self.correct_MN[exit_N, self.rows_N].sum())
-        return correct, float(self.cum_cost_M[exit_N].sum()), exit_N
+        counts_M = np.bincount(exit_N, minlength=len(self.cum_cost_M))
+        return correct, float(self.cost(counts_M)), exit_N
 
     def sweep(self, stage: int, thresholds_K):
-        """Exact (t_T, correct_T, cost_T) over every threshold of `stage`, others fixed."""
+        """Exact (t_T, correct_T, cost_T) over every threshold of `stage`, others fixed.
+
+        Examples that reach `stage` and pass t exit there; the others go where the fixed
+        thresholds send them ("down"). Sorted by falling conf_stage, the examples that pass
+        form a prefix, so prefix sums give every candidate's totals at once.
+        """
+        num_stages = len(self.cum_cost_M)
         never_K = np.array(thresholds_K, dtype=np.float64)
         never_K[stage] = np.inf  # where examples go when they do not exit at `stage`
         reach_N = cascade_rules.exit_stages(self.conf_MN[:stage], never_K[:stage]) >= stage
         down_N = cascade_rules.exit_stages(self.conf_MN, never_K)
         down_correct_N = self.correct_MN[down_N, self.rows_N]
-        down_cost_N = self.cum_cost_M[down_N]
         gain_N = np.where(reach_N, self.correct_MN[stage] - down_correct_N, 0)
-        saving_N = np.where(reach_N, self.cum_cost_M[stage] - down_cost_N, 0.0)
-        order = self.order[stage]
+        # moved_NM[n] = one-hot of the stage example n leaves when it exits at `stage` instead
+        moved_NM = np.eye(num_stages, dtype=np.int64)[down_N] * reach_N[:, None]
+        order, j_T = self.order[stage], self.passing[stage]
         gain_prefix = np.concatenate([[0], np.cumsum(gain_N[order])])
-        saving_prefix = np.concatenate([[0.0], np.cumsum(saving_N[order])])
-        j_T = self.passing[stage]
+        moved_prefix = np.concatenate(
+            [np.zeros((1, num_stages), np.int64), np.cumsum(moved_NM[order], axis=0)]
+        )
+        counts_TM = np.bincount(down_N, minlength=num_stages)[None, :] - moved_prefix[j_T]
+        counts_TM[:, stage] += moved_prefix[j_T].sum(axis=1)
         correct_T = int(down_correct_N.sum()) + gain_prefix[j_T]
-        cost_T = float(down_cost_N.sum()) + saving_prefix[j_T]
-        return self.candidates[stage], correct_T, cost_T
+        return self.candidates[stage], correct_T, self.cost(counts_TM)
 
 
 class _Objective:
