@@ -82,7 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         nargs="+",
         type=float,
         default=[0.5, 0.7],
-        help="fraction of the examples reaching stage k that exit there, k = 0, 1",
+        help="fraction of the examples reaching stage k that exit there, k = 0, 1 (a two-stage "
+        "cascade uses the first)",
     )
     parser.add_argument(
         "--ensemble",
@@ -165,7 +166,7 @@ def thresholds_for(conf_MN: np.ndarray, exit_fractions) -> np.ndarray:
     thresholds = []
     for conf_N, fraction in zip(conf_MN[:-1], exit_fractions, strict=False):
         values = np.sort(conf_N[reach_N])[::-1]
-        n_exit = round(fraction * len(values))
+        n_exit = min(max(round(fraction * len(values)), 1), len(values) - 1)
         t = (values[n_exit - 1] + values[n_exit]) / 2  # between the last exiting and the next
         thresholds.append(float(t))
         reach_N &= ~(conf_N > t)
@@ -199,24 +200,26 @@ def bench_cascade(stage_specs, images, args) -> dict:
     logits_MNC = Ensemble(members, batch_size=args.batch_size).member_logits(images)
     _, conf_MN = cascade_rules.stage_outputs(logits_MNC)
     cascade = Cascade(members, thresholds_for(conf_MN, args.exit_fractions), batch_size=len(images))
-    singles = {m.name: Cascade([m], [], batch_size=len(images)) for m in members}
     out = cascade.run(images)  # compiles every (stage, bucket) this batch needs
-    runs = {name: functools.partial(single.run, images) for name, single in singles.items()}
+    runs = {
+        k: functools.partial(Cascade([m], [], batch_size=len(images)).run, images)
+        for k, m in enumerate(members)
+    }  # each member alone through the same executor
     runs["cascade"] = functools.partial(cascade.run, images)
     for run in runs.values():
         run()
     seconds = best_seconds(runs, args.repeats)
-    alone_s = seconds[members[-1].name]
+    alone_s = seconds[len(members) - 1]
     predicted = members[-1].flops / out.avg_flops
     # The same prediction with each member's measured full-batch time in place of its FLOPs:
     # what the executor would reach with no overhead and time proportional to rows.
     reaching_M = [(out.exit_stage >= k).mean() for k in range(len(members))]
-    timed = alone_s / sum(f * seconds[m.name] for f, m in zip(reaching_M, members, strict=True))
+    timed = alone_s / sum(f * seconds[k] for k, f in enumerate(reaching_M))
     measured = alone_s / seconds["cascade"]
     return {
         "stages": list(stage_specs),
         "mflops_per_image": [m.flops / 1e6 for m in members],
-        "member_s": [seconds[m.name] for m in members],
+        "member_s": [seconds[k] for k in range(len(members))],
         "exit_fractions": out.exit_fractions.round(4).tolist(),
         "avg_mflops": out.avg_flops / 1e6,
         "alone_s": alone_s,
