@@ -1,8 +1,19 @@
 """jaxmodels: what a model is and how it runs — architectures, SSF, weight import, the data layer
 (specs → sources → grain pipelines), inference, ensembles and cascades."""
 
-from jaxmodels import data, paths, pipeline, preprocess, ssf
+from jaxmodels import committees, data, paths, pipeline, preprocess, ssf
 from jaxmodels.array_source import ArraySource
+from jaxmodels.committees import (
+    Cascade,
+    CascadeFit,
+    CascadeOutput,
+    Ensemble,
+    FrontierPoint,
+    Member,
+    fit_cascade,
+    search_cascades,
+    simulate_cascade,
+)
 from jaxmodels.data import (
     DataError,
     ImageSource,
@@ -23,9 +34,15 @@ __all__ = [
     "ArraySource",
     "Augment",
     "BuiltModel",
+    "Cascade",
+    "CascadeFit",
+    "CascadeOutput",
     "DataError",
+    "Ensemble",
     "EvalResult",
+    "FrontierPoint",
     "ImageSource",
+    "Member",
     "ModelRef",
     "ModelRefError",
     "ModelSpec",
@@ -34,12 +51,14 @@ __all__ = [
     "build",
     "cache_root",
     "check_classes_within",
+    "committees",
     "content_digest",
     "create",
     "data",
     "eval_dataset",
     "evaluate",
     "extract_features",
+    "fit_cascade",
     "load",
     "model_info",
     "open_source",
@@ -52,6 +71,8 @@ __all__ = [
     "preprocess",
     "preprocess_for_eval",
     "save",
+    "search_cascades",
+    "simulate_cascade",
     "spec",
     "spec_of",
     "ssf",

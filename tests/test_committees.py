@@ -1,0 +1,415 @@
+"""Ensembles and the adaptive cascade executor (jaxmodels.committees) on 8 fake CPU devices.
+
+References are independent of the code under test: each member's logits come from a plain
+`jax.jit(model.apply)` on host-normalised images (no mesh, no buckets, no vmap), and the
+cascade's decisions are recomputed in float64 NumPy (softmax, mean of logits, conf > t).
+Members are tiny jaxmodels ResNets and a ViT with He-scaled random weights whose linear head is
+centred and scaled, so that predictions and confidences vary across images.
+"""
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special
+from tiny_classifier import random_variables
+
+import jaxmodels
+from jaxmodels import cascade_rules
+from jaxmodels.committees import Cascade, Ensemble, Member, simulate_cascade
+
+NUM_CLASSES = 5
+NUM_IMAGES = 37  # divisible by neither the 8 devices nor any bucket
+RESNET = dict(width=4, stage_sizes=(1, 1))
+VIT = dict(depth=1, image_size=16)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+@functools.cache
+def _reference_apply(model):
+    return jax.jit(functools.partial(model.apply, train=False))
+
+
+def reference_logits(member: Member, images: np.ndarray) -> np.ndarray:
+    """logits_NK of one member: host normalisation, one plain jitted apply."""
+    x = images
+    if images.dtype == np.uint8:
+        x = jaxmodels.preprocess.normalize(images, member.preprocessing)
+    return np.asarray(_reference_apply(member.model)(member.variables, jnp.asarray(x)))
+
+
+def reference_stages(logits_MNK, rule, confidence):
+    """float64 combined logits [M, N, K] and confidences [M, N], written from the definitions."""
+    x = np.asarray(logits_MNK, np.float64)
+    if rule == "ensemble":
+        x = np.cumsum(x, axis=0) / np.arange(1, len(x) + 1)[:, None, None]
+    probs = scipy.special.softmax(x, axis=-1)
+    if confidence == "max_prob":
+        conf = probs.max(-1)
+    elif confidence == "margin":
+        top = np.sort(probs, axis=-1)
+        conf = top[..., -1] - top[..., -2]
+    elif confidence == "neg_entropy":
+        conf = np.sum(scipy.special.xlogy(probs, probs), axis=-1)
+    else:
+        conf = np.asarray(confidence(jnp.asarray(probs, jnp.float32)), np.float64)
+    return x, conf
+
+
+def reference_exits(conf_MN, thresholds):
+    """First stage k with conf_k > t_k, else the last."""
+    exit_N = np.full(conf_MN.shape[1], len(conf_MN) - 1)
+    for n in range(conf_MN.shape[1]):
+        for k, t in enumerate(thresholds):
+            if conf_MN[k, n] > t:
+                exit_N[n] = k
+                break
+    return exit_N
+
+
+def separating_threshold(conf_N, quantile, min_gap=1e-4):
+    """A threshold in a gap ≥ min_gap of the sorted confidences, near the given quantile."""
+    values = np.sort(conf_N)
+    gaps = np.flatnonzero(np.diff(values) >= min_gap)
+    i = gaps[np.argmin(np.abs(gaps - quantile * len(values)))]
+    return float((values[i] + values[i + 1]) / 2)
+
+
+# ----------------------------------------------------------------------------- members
+
+
+def he_variables(model, image_size, seed):
+    """random_variables' tree with He-scaled kernels, unit norms and zero running means."""
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        key = jax.tree_util.keystr(path)
+        if key.endswith("['kernel']"):
+            fan_in = np.prod(leaf.shape[:-1])
+            return np.sqrt(2.0 / fan_in) * rng.standard_normal(leaf.shape).astype(np.float32)
+        if key.endswith("['var']") or key.endswith("['scale']"):
+            return np.ones(leaf.shape, np.float32)
+        if key.endswith("['mean']"):
+            return np.zeros(leaf.shape, np.float32)
+        return 0.1 * rng.standard_normal(leaf.shape).astype(np.float32)
+
+    return jax.tree_util.tree_map_with_path(fill, random_variables(model, image_size, seed))
+
+
+def make_member(name, seed, images, **overrides) -> Member:
+    """A member whose head is centred and scaled on `images` (logits spread ~ 2 per class)."""
+    model = jaxmodels.create(name, num_classes=NUM_CLASSES, **overrides)
+    size = images.shape[1]
+    spec = jaxmodels.spec(name, num_classes=NUM_CLASSES, **{"image_size": size, **overrides})
+    variables = he_variables(model, size, seed)
+    member = Member(model, variables, spec.flops_per_image, spec.preprocessing, f"{name}{seed}")
+    raw = reference_logits(member, images)
+    head = variables["params"]["fc" if name.startswith("resnet") else "head"]
+    scale = 2.0 / raw.std(axis=0).mean()
+    head["kernel"] = head["kernel"] * scale
+    head["bias"] = (head["bias"] - raw.mean(axis=0)) * scale
+    return member
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    u8_32 = rng.integers(0, 256, (NUM_IMAGES, 32, 32, 3), dtype=np.uint8)
+    vit_prep = jaxmodels.spec("vit_tiny", image_size=16).preprocessing
+    f_16 = jaxmodels.preprocess.normalize(u8_32[:, ::2, ::2], vit_prep)  # float: used as given
+    return {"u8_32": u8_32, "f_16": f_16}
+
+
+@pytest.fixture(scope="module")
+def resnets(images):
+    """Four ResNets of one architecture (different seeds) and their reference logits."""
+    members = [make_member("resnet_tiny", seed, images["u8_32"], **RESNET) for seed in range(4)]
+    return members, np.stack([reference_logits(m, images["u8_32"]) for m in members])
+
+
+@pytest.fixture(scope="module")
+def vit(images):
+    member = make_member("vit_tiny", 10, images["f_16"], **VIT)
+    return member, reference_logits(member, images["f_16"])
+
+
+@pytest.fixture(scope="module")
+def wide_resnet(images):
+    member = make_member("resnet_tiny", 20, images["u8_32"], width=8, stage_sizes=(1, 1))
+    return member, reference_logits(member, images["u8_32"])
+
+
+@pytest.fixture(scope="module")
+def cascade_members(images, resnets, vit, wide_resnet):
+    """Three members of three architectures, by rising FLOPs, their inputs and logits_MNK."""
+    (small, *_), small_logits = resnets[0], resnets[1][0]
+    items = [
+        (small, images["u8_32"], small_logits),
+        (vit[0], images["f_16"], vit[1]),
+        (wide_resnet[0], images["u8_32"], wide_resnet[1]),
+    ]
+    items.sort(key=lambda item: item[0].flops)
+    assert len({item[0].flops for item in items}) == 3
+    members, inputs, logits = zip(*items, strict=True)
+    return list(members), list(inputs), np.stack(logits)
+
+
+# ----------------------------------------------------------------------------- ensembles
+
+
+def test_logits_vary_across_images(resnets, vit, wide_resnet):
+    """Guards the fixtures: predictions differ between images, so agreement below means much."""
+    for logits_NK in [*resnets[1], vit[1], wide_resnet[1]]:
+        assert len(np.unique(logits_NK.argmax(-1))) >= 3
+
+
+def test_ensemble_equals_hand_computed_mean(images, resnets, vit):
+    (a, b, *_), logits = resnets
+    members = [a, vit[0], b]
+    inputs = [images["u8_32"], images["f_16"], images["u8_32"]]
+    ref_MNK = np.stack([logits[0], vit[1], logits[1]]).astype(np.float64)
+
+    ensemble = Ensemble(members, batch_size=40)  # one padded batch: 37 rows in 40
+    assert ensemble.groups == ((0, 2), (1,))
+    np.testing.assert_allclose(ensemble.logits(inputs), ref_MNK.mean(0), atol=2e-5)
+    np.testing.assert_array_equal(ensemble.predict(inputs), ref_MNK.mean(0).argmax(-1))
+
+    weighted = Ensemble(members, weights=[1.0, 2.0, 1.0], batch_size=40)
+    expected = (ref_MNK[0] + 2 * ref_MNK[1] + ref_MNK[2]) / 4
+    np.testing.assert_allclose(weighted.logits(inputs), expected, atol=2e-5)
+
+    probs = Ensemble(members, combine="probs", weights=[1.0, 0.0, 3.0], batch_size=40)
+    p_MNK = scipy.special.softmax(ref_MNK, axis=-1)
+    expected = np.log((p_MNK[0] + 3 * p_MNK[2]) / 4)
+    np.testing.assert_allclose(probs.logits(inputs), expected, atol=2e-5)
+
+
+def test_same_architecture_vmap_equals_member_loop(images, resnets):
+    members, logits_MNK = resnets
+    ensemble = Ensemble(members, batch_size=16)
+    assert ensemble.groups == ((0, 1, 2, 3),)  # one vmap over stacked variables
+    np.testing.assert_allclose(ensemble.member_logits(images["u8_32"]), logits_MNK, atol=2e-5)
+    np.testing.assert_allclose(ensemble.logits(images["u8_32"]), logits_MNK.mean(0), atol=2e-5)
+    sequential = Ensemble(members, batch_size=16, vmap=False)
+    assert sequential.groups == ((0,), (1,), (2,), (3,))
+    np.testing.assert_allclose(sequential.member_logits(images["u8_32"]), logits_MNK, atol=2e-5)
+
+
+def test_ensemble_with_default_batch_pads_to_a_bucket(images, resnets):
+    members, logits_MNK = resnets
+    ensemble = Ensemble(members[:2])
+    assert ensemble.batch_size == 256 and ensemble.buckets[:4] == (8, 16, 32, 48)  # 37 rows → 48
+    np.testing.assert_allclose(ensemble.logits(images["u8_32"]), logits_MNK[:2].mean(0), atol=2e-5)
+
+
+def test_ensemble_bad_input(images, resnets):
+    members = resnets[0]
+    with pytest.raises(ValueError, match="members must not be empty"):
+        Ensemble([])
+    with pytest.raises(TypeError, match="members"):
+        Ensemble(members[0])
+    with pytest.raises(ValueError, match="combine"):
+        Ensemble(members, combine="vote")
+    with pytest.raises(ValueError, match="weights must have one value per member"):
+        Ensemble(members, weights=[1.0, 2.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        Ensemble(members, weights=[1.0, -1.0, 1.0, 1.0])
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        Ensemble(members, batch_size=12)
+    ensemble = Ensemble(members[:2], batch_size=16)
+    with pytest.raises(ValueError, match="same N"):
+        ensemble.logits([images["u8_32"], images["u8_32"][:5]])
+    with pytest.raises(ValueError, match="one array for all members or one per member"):
+        ensemble.logits([images["u8_32"]])
+    with pytest.raises(ValueError, match=r"\[N>0, H, W, 3\]"):
+        ensemble.logits(images["u8_32"][..., :1])
+    bare = [Member(m.model, m.variables, m.flops) for m in members[:2]]
+    with pytest.raises(ValueError, match="no preprocessing"):
+        Ensemble(bare, batch_size=16).logits(images["u8_32"])
+    with pytest.raises(ValueError, match="flops must be positive"):
+        Member(members[0].model, members[0].variables, 0.0)
+
+
+def test_non_finite_member_logits_raise(images, resnets):
+    good = resnets[0][0]
+    variables = jax.tree.map(lambda x: x, good.variables)
+    variables["params"]["fc"]["bias"] = np.full(NUM_CLASSES, np.nan, np.float32)
+    broken = Member(good.model, variables, good.flops * 2, good.preprocessing, "broken")
+    few = images["u8_32"][:8]
+    with pytest.raises(ValueError, match="non-finite"):
+        Ensemble([good, broken], batch_size=8).logits(few)
+    with pytest.raises(ValueError, match=r"stage 1 \(broken\) produced non-finite"):
+        Cascade([good, broken], [1.0], batch_size=8).run(few)
+
+
+# ----------------------------------------------------------------------------- cascade
+
+
+@pytest.mark.parametrize(
+    "rule, confidence, batch_size, buckets",
+    [
+        ("ensemble", "max_prob", 16, None),
+        ("single", "margin", 24, (8,)),
+        ("ensemble", "neg_entropy", 16, None),
+    ],
+)
+def test_adaptive_cascade_equals_simulation(cascade_members, rule, confidence, batch_size, buckets):
+    members, inputs, logits_MNK = cascade_members
+    combined_MNK, conf_MN = reference_stages(logits_MNK, rule, confidence)
+    thresholds = [separating_threshold(conf_MN[0], 0.5), separating_threshold(conf_MN[1], 0.4)]
+    cascade = Cascade(
+        members, thresholds, confidence=confidence, rule=rule, batch_size=batch_size,
+        buckets=buckets,
+    )  # fmt: skip
+    out = cascade.run(inputs)
+    simulated = simulate_cascade(
+        logits_MNK, thresholds, confidence=confidence, rule=rule, costs=[m.flops for m in members]
+    )
+    np.testing.assert_array_equal(out.exit_stage, simulated.exit_stage)
+    np.testing.assert_array_equal(out.predictions, simulated.predictions)
+    np.testing.assert_allclose(out.logits, simulated.logits, atol=2e-5)
+
+    # ... and both equal the float64 recomputation from the definitions.
+    exit_N = reference_exits(conf_MN, thresholds)
+    np.testing.assert_array_equal(out.exit_stage, exit_N)
+    assert set(exit_N) == {0, 1, 2}  # every stage answers someone
+    answer_NK = combined_MNK[exit_N, np.arange(NUM_IMAGES)]
+    np.testing.assert_array_equal(out.predictions, answer_NK.argmax(-1))
+    np.testing.assert_allclose(out.logits, answer_NK, atol=2e-5)
+    cost_N = np.cumsum([m.flops for m in members])[exit_N]
+    assert out.avg_flops == pytest.approx(cost_N.mean(), rel=1e-12)
+    assert out.worst_case_flops == cost_N.max()
+    np.testing.assert_allclose(out.exit_fractions, np.bincount(exit_N) / NUM_IMAGES)
+    assert out.wall_seconds > 0 and simulated.wall_seconds is None
+
+
+def test_cascade_compiles_once_per_stage_and_bucket(cascade_members):
+    members, inputs, logits_MNK = cascade_members
+    traces = []
+
+    def counting_max_prob(probs_BC):
+        traces.append(probs_BC.shape)  # runs at trace time only
+        return jnp.max(probs_BC, axis=-1)
+
+    _, conf_MN = reference_stages(logits_MNK, "ensemble", "max_prob")
+    thresholds = [separating_threshold(conf_MN[0], 0.5), separating_threshold(conf_MN[1], 0.5)]
+    cascade = Cascade(members, thresholds, confidence=counting_max_prob, batch_size=16)
+    assert cascade.buckets == (8, 16)
+    first = cascade.run(inputs)
+    # stage 0: batches 16, 16 and 5 → 8; later stages: at most both buckets each.
+    assert len(traces) <= 2 * len(members) and {s[0] for s in traces} <= {8, 16}
+    n_traces = len(traces)
+    again = Cascade(members, thresholds, confidence=counting_max_prob, batch_size=16).run(inputs)
+    assert len(traces) == n_traces  # a new Cascade of the same pieces reuses the compiled steps
+    np.testing.assert_array_equal(again.exit_stage, first.exit_stage)
+
+
+def test_cascade_with_everyone_exiting_first(cascade_members):
+    members, inputs, logits_MNK = cascade_members
+    out = Cascade(members, [0.0, 0.0], batch_size=16).run(inputs)
+    np.testing.assert_array_equal(out.exit_stage, 0)
+    assert out.avg_flops == out.worst_case_flops == members[0].flops
+    np.testing.assert_allclose(out.logits, logits_MNK[0], atol=2e-5)
+
+
+def test_cascade_bad_input(cascade_members):
+    members, inputs, _ = cascade_members
+    with pytest.raises(ValueError, match="members must not be empty"):
+        Cascade([], [])
+    with pytest.raises(ValueError, match="ordered by cost"):
+        Cascade(members[::-1], [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        Cascade(members, [0.5])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        Cascade(members, [0.5, 1.5])
+    with pytest.raises(ValueError, match="NaN"):
+        Cascade(members, [0.5, np.nan], confidence="neg_entropy")
+    with pytest.raises(ValueError, match="rule"):
+        Cascade(members, [0.5, 0.5], rule="vote")
+    with pytest.raises(ValueError, match="confidence must be one of"):
+        Cascade(members, [0.5, 0.5], confidence="entropy")
+    with pytest.raises(ValueError, match="must not exceed batch_size"):
+        Cascade(members, [0.5, 0.5], batch_size=16, buckets=(8, 32))
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        Cascade(members, [0.5, 0.5], batch_size=16, buckets=(4,))
+    with pytest.raises(ValueError, match="one array for all members or one per member"):
+        Cascade(members, [0.5, 0.5], batch_size=16).run(inputs[:2])
+
+
+# ----------------------------------------------------------------------------- confidences
+
+
+def test_confidence_functions_on_known_probabilities():
+    probs = jnp.asarray([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [1.0, 0.0, 0.0]], jnp.float32)
+    np.testing.assert_allclose(cascade_rules.max_prob(probs), [0.5, 0.8, 1.0])
+    np.testing.assert_allclose(cascade_rules.margin(probs), [0.2, 0.7, 1.0], atol=1e-7)
+    expected = [sum(p * np.log(p) for p in row if p > 0) for row in np.asarray(probs, np.float64)]
+    np.testing.assert_allclose(cascade_rules.neg_entropy(probs), expected, rtol=1e-6)
+
+
+def synthetic_logits(num_members=3, n=200, c=6, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, n)
+    strength = rng.uniform(0.0, 3.0, n)[:, None] * np.eye(c)[labels]
+    return np.stack([rng.normal(0, 1, (n, c)) + strength for _ in range(num_members)]).astype(
+        np.float32
+    )
+
+
+@pytest.mark.parametrize(
+    "rule, confidence",
+    [
+        *itertools.product(["ensemble", "single"], ["max_prob", "margin", "neg_entropy"]),
+        ("ensemble", lambda p: p[..., 0] - p[..., 1]),
+    ],
+)
+def test_each_confidence_exit_rule(rule, confidence):
+    logits_MNC = synthetic_logits()
+    combined_MNC, conf_MN = reference_stages(logits_MNC, rule, confidence)
+    thresholds = [separating_threshold(conf_MN[0], 0.3), separating_threshold(conf_MN[1], 0.6)]
+    out = simulate_cascade(
+        logits_MNC, thresholds, confidence=confidence, rule=rule, costs=[1.0, 2.0, 5.0]
+    )
+    exit_N = reference_exits(conf_MN, thresholds)
+    np.testing.assert_array_equal(out.exit_stage, exit_N)
+    answer_NC = combined_MNC[exit_N, np.arange(exit_N.size)]
+    np.testing.assert_array_equal(out.predictions, answer_NC.argmax(-1))
+    np.testing.assert_allclose(out.logits, answer_NC, atol=1e-5)
+    assert out.avg_flops == pytest.approx(np.array([1.0, 3.0, 8.0])[exit_N].mean())
+
+
+def test_exit_is_strictly_above_the_threshold():
+    logits_MNC = synthetic_logits(num_members=2)
+    _, conf_MN = cascade_rules.stage_outputs(logits_MNC)
+    n = int(np.argsort(conf_MN[0])[100])
+    at = simulate_cascade(logits_MNC, [float(conf_MN[0, n])])
+    assert at.exit_stage[n] == 1  # conf == threshold stays
+    below = simulate_cascade(logits_MNC, [float(np.nextafter(conf_MN[0, n], -1))])
+    assert below.exit_stage[n] == 0
+    np.testing.assert_array_equal(simulate_cascade(logits_MNC, [1.0]).exit_stage, 1)
+    np.testing.assert_array_equal(simulate_cascade(logits_MNC, [0.0]).exit_stage, 0)
+
+
+def test_simulate_bad_input():
+    logits_MNC = synthetic_logits()
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        simulate_cascade(logits_MNC, [0.5])
+    with pytest.raises(ValueError, match="costs must have one cost per member"):
+        simulate_cascade(logits_MNC, [0.5, 0.5], costs=[1.0, 2.0])
+    with pytest.raises(ValueError, match="positive"):
+        simulate_cascade(logits_MNC, [0.5, 0.5], costs=[1.0, 0.0, 2.0])
+    nan = logits_MNC.copy()
+    nan[1, 7, 2] = np.nan
+    with pytest.raises(ValueError, match=r"member 1 .*first at example 7"):
+        simulate_cascade(nan, [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"\[M members, N examples, C classes\]"):
+        simulate_cascade(logits_MNC[0], [])
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        simulate_cascade(logits_MNC[..., :1], [0.5, 0.5], confidence="margin")
+    with pytest.raises(ValueError, match="conf \\[N\\]"):
+        simulate_cascade(logits_MNC, [0.5, 0.5], confidence=lambda p: p)
