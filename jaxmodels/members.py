@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.preprocess import Preprocessing, normalize
+from jaxmodels import inference
+from jaxmodels.preprocess import Preprocessing
 
 PyTree = Any
 
@@ -130,17 +131,6 @@ def member_inputs(images, members: tuple[Member, ...]) -> list[np.ndarray]:
     return result
 
 
-_JIT_CACHE: dict = {}
-
-
-def cached_jit(key, build):
-    """One jitted step per key (model, preprocessing, stage rule, mesh, ...), shared by every
-    Ensemble / Cascade built from the same pieces, so rebuilding one never re-traces."""
-    if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = build()
-    return _JIT_CACHE[key]
-
-
 def check_finite(logits: np.ndarray, what: str) -> np.ndarray:
     """`logits` unchanged if finite; ValueError naming `what` otherwise (never NaN silently)."""
     if not np.isfinite(logits).all():
@@ -152,10 +142,9 @@ def check_finite(logits: np.ndarray, what: str) -> np.ndarray:
 
 
 def forward(model, preprocessing, variables, images_BHWC) -> jax.Array:
-    """logits_BK float32 of one member; uint8 images are normalised here, on the device."""
-    if images_BHWC.dtype == jnp.uint8:
-        images_BHWC = normalize(images_BHWC, preprocessing)
-    return model.apply(variables, images_BHWC, train=False).astype(jnp.float32)
+    """logits_BK float32 of one member; uint8 images are normalised here, on the device (the
+    forward every inference path uses, `jaxmodels.inference.forward_fn`)."""
+    return inference.forward_fn(model, None, preprocessing, None)(variables, images_BHWC)
 
 
 def stacking_signature(member: Member):

@@ -90,8 +90,9 @@ def normalize(images, prep: Preprocessing):
     if images.shape[-1] != 3:
         raise ValueError(f"images must have 3 channels last; got shape {images.shape}")
     x = xp.asarray(images, dtype=xp.float32) / 255.0
-    mean = xp.asarray(prep.mean, dtype=xp.float32)
-    std = xp.asarray(prep.std, dtype=xp.float32)
+    channels = (1,) * (x.ndim - 1) + (3,)  # explicit ranks: no implicit rank promotion
+    mean = xp.asarray(prep.mean, dtype=xp.float32).reshape(channels)
+    std = xp.asarray(prep.std, dtype=xp.float32).reshape(channels)
     return (x - mean) / std
 
 

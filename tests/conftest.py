@@ -1,4 +1,5 @@
-"""Test setup: 8 fake CPU devices, so every multi-device path runs on a laptop or CI."""
+"""Test setup: 8 fake CPU devices, so every multi-device path runs on a laptop or CI, and
+implicit rank promotion is an error, so silent broadcasting fails loudly."""
 
 import os
 
@@ -8,3 +9,4 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+jax.config.update("jax_numpy_rank_promotion", "raise")
