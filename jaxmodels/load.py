@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import pathlib
 from typing import Any
@@ -237,6 +238,21 @@ def save(
     (path / MODEL_JSON).write_text(text)
 
 
+class quiet_orbax:
+    """Silences orbax/absl logging while a possibly broken checkpoint is read: the caller reports
+    the failure in one line instead of pages of retries."""
+
+    def __enter__(self):
+        self.loggers = [logging.getLogger(n) for n in ("absl", "orbax", "jax._src.distributed")]
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.CRITICAL)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels, strict=True):
+            lg.setLevel(level)
+
+
 def content_digest(path: str | pathlib.Path) -> str:
     """SHA-256 of a checkpoint's bytes: a file, or every file of a directory with its relative path.
 
@@ -320,7 +336,12 @@ def _read_orbax(path: pathlib.Path, name: str):
         if "image_size" in meta and registry.family_of(name) == "resnet":
             defaults.setdefault("image_size", meta["image_size"])
         directory = path / _VARIABLES_DIR
-    tree = ocp.StandardCheckpointer().restore(directory.absolute())
+    try:
+        with quiet_orbax():
+            tree = ocp.StandardCheckpointer().restore(directory.absolute())
+    except Exception as err:  # orbax/tensorstore raise many kinds for broken files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {str(path)!r} cannot be read ({reason[:300]})") from None
     flat = {k: np.asarray(v) for k, v in paths.flatten(tree).items()}
     return flat, {k: k for k in flat}, [], defaults
 

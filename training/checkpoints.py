@@ -15,7 +15,6 @@ mode, trainable paths and shapes, seeds, data). Restoring:
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import shutil
 from collections.abc import Callable, Mapping
@@ -26,6 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxmodels.load import quiet_orbax
 from training.run_config import RunError
 
 
@@ -103,7 +103,7 @@ def restore_latest(
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     for step in sorted(manager.all_steps(), reverse=True):
         try:
-            with _quiet_orbax():
+            with quiet_orbax():
                 meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             found = meta["meta"]["identity"]
         except Exception as err:  # orbax/tensorstore/json raise many kinds for broken files
@@ -116,7 +116,7 @@ def restore_latest(
                 "another output folder or the run's original settings"
             )
         try:
-            with _quiet_orbax():
+            with quiet_orbax():
                 restored = manager.restore(
                     step,
                     args=ocp.args.Composite(
@@ -145,21 +145,6 @@ def _move_aside(manager, step: int, err: Exception, log) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"checkpoint {step} moved aside")
     manager.reload()
-
-
-class _quiet_orbax:
-    """Silences orbax/absl logging while a possibly broken checkpoint is read (errors are
-    reported by the caller in one line)."""
-
-    def __enter__(self):
-        self.loggers = [logging.getLogger(n) for n in ("absl", "orbax", "jax._src.distributed")]
-        self.levels = [lg.level for lg in self.loggers]
-        for lg in self.loggers:
-            lg.setLevel(logging.CRITICAL)
-
-    def __exit__(self, *exc):
-        for lg, level in zip(self.loggers, self.levels, strict=True):
-            lg.setLevel(level)
 
 
 def _first_difference(expected, found, prefix="") -> str | None:
