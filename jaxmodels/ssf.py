@@ -60,8 +60,10 @@ class ScaleShift(nn.Module):
             "scale", lambda k, s: 1.0 + SSF_INIT_STD * jax.random.normal(k, s), (channels,)
         )
         shift = self.param("shift", nn.initializers.normal(SSF_INIT_STD), (channels,))
-        scale = jnp.reshape(scale, feature_shape).astype(x.dtype)
-        shift = jnp.reshape(shift, feature_shape).astype(x.dtype)
+        # explicit leading ones: no implicit rank promotion
+        shape = (1,) * (x.ndim - self.feature_ndim) + tuple(feature_shape)
+        scale = jnp.reshape(scale, shape).astype(x.dtype)
+        shift = jnp.reshape(shift, shape).astype(x.dtype)
         return x * scale + shift
 
 
