@@ -132,7 +132,8 @@ def _fold_into(target: Mapping[str, Any], ssf: Mapping[str, Any], where: str) ->
                 f"{where}: kernel shape {tuple(kernel.shape)} does not end with the bias shape "
                 f"{tuple(bias.shape)}"
             )
-        folded["kernel"] = (jnp.asarray(kernel, jnp.float32) * gamma).astype(kernel.dtype)
+        gamma_k = jnp.reshape(gamma, (1,) * (kernel.ndim - gamma.ndim) + gamma.shape)
+        folded["kernel"] = (jnp.asarray(kernel, jnp.float32) * gamma_k).astype(kernel.dtype)
     elif "scale" in target:  # LayerNorm, BatchNorm
         scale = target["scale"]
         folded["scale"] = (jnp.asarray(scale, jnp.float32) * gamma).astype(scale.dtype)

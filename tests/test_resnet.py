@@ -35,8 +35,8 @@ def _randomize(variables, seed=0):
     def draw(path, leaf):
         name = path[-1].key
         if name == "var":
-            return jnp.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
-        return jnp.asarray(rng.normal(0, 0.3, leaf.shape), leaf.dtype)
+            return np.asarray(rng.uniform(0.5, 2.0, leaf.shape), leaf.dtype)
+        return np.asarray(rng.normal(0, 0.3, leaf.shape), leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(draw, variables)
 

@@ -29,7 +29,7 @@ def _randomize(variables, seed=0):
     """NumPy draws into eval_shape'd variables (skips compiling the initialisers)."""
     rng = np.random.default_rng(seed)
     return jax.tree.map(
-        lambda leaf: jnp.asarray(rng.normal(0, 0.3, leaf.shape), leaf.dtype), variables
+        lambda leaf: np.asarray(rng.normal(0, 0.3, leaf.shape), leaf.dtype), variables
     )
 
 
