@@ -148,8 +148,11 @@ def test_build_draws_every_fresh_parameter_from_init_seed(saved):
     fresh = [k for k in flat_a if "ssf_" in k or k.startswith("params/head/")]
     kept = [k for k in flat_a if k not in fresh]
     assert fresh and kept
-    assert all(
-        not np.array_equal(flat_a[k], flat_c[k]) for k in fresh if "kernel" in k or "ssf_" in k
+    # SSF leaves are drawn from the seed; a ViT's new head starts at zero whatever the seed
+    assert all(not np.array_equal(flat_a[k], flat_c[k]) for k in fresh if "ssf_" in k)
+    assert not np.any(flat_a["params/head/kernel"]) and flat_a["params/head/kernel"].shape == (
+        32,
+        3,
     )
     assert all(np.array_equal(flat_a[k], flat_c[k]) for k in kept)  # the checkpoint's
     np.testing.assert_array_equal(flat_a["params/cls"], saved["variables"]["params"]["cls"])
