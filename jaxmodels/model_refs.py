@@ -105,7 +105,8 @@ def parse_model_ref(text: str) -> ModelRef:
         raise ModelRefError(f"checkpoint {path!r} of model {text!r} not found")
     check_checkpoint(checkpoint)
     if checkpoint.is_dir():
-        default_label = _folder_label(model_dir(checkpoint))
+        checkpoint = model_dir(checkpoint)  # a run folder names its weights' folder
+        default_label = _folder_label(checkpoint)
     else:
         default_label = checkpoint.stem
     return ModelRef(label or default_label, name, checkpoint, text)
