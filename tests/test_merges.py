@@ -193,6 +193,12 @@ def test_dare_is_unbiased_and_reproducible():
     )
     chex.assert_trees_all_equal(dare(base, tuned, seed=7), dare(base, tuned, seed=7))
     assert not np.array_equal(merges[0], merges[1])
+    # the models' masks are independent: twice the same model at drop 0.5 gives 0, 2τ or 4τ
+    # (kept by none, one or both) with probabilities 1/4, 1/2, 1/4
+    twice = np.asarray(dare(base, [tuned, tuned], drop=0.5, seed=5)["w"], np.float64) - base["w"]
+    ratio = np.round(twice / tau)
+    assert set(np.unique(ratio)) <= {0.0, 2.0, 4.0}
+    assert abs(np.mean(ratio == 2.0) - 0.5) < 5 * np.sqrt(0.25 / ratio.size)
     # each model's mask depends on its position only: an unchanged second model adds nothing
     chex.assert_trees_all_equal(dare(base, [tuned, base], seed=3), dare(base, [tuned], seed=3))
 

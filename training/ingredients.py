@@ -27,7 +27,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -185,32 +184,81 @@ class TreeLayout:
 
 
 # ------------------------------------------------------------------ float32 leaf arithmetic
-# Lists of leaves in, lists out: one compilation per model layout, reused by every method.
+# Leaves already on the device are combined in one jitted call per tree (one dispatch; one
+# compilation per model layout). Leaves in host memory (a loader's NumPy arrays) go through one
+# jitted call per leaf, each result awaited: they are copied to the device one leaf at a time,
+# so streaming never holds a second full copy of an ingredient.
 
 
-@jax.jit
-def to_float32(leaves: list) -> list:
-    """Fresh float32 copies (never aliases of the caller's arrays, so they may be donated)."""
-    return [jnp.asarray(x, jnp.float32) for x in leaves]
+def _leaf_to_float32(x):
+    return jnp.asarray(x, jnp.float32)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def add_into(acc_f32: list, leaves: list) -> list:
+def _leaf_add(acc, x):
+    return acc + jnp.asarray(x, jnp.float32)
+
+
+def _leaf_mean(acc, count, dtype):
+    return (acc / count).astype(dtype)
+
+
+def _leaf_mean_with(acc, x, count, dtype):
+    return ((acc + jnp.asarray(x, jnp.float32)) / count).astype(dtype)
+
+
+_LEAF = {
+    "to_float32": jax.jit(_leaf_to_float32),
+    "add": jax.jit(_leaf_add, donate_argnums=0),
+    "mean_with": jax.jit(_leaf_mean_with, static_argnames="dtype"),
+}
+_TREE = {
+    "to_float32": jax.jit(lambda xs: [_leaf_to_float32(x) for x in xs]),
+    "add": jax.jit(
+        lambda acc, xs: [_leaf_add(a, x) for a, x in zip(acc, xs, strict=True)],
+        donate_argnums=0,
+    ),
+    "mean_with": jax.jit(
+        lambda acc, xs, count, dtypes: [
+            _leaf_mean_with(a, x, count, d) for a, x, d in zip(acc, xs, dtypes, strict=True)
+        ],
+        static_argnames="dtypes",
+    ),
+}
+_mean_tree = jax.jit(
+    lambda acc, count, dtypes: [_leaf_mean(a, count, d) for a, d in zip(acc, dtypes, strict=True)],
+    static_argnames="dtypes",
+)
+
+
+def _on_device(leaves: Sequence) -> bool:
+    return all(isinstance(x, jax.Array) for x in leaves)
+
+
+def to_float32(leaves: Sequence) -> list:
+    """Fresh float32 device copies (never aliases of the caller's arrays: they may be donated)."""
+    if _on_device(leaves):
+        return _TREE["to_float32"](list(leaves))
+    return [_LEAF["to_float32"](x).block_until_ready() for x in leaves]
+
+
+def add_into(acc_f32: list, leaves: Sequence) -> list:
     """``acc + leaves`` in float32; the accumulator's buffers are reused (donated)."""
-    return [a + jnp.asarray(x, jnp.float32) for a, x in zip(acc_f32, leaves, strict=True)]
+    if _on_device(leaves):
+        return _TREE["add"](acc_f32, list(leaves))
+    return [_LEAF["add"](a, x).block_until_ready() for a, x in zip(acc_f32, leaves, strict=True)]
 
 
-@functools.partial(jax.jit, static_argnames="dtypes")
-def mean_of(acc_f32: list, count, dtypes: tuple) -> list:
+def mean_of(acc_f32: list, count: int, dtypes: Sequence) -> list:
     """``acc / count`` cast to ``dtypes``."""
-    return [(a / count).astype(d) for a, d in zip(acc_f32, dtypes, strict=True)]
+    return _mean_tree(acc_f32, count, tuple(dtypes))
 
 
-@functools.partial(jax.jit, static_argnames="dtypes")
-def mean_with(acc_f32: list, leaves: list, count, dtypes: tuple) -> list:
+def mean_with(acc_f32: list, leaves: Sequence, count: int, dtypes: Sequence) -> list:
     """``(acc + leaves) / count`` cast to ``dtypes``, without touching ``acc``."""
+    if _on_device(leaves):
+        return _TREE["mean_with"](acc_f32, list(leaves), count, tuple(dtypes))
     return [
-        ((a + jnp.asarray(x, jnp.float32)) / count).astype(d)
+        _LEAF["mean_with"](a, x, count, dtype=d).block_until_ready()
         for a, x, d in zip(acc_f32, leaves, dtypes, strict=True)
     ]
 
