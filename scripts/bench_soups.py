@@ -61,7 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small models; runs in seconds")
     parser.add_argument("--model", default=None, help="checkpoint model (default vit_b16)")
     parser.add_argument("--greedy-model", default=None, help="greedy model (default vit_ti16)")
-    parser.add_argument("--heldout", type=int, default=None, help="held-out images (default 256)")
+    parser.add_argument(
+        "--heldout", type=int, default=None, help="held-out images (default 64; quick 256)"
+    )
     parser.add_argument(
         "--ingredients", type=int, default=None, help="how many ingredients (default 8; quick 4)"
     )
@@ -74,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.model = args.model or ("vit_tiny" if args.quick else "vit_b16")
     args.greedy_model = args.greedy_model or ("vit_tiny" if args.quick else "vit_ti16")
-    args.heldout = args.heldout or 256
+    args.heldout = args.heldout or (256 if args.quick else 64)
     args.ingredients = args.ingredients or (4 if args.quick else 8)
     if args.ingredients < 2:
         parser.error(f"--ingredients must be at least 2; got {args.ingredients}")
@@ -308,13 +310,18 @@ def main(argv=None) -> None:
         finally:
             if args.workdir is None:
                 shutil.rmtree(workdir, ignore_errors=True)
+        _report({"uniform": results["uniform"]})  # as soon as it is known: part (b) is long
     if args.part in ("b", "both"):
         results["greedy"] = bench_greedy(args.greedy_model, args.ingredients, args.heldout)
-    for line in _summary(results):
-        print(line, file=sys.stderr)
+        _report({"greedy": results["greedy"]})
     print(json.dumps(results, indent=2))
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def _report(part: dict) -> None:
+    for line in _summary(part):
+        print(line, file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
