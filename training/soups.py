@@ -253,8 +253,11 @@ def learned(
         for column, leaf in zip(columns, leaves, strict=True):
             column.append(leaf)
         del leaves
-    stacked = [jnp.stack(column) for column in columns]  # leaf j: [n, *shape_j]
-    del columns
+    stacked = []  # leaf j: [n, *shape_j]; each column freed once stacked (peak: n + 1 leaf)
+    for j, column in enumerate(columns):
+        stacked.append(jnp.stack(column))
+        columns[j] = None
+    del columns, column
 
     num_vectors = len(stacked) if by_layer else 1
     logits_VN = jnp.zeros((num_vectors, n), jnp.float32)
