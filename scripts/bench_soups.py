@@ -273,9 +273,9 @@ def _summary(results: dict) -> list[str]:
             for method, row in rows.items():
                 lines.append(
                     f"(a) {allocator:9s} {method:14s} {u['model']} x{u['ingredients']}: "
-                    f"{row['seconds']:.2f} s, {row['mb_per_s']:.0f} MB/s, peak RSS "
+                    f"{row['seconds']:.2f} s, {row['mb_per_s']:.1f} MB/s, peak RSS "
                     f"+{row['peak_bytes'] / 1e6:.0f} MB = {row['peak_x_model']:.2f}x one model "
-                    f"({u['model_bytes'] / 1e6:.0f} MB)"
+                    f"({u['model_bytes'] / 1e6:.2f} MB)"
                 )
     if g:
         lines.append(
