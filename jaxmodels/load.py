@@ -129,20 +129,23 @@ def load(
         model, flat, sources, unknown, path, head_optional=f"params/{head}/" if headless else None
     )
 
-    variables = paths.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+    # One flat dict owns the host arrays; each leaf is moved to the device and dropped in turn,
+    # so peak memory stays near one model (a soup streams many checkpoints through here).
+    flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
     if image_size is not None and image_size != model.image_size:
         if family == "vit":
-            pos = variables["params"]["Transformer"]["posembed_input"]["pos_embedding"]
             grid = image_size // model.patch_size
-            variables["params"]["Transformer"]["posembed_input"]["pos_embedding"] = (
-                resize_position_embedding(pos, grid)
-            )
+            flat[_POS_EMBEDDING] = resize_position_embedding(flat[_POS_EMBEDDING], grid)
         config["image_size"] = image_size
     classes = ckpt_classes if num_classes is None else num_classes
     model = registry.create(name, num_classes=classes, **config)
     if classes != ckpt_classes:
-        variables["params"][head] = _fresh_head(model, head, seed)
-    return model, jax.tree.map(jnp.asarray, variables)
+        flat = {k: v for k, v in flat.items() if not k.startswith(f"params/{head}/")}
+        flat.update(paths.flatten({"params": {head: _fresh_head(model, head, seed)}}))
+    on_device = {}
+    for key in list(flat):
+        on_device[key] = jnp.asarray(flat.pop(key))
+    return model, paths.unflatten(on_device)
 
 
 def model_dir(path: str | pathlib.Path) -> pathlib.Path:
