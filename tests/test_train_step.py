@@ -240,3 +240,16 @@ def test_jaxmodels_step_changes_only_mode_leaves(name, mode, head):
     is_ssf = lambda k: any(part.startswith("ssf_") for part in k.split("/"))
     expected = {k for k in before if k.startswith(head + "/") or (mode == "ssf" and is_ssf(k))}
     assert changed == expected
+
+
+def test_each_step_draws_new_mixing_from_the_run_key():
+    # the run passes one key; the step number is folded in, so step 1 mixes differently from
+    # step 0 on the same batch and weights (a run that reused one draw would mix alike)
+    _, _, state, step = _setup("ssf", mixup_alpha=0.8, cutmix_alpha=1.0)
+    step = jax.jit(step)
+    batch, key = _batch(batch=16), jax.random.key(3)
+    losses = [float(step(state.replace(step=jnp.asarray(s, jnp.int32)), batch, key)[1]["loss"])
+              for s in range(4)]  # fmt: skip
+    assert len(set(losses)) == 4, losses
+    # and the same step with the same key repeats exactly (a resumed run redraws it)
+    assert float(step(state, batch, key)[1]["loss"]) == losses[0]
