@@ -436,5 +436,5 @@ def _fresh_head(model, head: str, seed: int):
 
     Only the head leaves are returned from the jitted init, so XLA drops all other work.
     """
-    fresh = registry.init_variables(model, seed, extract=lambda v: v["params"][head])
+    fresh = registry.init_variables(model, seed, only=head)
     return jax.tree.map(np.asarray, fresh)

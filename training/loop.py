@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxmodels
-from jaxmodels import inference, paths, pipeline, sharding
+from jaxmodels import jit_cache, paths, pipeline, sharding
 from training import checkpoints, masks, optim
 from training import train_step as step_lib
 
@@ -246,7 +246,7 @@ def fit(
     decay_trainable = {k: bool(decay_mask[k]) for k in trainable}
     key_fields = (model, optim.compile_key(optim_config, decay_trainable), step_config,
                   augment.prep, mesh)  # fmt: skip
-    train_fn = inference.cached(
+    train_fn = jit_cache.cached(
         ("train_step", *key_fields),
         lambda: jax.jit(
             step_lib.make_train_step(model.apply, optimizer, step_config, augment.prep),
