@@ -62,9 +62,9 @@ def _fixed_point(eig_K, proj_K, res_out, log_scale2, num_samples, eps, tol, max_
     The reference iterates α ← γ / (‖m‖² + eps), β ← (N − γ) / (‖Fm − y‖² + eps) from α = β = 1.
     Here the spectrum is that of F' = F / c (λ' = λ / c², c a power of two) and the iteration
     runs on log α' = log(α / c²) and log β, which is the same sequence of α, β (eps in α's update
-    becomes c²·eps) without overflow or underflow at any feature scale. Every sum is taken in a
-    form without cancellation: with x_k = log(λ_k / t), t = α / β, the weights λ/(λ + t) and
-    t/(λ + t) are sigmoid(±x_k), N − γ = (N − K) + Σ_k t/(λ_k + t), and
+    becomes c²·eps) without overflow or underflow at any feature scale. Every sum is a log-sum-exp
+    of terms without cancellation: with x_k = log(λ_k / t), t = α / β, the weights λ/(λ + t) and
+    t/(λ + t) are exp(−softplus(∓x_k)), N − γ = (N − K) + Σ_k t/(λ_k + t), and
     log det(αI + βFᵀF) − D log α = Σ_k softplus(x_k).
 
     Args:
@@ -81,33 +81,37 @@ def _fixed_point(eig_K, proj_K, res_out, log_scale2, num_samples, eps, tol, max_
         log p(y | F, α, β) / N.
     """
     dtype = eig_K.dtype
-    num_directions = eig_K.shape[0]
     kept_K = eig_K > 0
     log_eig_K = jnp.log(jnp.where(kept_K, eig_K, 1))
     log_p2_K = 2 * jnp.log(jnp.abs(proj_K))  # −inf where y has no coordinate
-    p2_K = proj_K**2
+    log_res_out = jnp.log(res_out)
+    # N − K directions beyond the spectrum (N > D) have λ = 0: each adds 1 to N − γ.
+    log_extra = jnp.log(jnp.asarray(num_samples - eig_K.shape[0], dtype))
     log_eps = jnp.log(jnp.asarray(eps, dtype))
     log_eps_alpha = log_eps + log_scale2  # eps in α's update, in the scaled units
 
-    def ratios(log_t):
+    def sums(log_t):
+        """log γ, log(N − γ), log ‖m'‖², log ‖F m − y‖² at t' = exp(log_t)."""
         x_K = jnp.where(kept_K, log_eig_K - log_t, -jnp.inf)  # log(λ / t)
-        return x_K, jax.nn.sigmoid(x_K), jax.nn.sigmoid(-x_K)
-
-    def step(state):
-        i, log_alpha, log_beta, *_ = state
-        log_t = log_alpha - log_beta
-        _, fit_K, shrink_K = ratios(log_t)  # λ/(λ + t), t/(λ + t)
-        gamma = jnp.sum(fit_K)  # effective number of parameters
-        rest = (num_samples - num_directions) + jnp.sum(shrink_K)  # N − γ
+        log_fit_K = -jax.nn.softplus(-x_K)  # log λ/(λ + t)
+        log_shrink_K = -jax.nn.softplus(x_K)  # log t/(λ + t)
+        log_gamma = jax.nn.logsumexp(log_fit_K)
+        log_rest = jnp.logaddexp(jax.nn.logsumexp(log_shrink_K), log_extra)
         # ‖m'‖² = Σ λ p² / (λ + t)²
         log_m2 = jax.nn.logsumexp(
             jnp.where(kept_K, log_p2_K + log_eig_K - 2 * jnp.logaddexp(log_t, log_eig_K), -jnp.inf)
         )
-        res2 = jnp.sum(p2_K * shrink_K**2) + res_out  # ‖F m − y‖²
-        log_alpha_new = jnp.log(gamma) - jnp.logaddexp(log_m2, log_eps_alpha)
-        log_beta_new = jnp.log(rest) - jnp.log(res2 + eps)
+        log_res2 = jnp.logaddexp(jax.nn.logsumexp(log_p2_K + 2 * log_shrink_K), log_res_out)
+        return log_gamma, log_rest, log_m2, log_res2
+
+    def step(state):
+        i, log_alpha, log_beta, *_ = state
+        log_t = log_alpha - log_beta
+        log_gamma, log_rest, log_m2, log_res2 = sums(log_t)
+        log_alpha_new = log_gamma - jnp.logaddexp(log_m2, log_eps_alpha)
+        log_beta_new = log_rest - jnp.logaddexp(log_res2, log_eps)
         change = jnp.abs(jnp.expm1((log_alpha_new - log_beta_new) - log_t))  # |t_new − t| / t
-        return i + 1, log_alpha_new, log_beta_new, log_t, log_m2, res2, change <= tol
+        return i + 1, log_alpha_new, log_beta_new, log_t, log_m2, log_res2, change <= tol
 
     def not_done(state):
         i, *_, done = state
@@ -115,14 +119,13 @@ def _fixed_point(eig_K, proj_K, res_out, log_scale2, num_samples, eps, tol, max_
 
     zero = jnp.zeros((), dtype)
     init = (jnp.zeros((), jnp.int32), -log_scale2, zero, zero, zero, zero, jnp.zeros((), bool))
-    _, log_alpha, log_beta, log_t, log_m2, res2, _ = jax.lax.while_loop(not_done, step, init)
-    x_K, _, _ = ratios(log_alpha - log_beta)
-    beta = jnp.exp(log_beta)
+    _, log_alpha, log_beta, log_t, log_m2, log_res2, _ = jax.lax.while_loop(not_done, step, init)
+    x_K = jnp.where(kept_K, log_eig_K - (log_alpha - log_beta), -jnp.inf)
     # D/2 log α + N/2 log β − ½ log det(αI + βFᵀF) − β/2 ‖Fm − y‖² − α/2 ‖m‖² − N/2 log 2π.
     evidence = (
         -jnp.sum(jax.nn.softplus(x_K)) / 2
         + num_samples / 2 * log_beta
-        - beta / 2 * res2
+        - jnp.exp(log_beta + log_res2) / 2
         - jnp.exp(log_alpha + log_m2) / 2
         - num_samples / 2 * math.log(2 * math.pi)
     ) / num_samples

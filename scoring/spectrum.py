@@ -209,3 +209,13 @@ def factor_spectrum_from_r(r_factor, dim) -> Spectrum:
         jnp.sum(r22_MC**2, axis=0),
         jnp.zeros((), jnp.int32),
     )
+
+
+def right_singular_pairs(x_ND) -> tuple[jax.Array, jax.Array]:
+    """(σ_K [K], V_DK [D, K]) of X = UΣVᵀ, K = min(N, D), without forming U: for N > D a QR
+    first, then the SVD of its R [D, D]."""
+    num_rows, dim = x_ND.shape
+    if num_rows > dim:
+        x_ND = jnp.linalg.qr(x_ND, mode="r")
+    _, sigma_K, vt_KD = jnp.linalg.svd(x_ND, full_matrices=False)
+    return sigma_K, vt_KD.T
