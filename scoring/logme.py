@@ -9,12 +9,15 @@ p(y | F, α, β) over α, β with MacKay's fixed point and reports log p / N; th
 columns (one column per class for classification, one-hot coded). A higher score means the features
 fit the task better with a linear head, which predicts fine-tuned accuracy.
 
-All the work that depends on F is one eigendecomposition: of the Gram matrix FᵀF [D, D] when N ≥ D,
-or of the kernel FFᵀ [N, N] when N < D. The target columns are projected onto the eigenvectors in one
-matrix product, and the per-column fixed point (a few O(K) steps each) runs batched with `vmap`.
+All the work that depends on F is one spectral decomposition (`scoring.spectrum`): singular values
+of F from a QR of [F | Y] and an SVD of its D×D block (the "factor" method, the float32 default),
+or an eigendecomposition of FᵀF [D, D] or FFᵀ [N, N] (the "gram" method, the float64 default);
+`logme`'s docstring says what each gives. The target columns are projected onto the singular
+vectors in one matrix product, and the per-column fixed point (a few O(K) steps each, in
+logarithms) runs batched with `vmap`.
 
 Dimension names: N samples, D feature dimensions, C target columns, K = length of the computed
-spectrum (D on the Gram path, N on the kernel path).
+spectrum (min(N, D)).
 """
 
 import functools
