@@ -126,6 +126,23 @@ def test_default_pca_dim_is_64_and_float32_close():
     np.testing.assert_allclose(float(got32), ref, rtol=1e-3)
 
 
+@pytest.mark.parametrize("gaussian", ["spherical", "diagonal"])
+def test_variance_floor_is_relative_so_gbc_does_not_depend_on_the_scale(gaussian):
+    # Half the dimensions separate the classes by small offsets with almost no spread, so their
+    # variances sit on the floor and the floor sets their distances (Δμ² / (8·floor) ≈ 0.5): an
+    # absolute floor (the authors' 1e-4) would make GBC depend on the features' magnitude.
+    rng = np.random.default_rng(8)
+    labels = np.arange(90) % 3
+    offsets = 0.01 * rng.normal(size=(3, 4))
+    spread = np.concatenate([np.ones(4), np.full(4, 1e-5)])
+    feats = rng.normal(size=(90, 8)) * spread + np.concatenate([0 * offsets, offsets], 1)[labels]
+    with jax.enable_x64(True):
+        want = numpy_gbc(feats, labels, 8, gaussian)
+        for scale in (3.7e-9, 1.0, 7.3e11):
+            got = float(scoring.gbc(feats * scale, labels, pca_dim=8, gaussian=gaussian))
+            np.testing.assert_allclose(got, want, rtol=1e-9, err_msg=f"×{scale:g}")
+
+
 def test_separated_classes_score_higher_than_overlapping():
     far, near, labels = separated_and_overlapping(2, 200, 10, 4, far=6, near=0.1)
     separated = float(scoring.gbc(far, labels))
