@@ -378,14 +378,33 @@ def _checkpoint_image_size(flat: dict, name: str, config: dict) -> int:
     return grid * patch
 
 
+_SHAPES_CACHE: dict = {}
+
+
+def _expected_shapes(model) -> dict[str, tuple[int, ...]]:
+    """``{flat key: shape}`` of `model`'s variables, traced once per architecture: a soup loads
+    one architecture many times, and tracing `init` takes a second or more for a ViT-B."""
+    try:
+        hash(model)
+    except TypeError:  # a module with unhashable fields: traced every time
+        return _trace_shapes(model)
+    if model not in _SHAPES_CACHE:
+        _SHAPES_CACHE[model] = _trace_shapes(model)
+    return dict(_SHAPES_CACHE[model])
+
+
+def _trace_shapes(model) -> dict[str, tuple[int, ...]]:
+    size = getattr(model, "image_size", 32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    return {k: tuple(v.shape) for k, v in paths.flatten(flax.core.unfreeze(abstract)).items()}
+
+
 def _check_against_model(model, flat, sources, unknown, path, head_optional=None) -> None:
     """Raises ValueError naming unknown, missing and mis-shaped keys (all of them).
 
     `head_optional`: a key prefix (the head of a headless checkpoint) not reported as missing.
     """
-    size = getattr(model, "image_size", 32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    expected = {k: tuple(v.shape) for k, v in paths.flatten(flax.core.unfreeze(abstract)).items()}
+    expected = _expected_shapes(model)
     missing = sorted(
         k
         for k in set(expected) - set(flat)
