@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import load_npz, load_torch, paths, registry
+from jaxmodels import jit_cache, load_npz, load_torch, paths, registry
 
 MODEL_JSON = "model.json"
 _VARIABLES_DIR = "variables"
@@ -378,19 +378,11 @@ def _checkpoint_image_size(flat: dict, name: str, config: dict) -> int:
     return grid * patch
 
 
-_SHAPES_CACHE: dict = {}
-
-
 def _expected_shapes(model) -> dict[str, tuple[int, ...]]:
-    """``{flat key: shape}`` of `model`'s variables, traced once per architecture: a soup loads
-    one architecture many times, and tracing `init` takes a second or more for a ViT-B."""
-    try:
-        hash(model)
-    except TypeError:  # a module with unhashable fields: traced every time
-        return _trace_shapes(model)
-    if model not in _SHAPES_CACHE:
-        _SHAPES_CACHE[model] = _trace_shapes(model)
-    return dict(_SHAPES_CACHE[model])
+    """``{flat key: shape}`` of `model`'s variables, traced once per architecture (memoised in
+    `jit_cache` with the compiled initialisers): a soup loads one architecture many times, and
+    tracing `init` takes a second or more for a ViT-B."""
+    return dict(jit_cache.cached(("variable_shapes", model), lambda: _trace_shapes(model)))
 
 
 def _trace_shapes(model) -> dict[str, tuple[int, ...]]:

@@ -50,7 +50,7 @@ import numpy as np
 
 import jaxmodels
 import training
-from training import soup_report
+from training import ingredients
 
 CHILD_METHODS = ("streamed", "streamed_orbax", "load_all", "load_one")
 
@@ -132,7 +132,7 @@ def _orbax_loader(path: str):
 
 def run_child(method: str, name: str, paths: list[str], mmap_threshold: int | None) -> dict:
     """Runs one method in this (fresh) process; returns seconds and peak RSS above baseline."""
-    if mmap_threshold is not None and not soup_report.fix_mmap_threshold(mmap_threshold):
+    if mmap_threshold is not None and not ingredients.fix_mmap_threshold(mmap_threshold):
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) is not available here (not glibc?)")
     jnp.zeros(1).block_until_ready()  # backend up before the baseline
     how = _reset_peak()

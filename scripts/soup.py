@@ -55,13 +55,13 @@ import json
 import logging
 import sys
 
-from training import soup_report
+from training import ingredients
 
 # before anything allocates: freed checkpoints go back to the system (module docstring)
-soup_report.fix_mmap_threshold()
+ingredients.fix_mmap_threshold()
 
 import jaxmodels  # noqa: E402
-from training import soups  # noqa: E402
+from training import soup_cook, soup_output, soup_plan, soups  # noqa: E402
 from training.run_config import RunError  # noqa: E402
 
 USER_ERRORS = (RunError, jaxmodels.DataError, jaxmodels.ModelRefError)
@@ -82,12 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--method",
         default="greedy,uniform",
-        help=f"comma-separated, from {','.join(soup_report.METHODS)} (default greedy,uniform)",
+        help=f"comma-separated, from {','.join(soup_plan.METHODS)} (default greedy,uniform)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="a new output folder")
     parser.add_argument(
         "--bn",
-        choices=soup_report.BN_MODES,
+        choices=soup_plan.BN_MODES,
         default="average",
         help="BatchNorm statistics of each soup: averaged (default) or recomputed on --bn-data",
     )
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     logging.getLogger("absl").setLevel(logging.ERROR)
     progress = not args.no_progress
     try:
-        plan = soup_report.plan(
+        plan = soup_plan.plan(
             args.runs,
             args.heldout,
             out=args.out,
@@ -135,11 +135,11 @@ def main(argv=None) -> int:
         )
         for warning in plan.warnings:
             print(f"soup.py: warning: {warning}", file=sys.stderr)
-        report = soup_report.cook(plan, progress=progress)
+        report = soup_cook.cook(plan, progress=progress)
     except USER_ERRORS as err:
         print(f"soup.py: error: {err}", file=sys.stderr)
         return 2
-    print(soup_report.format_table(report))
+    print(soup_output.format_table(report))
     print(json.dumps({"out": str(plan.out), "soups": sorted(report["soups"])}))
     return 0
 

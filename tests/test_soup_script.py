@@ -1,23 +1,27 @@
 """scripts/soup.py end to end on a real sweep made by scripts/finetune.py in this module.
 
 The sweep: a random "pre-trained" resnet_tiny (5 classes, BatchNorm) fine-tuned in full on a
-2-class task made here, three data seeds from one start (the new head drawn from init_seed 0),
-plus one run whose head was drawn from init_seed 1 (another start). The soup is made with
-``--bn recompute``, the recommended path for BatchNorm networks. References are computed here:
-the weights read with orbax, averaged in float64, applied to images preprocessed on the host,
-scored with a NumPy log-softmax, the greedy recipe re-run by hand, and recomputed BatchNorm
-statistics checked through an identity (``Reference``).
+2-class task made here, learning rates 0.01 and 0.03 × data seeds 0 and 1, all from one start
+(the new head drawn from init_seed 0), plus one run whose head was drawn from init_seed 1
+(another start). The main soup is made with ``--bn recompute``, the recommended path for
+BatchNorm networks. References are computed here: the weights read with orbax, averaged in
+float64, applied to images preprocessed on the host, scored with a NumPy log-softmax, the greedy
+recipe re-run by hand, and recomputed BatchNorm statistics checked through an identity
+(``Reference``).
+
+Speed: the runs are trained in this process (one compiled train step for all five), and under
+pytest-xdist the first worker to get here makes them and the main soup while the other waits on
+a file lock and then reads them.
 """
 
 import contextlib
+import fcntl
 import importlib.util
 import io
 import json
 import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import chex
 import jax
@@ -30,11 +34,12 @@ import jaxmodels
 from training import load_run
 
 REPO = pathlib.Path(__file__).parents[1]
-RUNS = ["seed=0", "seed=1", "seed=2"]
+RUNS = ["lr=0.01_seed=0", "lr=0.01_seed=1", "lr=0.03_seed=0", "lr=0.03_seed=1"]
+OTHER = len(RUNS)  # the run from another start, after the sweep's in Reference.runs
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("soup_script", REPO / "scripts/soup.py")
+def _script(name="soup"):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"scripts/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -58,45 +63,62 @@ def _main(argv):
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    """Finished runs: ``sweep/`` (3 seeds, one start) and ``other/`` (another head init)."""
-    root = tmp_path_factory.mktemp("soup")
+@contextlib.contextmanager
+def _made_once(tmp_path_factory, name):
+    """``(folder, missing)``: a folder shared by this session's xdist workers, under a lock; the
+    caller fills it when ``missing`` (the others wait, then find it done)."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    with open(f"{root}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        done = root / ".done"
+        yield root, not done.exists()
+        done.touch()
+
+
+def _make_runs(root):
     data = {name: _task(root / f"{name}.npz", n, seed)
             for name, n, seed in (("train", 48, 0), ("heldout", 64, 1), ("test", 64, 2))}  # fmt: skip
     variables = random_variables(jaxmodels.create("resnet_tiny", num_classes=5), seed=1)
     jaxmodels.save(root / "pre", "resnet_tiny", jax.device_get(variables))
-    # one process, one device, and a compilation cache: the runs after the first compile nothing
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu",
-           "JAX_COMPILATION_CACHE_DIR": str(root / "xla"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # fmt: skip
     common = ["--model", f"resnet_tiny={root / 'pre'}", "--data", str(data["train"]),
               "--mode", "full", "--epochs", "4", "--warmup-epochs", "0", "--batch-size", "8",
-              "--lr", "0.05", "--augmentation", "none", "--num-workers", "0", "--no-progress"]  # fmt: skip
-    commands = [[*common, "--seed", "0,1,2", "--out", str(root / "sweep")],
-                [*common, "--init-seed", "1", "--out", str(root / "other")]]  # fmt: skip
-    driver = ("import json, runpy, sys\n"
-              "main = runpy.run_path(sys.argv[1])['main']\n"
-              "sys.exit(max(main(argv) for argv in json.loads(sys.argv[2])))")  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-c", driver, str(REPO / "scripts/finetune.py"), json.dumps(commands)],
-        env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {"root": root, **data}
+              "--augmentation", "none", "--num-workers", "0", "--no-progress"]  # fmt: skip
+    finetune = _script("finetune")
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert finetune.main([*common, "--lr", "0.01,0.03", "--seed", "0,1",
+                              "--out", str(root / "sweep")]) == 0  # fmt: skip
+        assert finetune.main([*common, "--lr", "0.01", "--init-seed", "1",
+                              "--out", str(root / "other")]) == 0  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def soup(sweep):
-    out = sweep["root"] / "soup"
-    code, stdout, stderr = _main(
-        ["--runs", str(sweep["root"] / "sweep"), "--heldout", str(sweep["heldout"]),
-         "--test", str(sweep["test"]), "--method", "greedy,uniform,learned", "--bn", "recompute",
-         "--out", str(out)]
-    )  # fmt: skip
-    assert code == 0, stderr
-    return {"out": out, "json": json.loads((out / "soup.json").read_text()), "stdout": stdout,
-            "stderr": stderr}  # fmt: skip
+def sweep(tmp_path_factory):
+    """Finished runs: ``sweep/`` (4 runs, one start) and ``other/`` (another head init)."""
+    with _made_once(tmp_path_factory, "soup-runs") as (root, missing):
+        if missing:
+            root.mkdir()
+            _make_runs(root)
+    return {"root": root, **{s: root / f"{s}.npz" for s in ("train", "heldout", "test")}}
+
+
+@pytest.fixture(scope="module")
+def soup(sweep, tmp_path_factory):
+    """The main soup: greedy and uniform, BatchNorm statistics recomputed."""
+    with _made_once(tmp_path_factory, "soup-main") as (root, missing):
+        out = root / "soup"
+        if missing:
+            root.mkdir()
+            code, stdout, stderr = _main(
+                ["--runs", str(sweep["root"] / "sweep"), "--heldout", str(sweep["heldout"]),
+                 "--test", str(sweep["test"]), "--method", "greedy,uniform",
+                 "--bn", "recompute", "--out", str(out)]
+            )  # fmt: skip
+            assert code == 0, stderr
+            (root / "stdout").write_text(stdout)
+            (root / "stderr").write_text(stderr)
+    return {"out": out, "json": json.loads((out / "soup.json").read_text()),
+            "stdout": (root / "stdout").read_text(), "stderr": (root / "stderr").read_text()}  # fmt: skip
 
 
 # ------------------------------------------------------------------ independent references
@@ -170,10 +192,28 @@ def _assert_scores(got, expected):
 # ------------------------------------------------------------------ the numbers
 
 
+def _check_soup(reference, out, entry, indices, weights=None, *, recomputed):
+    """The saved soup is the weighted average of runs ``indices`` and scores what ``entry`` says."""
+    average = reference.average(indices, weights)
+    saved = _restore(out / "model")
+    chex.assert_trees_all_close(saved["params"], average["params"], rtol=1e-5, atol=1e-6)
+    if recomputed and len(indices) > 1:  # recomputed statistics: Reference's identity
+        expected = reference.recomputed_logits(average)
+        np.testing.assert_allclose(reference.logits(saved, "heldout"), expected,
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+    else:  # averaged statistics (or one run's own): every leaf is the average
+        chex.assert_trees_all_close(saved, average, rtol=1e-5, atol=1e-6)
+        expected = reference.logits(average, "heldout")
+    _assert_scores(entry["heldout"], reference.score(expected, "heldout"))
+    if "test" in entry:
+        _assert_scores(entry["test"], reference.score(reference.logits(saved, "test"), "test"))
+
+
 def test_every_number_in_soup_json_equals_a_numpy_recomputation(soup, reference):
     report = soup["json"]
+    n = len(RUNS)
     assert [row["name"] for row in report["ingredients"]] == RUNS
-    logits = {s: [reference.logits(reference.runs[i], s) for i in range(3)]
+    logits = {s: [reference.logits(reference.runs[i], s) for i in range(n)]
               for s in ("heldout", "test")}  # fmt: skip
     for i, row in enumerate(report["ingredients"]):
         for split in ("heldout", "test"):
@@ -184,11 +224,11 @@ def test_every_number_in_soup_json_equals_a_numpy_recomputation(soup, reference)
     assert report["best_single"] == {"name": RUNS[best], "index": best}
     for split in ("heldout", "test"):  # the logit ensemble: mean logits of all runs
         _assert_scores(report["ensemble"][split], reference.score(np.mean(logits[split], 0), split))
-    assert report["ensemble"]["inference_cost"] == 3
+    assert report["ensemble"]["inference_cost"] == n
 
     # the greedy recipe by hand: best first, then keep each run if held-out accuracy does not
     # drop, every candidate judged with its BatchNorm statistics recomputed (--bn recompute)
-    order = sorted(range(3), key=lambda i: -heldout[i])
+    order = sorted(range(n), key=lambda i: -heldout[i])
     members, kept, candidates = [order[0]], heldout[order[0]], [heldout[order[0]]]
     for i in order[1:]:
         recomputed = reference.recomputed_logits(reference.average([*members, i]))
@@ -199,24 +239,11 @@ def test_every_number_in_soup_json_equals_a_numpy_recomputation(soup, reference)
     assert greedy["members"] == [RUNS[i] for i in members]
     assert greedy["report"]["candidate_scores"] == candidates
     assert greedy["report"]["order_names"] == [RUNS[i] for i in order]
+    assert 1 < len(members) < n, "the greedy soup should average some runs and refuse others"
 
-    learned_weights = report["soups"]["learned"]["weights"]
-    assert sum(learned_weights) == pytest.approx(1.0, abs=1e-6)
-    for method, indices, weights in (("greedy", members, None), ("uniform", [0, 1, 2], None),
-                                     ("learned", [0, 1, 2], learned_weights)):  # fmt: skip
-        average = reference.average(indices, weights)
-        saved = _restore(soup["out"] / method / "model")
-        chex.assert_trees_all_close(saved["params"], average["params"], rtol=1e-5, atol=1e-6)
-        if len(indices) > 1:  # recomputed statistics: the identity of Reference's docstring
-            expected = reference.recomputed_logits(average)
-            np.testing.assert_allclose(reference.logits(saved, "heldout"), expected,
-                                       rtol=1e-4, atol=1e-4)  # fmt: skip
-        else:  # one run: its own statistics
-            expected = reference.logits(average, "heldout")
-            chex.assert_trees_all_close(saved, average, rtol=1e-6, atol=1e-7)
-        _assert_scores(report["soups"][method]["heldout"], reference.score(expected, "heldout"))
-        test = reference.score(reference.logits(saved, "test"), "test")
-        _assert_scores(report["soups"][method]["test"], test)
+    for method, indices in (("greedy", members), ("uniform", list(range(n)))):
+        entry = report["soups"][method]
+        _check_soup(reference, soup["out"] / method, entry, indices, recomputed=True)
     print("\n" + soup["stdout"])
 
 
@@ -230,13 +257,13 @@ def test_the_greedy_soup_is_at_least_the_best_run_on_heldout_data(soup):
 
 def test_each_soup_is_a_run_folder_that_loads_and_predicts_what_soup_json_says(soup, sweep):
     test_data = (np.load(sweep["test"])["images"], np.load(sweep["test"])["labels"])
-    for method in ("greedy", "uniform", "learned"):
+    for method in ("greedy", "uniform"):
         entry = soup["json"]["soups"][method]
         run = load_run(soup["out"] / method)
         assert run.result["finished"] and run.config.out_dir == str(soup["out"] / method)
         assert run.info["kind"] == "soup" and run.info["method"] == method
         assert run.info["members"] == entry["members"] and run.info["name"] == "resnet_tiny"
-        assert run.info["bn"] == "recompute"
+        assert run.info["bn"] == "recompute" and run.name == method
         assert run.result["final_eval"]["accuracy"] == entry["test"]["accuracy"]
         logits = jaxmodels.predict(run.model, run.variables, test_data, progress=False)
         _assert_scores(jaxmodels.evaluate_logits(logits, test_data[1])._asdict(), entry["test"])
@@ -246,10 +273,13 @@ def test_each_soup_is_a_run_folder_that_loads_and_predicts_what_soup_json_says(s
 
 
 def test_the_table_names_every_model_and_the_picture_is_drawn(soup):
-    table = soup["stdout"]
-    for needle in [*RUNS, "best single run", "greedy soup", "uniform soup (3 of 3 runs)",
-                   "learned soup", "ensemble of all 3 runs", "3x"]:  # fmt: skip
-        assert needle in table
+    table = soup["stdout"].split("\n{")[0]  # the table, before the closing JSON line
+    n = len(RUNS)
+    members = len(soup["json"]["soups"]["greedy"]["members"])
+    for needle in [*RUNS, "best single run", f"greedy soup ({members} of {n} runs)",
+                   f"uniform soup ({n} of {n} runs)", f"ensemble of all {n} runs", f"{n}x"]:  # fmt: skip
+        assert needle in table, needle
+    assert str(soup["out"].parent) not in table  # run names, not paths
     import matplotlib.image
 
     picture = matplotlib.image.imread(soup["out"] / "soup.png")
@@ -258,23 +288,37 @@ def test_the_table_names_every_model_and_the_picture_is_drawn(soup):
     assert not list(soup["out"].parent.glob(".soup.*"))  # no temporary folder left
 
 
-# ------------------------------------------------------------------ starts, averaged BatchNorm
+# ------------------------------------------------------------------ starts, learned, averaged BN
 
 
-def test_runs_with_different_starts_get_the_lp_ft_warning(sweep, reference, tmp_path):
-    first, other = sweep["root"] / "sweep" / "seed=0", sweep["root"] / "other"
+def test_runs_with_different_starts_get_the_lp_ft_warning_and_a_learned_soup(
+    sweep, reference, tmp_path
+):
+    first, other = sweep["root"] / "sweep" / RUNS[0], sweep["root"] / "other"
     starts = {load_run(p, weights=False).info["start_sha256"] for p in (first, other)}
     assert len(starts) == 2  # really two starting points (the heads were drawn apart)
-    code, _, stderr = _main(["--runs", str(first), str(other), "--heldout", str(sweep["heldout"]),
-                             "--method", "uniform", "--out", str(tmp_path / "o")])  # fmt: skip
-    assert code == 0
+    code, stdout, stderr = _main(
+        ["--runs", str(first), str(other), "--heldout", str(sweep["heldout"]),
+         "--method", "uniform,learned", "--out", str(tmp_path / "o")]
+    )  # fmt: skip
+    assert code == 0, stderr
     warning = [line for line in stderr.splitlines() if "warning" in line]
     assert len(warning) == 1 and "LP-FT" in warning[0] and "LP_RUN/model" in warning[0]
-    assert "runs seed=0 and other started from different weights" in warning[0]
+    assert f"runs {RUNS[0]} and other started from different weights" in warning[0]
+    assert "learned soup (2 of 2 runs)" in stdout and "test" not in stdout.splitlines()[0]
     # the default --bn average: statistics averaged like every other weight
-    entry = json.loads((tmp_path / "o" / "soup.json").read_text())["soups"]["uniform"]
-    expected = reference.logits(reference.average([0, 3]), "heldout")
-    _assert_scores(entry["heldout"], reference.score(expected, "heldout"))
+    report = json.loads((tmp_path / "o" / "soup.json").read_text())
+    assert report["test_data"] is None and "test" not in report["soups"]["uniform"]
+    _check_soup(reference, tmp_path / "o" / "uniform", report["soups"]["uniform"], [0, OTHER],
+                recomputed=False)  # fmt: skip
+    learned = report["soups"]["learned"]
+    assert learned["members"] == [RUNS[0], "other"]
+    weights = np.asarray(learned["weights"])
+    assert weights.sum() == pytest.approx(1.0, abs=1e-6) and len(learned["report"]["losses"]) == 5
+    assert not np.allclose(weights, 0.5)  # the weights moved off the uniform start
+    _check_soup(reference, tmp_path / "o" / "learned", learned, [0, OTHER], weights,
+                recomputed=False)  # fmt: skip
+    assert load_run(tmp_path / "o" / "learned").info["weights"] == learned["weights"]
 
 
 # ------------------------------------------------------------------ bad input
@@ -287,7 +331,7 @@ def _bad_cases(sweep, tmp):
 
     def copy_run(name, edit_json, change):
         folder = tmp / name
-        shutil.copytree(root / "sweep" / "seed=1", folder)
+        shutil.copytree(root / "sweep" / RUNS[1], folder)
         path = folder / edit_json
         path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
         return str(folder)
@@ -299,12 +343,12 @@ def _bad_cases(sweep, tmp):
     np.savez(other_classes, images=np.load(other_classes)["images"], labels=np.arange(16) % 4)
     (tmp / "full").mkdir()
     (tmp / "full" / "soup.json").write_text("{}")
-    sweep_dir, seed0 = str(root / "sweep"), str(root / "sweep" / "seed=0")
+    sweep_dir, seed0 = str(root / "sweep"), str(root / "sweep" / RUNS[0])
     return [
         ([str(tmp / "empty")], [], "lists no runs"),
         ([sweep_dir, unfinished], [], "has not finished"),
-        ([sweep_dir, resnet18], [], "runs seed=0 and wide have different architecture overrides"),
-        ([sweep_dir, classes], [], "runs seed=0 and classes have different classes (2 vs 3)"),
+        ([sweep_dir, resnet18], [], f"runs {RUNS[0]} and wide have different architecture overrides"),
+        ([sweep_dir, classes], [], f"runs {RUNS[0]} and classes have different classes (2 vs 3)"),
         ([sweep_dir], ["--heldout", str(other_classes)], "labels beyond the 2 classes"),
         ([sweep_dir], ["--out", str(tmp / "full")], "already holds results (soup.json)"),
         ([seed0], [], "a soup needs at least 2 finished runs; got 1"),
@@ -312,7 +356,7 @@ def _bad_cases(sweep, tmp):
         ([sweep_dir], ["--method", "greedy,best"], "methods must be distinct names among"),
         ([sweep_dir], ["--bn-data", str(sweep["heldout"])], "only used with bn='recompute'"),
         ([sweep_dir], ["--method", "learned", "--learned-max-mb", "0.01"],
-         "a learned soup holds all 3 runs in memory"),
+         "a learned soup holds all 4 runs in memory"),
         ([str(tmp / "nowhere")], [], "does not exist"),
     ]  # fmt: skip
 
