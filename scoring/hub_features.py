@@ -84,7 +84,7 @@ def _head(model, variables):
     return params["kernel"], params["bias"]
 
 
-def features_for(ref, data, cache_dir, batch_size, seed, log):
+def features_for(ref, data, cache_dir, batch_size, seed, log, progress=True):
     """Features and head logits of one model on the data, from the cache or extracted.
 
     Args:
@@ -108,7 +108,7 @@ def features_for(ref, data, cache_dir, batch_size, seed, log):
             return cached["features"], cached["logits"], True
     model, variables = _build(ref, seed)
     feats, logits = jaxmodels.extract_features(
-        model, variables, data, batch_size=batch_size, return_logits=True
+        model, variables, data, batch_size=batch_size, return_logits=True, progress=progress
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
@@ -135,7 +135,7 @@ def _load_tuple(saved, prefix, cls):
     return cls(*(jnp.asarray(saved[f"{prefix}.{f}"]) for f in cls._fields))
 
 
-def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
+def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log, progress=True):
     """Streamed statistics of one model on the data, from the cache or accumulated on device.
 
     Args: as `features_for`, plus `scores`, the names to compute (a subset of logme, hscore,
@@ -187,7 +187,13 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
         num_source_classes=int(kernel_DK.shape[1]) if with_head else None,
     )
     _, acc = jaxmodels.stream_reduce(
-        model, variables, data, init=(head, init), update=update, batch_size=batch_size
+        model,
+        variables,
+        data,
+        init=(head, init),
+        update=update,
+        batch_size=batch_size,
+        progress=progress,
     )
     second = None
     if "leep" in scores:  # LEEP's second pass needs P̂(y | z) from the first
@@ -198,6 +204,7 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
             init=(head, stats_lib.leep_pass_init(acc)),
             update=leep_update,
             batch_size=batch_size,
+            progress=progress,
         )
     _save_tuples(path, stats=acc, leep=second)
     log(f"  streamed {int(acc.num_samples)} images into statistics → {path}")

@@ -63,25 +63,22 @@ class Member:
 
 
 def hub_members(quick: bool) -> list[Member]:
-    """8 members (10 in the full run): two families, several widths/depths, two weak ones."""
+    """6 members (10 in the full run): two families, several widths/depths, weak ones."""
+    vit_d4 = (("depth", 4), ("width", 48), ("num_heads", 3), ("mlp_dim", 96))
     members = [
         Member("resnet-w8", "resnet_tiny"),
         Member("resnet-w16", "resnet_tiny", (("width", 16),)),
-        Member("resnet-d2", "resnet_tiny", (("stage_sizes", (2, 2, 2, 2)),)),
         Member("vit-d2", "vit_tiny"),
-        Member(
-            "vit-d4-w48",
-            "vit_tiny",
-            (("depth", 4), ("width", 48), ("num_heads", 3), ("mlp_dim", 96)),
-        ),
-        Member("vit-d1", "vit_tiny", (("depth", 1),)),
+        Member("vit-d4-w48", "vit_tiny", vit_d4),
         Member("resnet-w8-short", "resnet_tiny", epochs=1),
         Member("vit-d2-noisy", "vit_tiny", label_noise=0.6),
     ]
     if not quick:
         members += [
+            Member("resnet-d2", "resnet_tiny", (("stage_sizes", (2, 2, 2, 2)),)),
+            Member("vit-d1", "vit_tiny", (("depth", 1),)),
             Member("resnet-w16-noisy", "resnet_tiny", (("width", 16),), label_noise=0.5),
-            Member("vit-d4-w48-short", "vit_tiny", members[4].overrides, epochs=1),
+            Member("vit-d4-w48-short", "vit_tiny", vit_d4, epochs=1),
         ]
     return members
 
@@ -211,27 +208,48 @@ def main(argv=None) -> int:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
     recipe = QUICK if args.quick else FULL
-    members = hub_members(args.quick)
+    report = run(out, cache, recipe, hub_members(args.quick), args.seed, quick=args.quick)
+    print()
+    print((out / "report.md").read_text())
+    for path in report["written"]:
+        print(f"wrote {path}")
+    return 0
+
+
+def run(
+    out: pathlib.Path,
+    cache: pathlib.Path,
+    recipe: Recipe,
+    members: list[Member],
+    seed: int,
+    *,
+    quick: bool = False,
+) -> dict:
+    """The four steps with `members` and `recipe`; writes the report into `out`.
+
+    Returns:
+      The report (as report.json holds it), plus ``written``: the paths of the files written.
+    """
     clock = demo_steps.Clock()
     with clock.step("data"):
-        splits = digits_splits(args.seed, recipe)
+        splits = digits_splits(seed, recipe)
         noise = sorted({m.label_noise for m in members if m.label_noise})
-        data = write_data(cache / "data", splits, noise, args.seed)
+        data = write_data(cache / "data", splits, noise, seed)
         print(demo_steps.describe_data(splits))
     with clock.step("hub: pre-train on digits 0–4 (cached)"):
-        hub = demo_steps.pretrain_hub(members, data, recipe, cache, args.seed, _member_key)
+        hub = demo_steps.pretrain_hub(members, data, recipe, cache, seed, _member_key)
     with clock.step("1. select: score the hub, fine-tune every member"):
-        select = demo_steps.select(hub, data, recipe, out, args.seed)
+        select = demo_steps.select(hub, data, recipe, out, seed, cache / "features")
     with clock.step("2. tune: linear probe, SSF sweep, full fine-tuning"):
-        tune = demo_steps.tune(select["top"], hub, data, recipe, out, args.seed)
+        tune = demo_steps.tune(select["top"], hub, data, recipe, out, seed)
     with clock.step("3. combine: soups of the SSF sweep"):
         combine = demo_combine_serve.combine(tune["sweep"], data, recipe, out)
     with clock.step("4. serve: a cascade of fine-tuned members"):
         serve = demo_combine_serve.serve(select["finetuned"], data, recipe, out)
     report = {
         "setup": {
-            "quick": args.quick,
-            "seed": args.seed,
+            "quick": quick,
+            "seed": seed,
             "recipe": dataclasses.asdict(recipe),
             "members": [m.label for m in members],
             "data": demo_steps.data_sizes(splits),
@@ -243,12 +261,8 @@ def main(argv=None) -> int:
         "serve": serve["report"],
         "seconds": clock.seconds,
     }
-    written = demo_report.write(out, report)
-    print()
-    print((out / "report.md").read_text())
-    for path in written:
-        print(f"wrote {path}")
-    return 0
+    report["written"] = [str(p) for p in demo_report.write(out, report)]
+    return report
 
 
 def _member_key(member: Member, recipe: Recipe, data_spec: str, seed: int) -> str:

@@ -139,15 +139,16 @@ def _test_accuracy(run, test_sets) -> float:
     return jaxmodels.evaluate(run.model, run.variables, prepared).accuracy
 
 
-def select(hub, data, recipe, out, seed) -> dict:
+def select(hub, data, recipe, out, seed, features_cache) -> dict:
     """Scores every member on the target's training split, and fine-tunes every member on it."""
     refs = [f"{m.label}:{m.folder}" for m in hub]
     ranking = hub_ranking.rank_hub(
         refs,
         data["target_train"],
         scores=SCORES,
-        cache_dir=jaxmodels.cache_root() / "features",
+        cache_dir=features_cache,
         log=_quiet,
+        progress=False,
     )
     finetuned = {}
     for member in hub:
