@@ -41,23 +41,7 @@ def weights_digest(ref: jaxmodels.ModelRef, seed: int, cache_dir: pathlib.Path) 
     random initialisation's seed."""
     if ref.checkpoint is None:
         return f"random-init seed {seed}"
-    path = pathlib.Path(ref.checkpoint).absolute()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    stamp = hashlib.sha256(
-        "".join(f"{f}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n" for f in files).encode()
-    ).hexdigest()
-    memo_path = cache_dir / "digests.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if stamp not in memo:
-        memo[stamp] = jaxmodels.content_digest(path)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".digests.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
-    return memo[stamp]
+    return jaxmodels.content_digest(ref.checkpoint, memo=cache_dir / "digests.json")
 
 
 def _cache_path(ref, data, seed, cache_dir, kind: str) -> pathlib.Path:
