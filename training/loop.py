@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import jaxmodels
-from jaxmodels import paths, pipeline, sharding
+from jaxmodels import jit_cache, paths, pipeline, sharding
 from training import checkpoints, masks, optim
 from training import train_step as step_lib
 
@@ -214,8 +214,9 @@ def fit(
 
     replicated = sharding.replicated_sharding(mesh)
     state = step_lib.init_train_state(
-        variables, trainable_mask, optimizer, ema=step_config.ema_decay is not None
-    )
+        variables, trainable_mask, optimizer, ema=step_config.ema_decay is not None,
+        schedule=optim.schedule_state(optim_config),
+    )  # fmt: skip
     # fresh buffers: the train step donates its state, and the caller's variables must survive
     # (device_put may hand back the caller's buffer as the device-0 shard, may_alias or not)
     state = jax.tree.map(jnp.copy, jax.device_put(state, replicated))
@@ -240,11 +241,18 @@ def fit(
     metrics_log = _MetricsLog(config.log_path)
     evals = metrics_log.resume(resumed_from)
 
-    schedule = optim.make_schedule(optim_config)
-    train_fn = jax.jit(
-        step_lib.make_train_step(model.apply, optimizer, step_config, schedule, augment.prep),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
+    # one compiled step per (model, optimizer shape, step options, preprocessing, mesh): the
+    # runs of a sweep differ in rates, seeds and lengths only, which the step reads as data
+    decay_trainable = {k: bool(decay_mask[k]) for k in trainable}
+    key_fields = (model, optim.compile_key(optim_config, decay_trainable), step_config,
+                  augment.prep, mesh)  # fmt: skip
+    train_fn = jit_cache.cached(
+        ("train_step", *key_fields),
+        lambda: jax.jit(
+            step_lib.make_train_step(model.apply, optimizer, step_config, augment.prep),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        ),
     )
     prepared = None
     if eval_data is not None:
