@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import pathlib
 from typing import Any
 
@@ -41,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import load_npz, load_torch, paths, registry
+from jaxmodels.atomic_files import write_atomic
 
 MODEL_JSON = "model.json"
 _VARIABLES_DIR = "variables"
@@ -293,10 +293,7 @@ def content_digest(path: str | pathlib.Path, *, memo: str | pathlib.Path | None 
                 digest.update(block)
     if memo is not None:
         known[stamp] = digest.hexdigest()
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known))
-        os.replace(tmp, memo)
+        write_atomic(memo, lambda tmp: tmp.write_text(json.dumps(known)))
     return digest.hexdigest()
 
 

@@ -36,6 +36,7 @@ import numpy as np
 
 from jaxmodels import data as data_lib
 from jaxmodels import registry
+from jaxmodels.atomic_files import write_atomic
 from jaxmodels.load import MODEL_JSON, content_digest, model_dir, model_info
 from jaxmodels.model_refs import ModelRef
 from jaxmodels.preprocess import Preprocessing
@@ -136,7 +137,7 @@ class LogitsCache:
             return
         notes = _read_json(self.dir / _FACTS_JSON)
         notes[f"{ref.name}|{weights_key}"] = facts.to_json()
-        _write_atomic(self.dir / _FACTS_JSON, lambda tmp: tmp.write_text(json.dumps(notes)))
+        write_atomic(self.dir / _FACTS_JSON, lambda tmp: tmp.write_text(json.dumps(notes)))
 
     def path(self, ref: ModelRef, weights_key: str, facts: MemberFacts, source) -> pathlib.Path:
         """The cache file of this member's logits over `source` (an `ImageSource`)."""
@@ -165,7 +166,7 @@ class LogitsCache:
 
     def write(self, path: pathlib.Path, logits_NK: np.ndarray, source) -> None:
         """Stores logits with the source's labels, atomically (never a half-written file)."""
-        _write_atomic(
+        write_atomic(
             path,
             lambda tmp: np.savez(
                 tmp, logits=np.asarray(logits_NK, np.float32), labels=np.asarray(source.labels)
@@ -179,10 +180,3 @@ def _read_json(path: pathlib.Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _write_atomic(path: pathlib.Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)

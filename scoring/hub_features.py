@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmodels
+from jaxmodels.atomic_files import write_atomic
 from scoring import stats as stats_lib
 
 _CACHE_VERSION = 2
@@ -94,10 +94,7 @@ def features_for(ref, data, cache_dir, batch_size, seed, log):
     feats, logits = jaxmodels.extract_features(
         model, variables, data, batch_size=batch_size, return_logits=True
     )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=feats, logits=logits, labels=data.labels)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: np.savez(tmp, features=feats, logits=logits, labels=data.labels))
     log(f"  extracted {feats.shape[0]} × {feats.shape[1]} features → {path}")
     return feats, logits, False
 
@@ -109,8 +106,7 @@ def _save_tuples(path: pathlib.Path, **tuples) -> None:
             arrays |= {
                 f"{prefix}.{f}": np.asarray(v) for f, v in zip(value._fields, value, strict=True)
             }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def _load_tuple(saved, prefix, cls):
