@@ -14,12 +14,15 @@ References:
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import pathlib
 import re
 
 import numpy as np
+
+from jaxmodels.atomic_files import write_new
 
 OUTPUTS = ("cascade.json", "cascade.png")
 MAX_LABEL = 18
@@ -152,15 +155,23 @@ def format_report(report: dict) -> str:
 
 
 def plot_report(report: dict, path: str | os.PathLike) -> None:
-    """Draws test accuracy against average GFLOPs per image (module docstring) into `path`."""
-    import matplotlib
+    """Draws `report_figure` into `path` (a PNG)."""
+    report_figure(report).savefig(path, dpi=120)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def report_figure(report: dict):
+    """Test accuracy against average GFLOPs per image (module docstring).
+
+    Returns:
+      A `matplotlib.figure.Figure` (not registered with pyplot: no global state, no window).
+    """
+    import matplotlib
+    from matplotlib.figure import Figure
 
     members, ensembles = report["members"], report["ensembles"]
     frontier = sorted(report["frontier"], key=lambda p: p["test"]["gflops"])
-    fig, ax = plt.subplots(figsize=(8.6, 5.0))
+    fig = Figure(figsize=(8.6, 5.0))
+    ax = fig.subplots()
     names = dict(zip((m["label"] for m in members), short_labels([m["label"] for m in members]),
                      strict=True))  # fmt: skip
     ax.plot(
@@ -182,7 +193,7 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
         label="ensembles of the cheapest k",
     )
     annotate = len(members) <= _MAX_ANNOTATED
-    colors = plt.get_cmap("tab10" if len(members) <= 10 else "tab20").colors
+    colors = matplotlib.colormaps["tab10" if len(members) <= 10 else "tab20"].colors
     for i, m in enumerate(members):
         color = "black" if annotate else colors[i % len(colors)]
         ax.scatter(
@@ -225,20 +236,44 @@ def plot_report(report: dict, path: str | os.PathLike) -> None:
     # beside the axes, never over a point
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return fig
+
+
+def existing_outputs(out: str | os.PathLike) -> list[str]:
+    """The names of `OUTPUTS` already in folder `out` (an earlier report)."""
+    return [name for name in OUTPUTS if (pathlib.Path(out) / name).exists()]
+
+
+def free_folder(out: str | os.PathLike) -> pathlib.Path:
+    """`out` if it holds no report, else the first of ``OUT-2``, ``OUT-3``, … that holds none."""
+    out = pathlib.Path(out)
+    candidates = itertools.chain(
+        [out], (out.with_name(f"{out.name}-{k}") for k in itertools.count(2))
+    )
+    return next(
+        c for c in candidates if not (c.exists() and (not c.is_dir() or existing_outputs(c)))
+    )
 
 
 def write_outputs(report: dict, out: str | os.PathLike) -> list[pathlib.Path]:
-    """Writes ``cascade.json`` and ``cascade.png`` into `out` (created), each atomically."""
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / name for name in OUTPUTS]
-    for path, write in zip(paths, (_write_json, plot_report), strict=True):
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-        write(report, tmp)
-        os.replace(tmp, path)
-    return paths
+    """Writes ``cascade.json`` and ``cascade.png`` into `out` (created), each atomically, and
+    never over an existing file: if a report appeared in `out` since it was checked, both go to
+    `free_folder(out)` instead (the caller sees where from the returned paths).
+
+    Returns:
+      The paths written.
+    """
+    while True:
+        paths = [free_folder(out) / name for name in OUTPUTS]
+        written = []
+        try:
+            for path, write in zip(paths, (_write_json, plot_report), strict=True):
+                write_new(path, lambda tmp, write=write: write(report, tmp))
+                written.append(path)
+            return paths
+        except FileExistsError:  # lost a race with another writer: keep the pair together
+            for path in written:
+                path.unlink()
 
 
 def _write_json(report: dict, path: pathlib.Path) -> None:

@@ -41,11 +41,10 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxmodels import cascade_members, cascade_rules, cascade_timing, model_refs
+from jaxmodels import cascade_members, cascade_output, cascade_rules, cascade_timing, model_refs
 from jaxmodels import data as data_lib
 from jaxmodels.cascade_fit import MAX_STAGES, fit_cascade, search_cascades
 from jaxmodels.cascade_members import CascadeInputError
-from jaxmodels.cascade_output import OUTPUTS
 from jaxmodels.committees import Member
 from jaxmodels.logits_cache import LogitsCache
 
@@ -118,16 +117,17 @@ def check_options(
         )
 
 
-def check_out_dir(out: str | os.PathLike, force: bool) -> pathlib.Path:
-    """The output folder, refused when it would overwrite an earlier report without `force`."""
+def check_out_dir(out: str | os.PathLike) -> pathlib.Path:
+    """The output folder; refused when it is a file or already holds a report (results are
+    never overwritten), with a free folder named in the message."""
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
         raise CascadeInputError(f"--out {str(out)!r} is a file; give a folder")
-    existing = [name for name in OUTPUTS if (out / name).exists()]
-    if existing and not force:
+    existing = cascade_output.existing_outputs(out)
+    if existing:
         raise CascadeInputError(
-            f"--out {str(out)!r} already holds {', '.join(existing)}; choose another folder, or "
-            "pass --force to overwrite them"
+            f"--out {str(out)!r} already holds a report ({', '.join(existing)}), which is "
+            f"never overwritten; give another folder, e.g. --out {str(cascade_output.free_folder(out))!r}"
         )
     return out
 
@@ -307,6 +307,11 @@ def run_report(
     }
     for role, source in sources.items():
         log(f"{role}: {source.describe()}")
+    if sources[HELDOUT].fingerprint == sources[TEST].fingerprint:
+        log(
+            "warning: the held-out and the test data are the same images; the test scores then "
+            "judge thresholds on the data they were fitted on (optimistic)"
+        )
     prepared = cascade_members.PreparedSets(sources, batch_size, log)
     members = cascade_members.member_logits(
         refs, prepared, LogitsCache(cache_dir), seed=seed, log=log

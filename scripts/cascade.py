@@ -44,8 +44,10 @@ DATA: a .npz with 'images' [N, H, W, 3] uint8 and 'labels' [N]; a folder with on
   --tfds-data-dir; nothing is downloaded). The held-out set fits the thresholds; the test set,
   which should be another one, judges them. Their labels must be classes of the models.
 
-Output folder: created if needed; a folder that already holds cascade.json or cascade.png is
-refused unless --force, which overwrites those two files (nothing else in it is touched).
+Output folder: created if needed. A report is never overwritten: a folder that already holds
+cascade.json or cascade.png is refused at the start (the message names a free one, OUT-2, ...);
+one that a concurrent run filled meanwhile gets the report in the next free OUT-2, ... instead,
+and the script says so.
 
 A user error (a missing or unfinished run, models of different class counts, data with labels
 beyond the models' classes, NaN logits, a bad option) prints one line and exits with status 2,
@@ -58,7 +60,6 @@ Example:
 """
 
 import argparse
-import pathlib
 import sys
 
 import jaxmodels
@@ -70,9 +71,16 @@ from jaxmodels.logits_cache import default_cache_dir
 USER_ERRORS = (CascadeInputError, jaxmodels.DataError, jaxmodels.ModelRefError)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Bad options are one line on stderr and exit status 2, like every other user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     doc = __doc__.format(names=", ".join(jaxmodels.MODEL_NAMES), cache=default_cache_dir())
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="cascade.py",
         description=doc.split("\n\n")[0],
         epilog="\n\n".join(doc.split("\n\n")[1:]),
@@ -120,9 +128,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cache-dir", help=f"logits cache (default {default_cache_dir()})")
     parser.add_argument("--seed", type=int, default=0, help="seed of random-init models (0)")
     parser.add_argument("--tfds-data-dir", help="TFDS data directory")
-    parser.add_argument(
-        "--force", action="store_true", help="overwrite cascade.json/png in an existing --out"
-    )
     return parser.parse_args(argv)
 
 
@@ -130,7 +135,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     log = lambda text: print(text, file=sys.stderr, flush=True)
     try:
-        out = cascade_report.check_out_dir(args.out, args.force)
+        out = cascade_report.check_out_dir(args.out)
         report = cascade_report.run_report(
             args.models,
             args.heldout,
@@ -152,7 +157,11 @@ def main(argv=None) -> int:
         print(f"cascade.py: error: {err}", file=sys.stderr)
         return 2
     print(cascade_output.format_report(report))
-    for path in cascade_output.write_outputs(report, pathlib.Path(out)):
+    paths = cascade_output.write_outputs(report, out)
+    if paths[0].parent != out:  # never over another run's report
+        where = str(paths[0].parent)
+        log(f"{str(out)!r} received another run's report meanwhile; this one went to {where!r}")
+    for path in paths:
         log(f"wrote {path}")
     return 0
 

@@ -3,6 +3,7 @@ the report against recomputations from the cached logits, the cache, the plot, t
 cascade against brute force, shared inputs, sweeps, and every user error."""
 
 import contextlib
+import fcntl
 import importlib.util
 import io
 import itertools
@@ -10,11 +11,13 @@ import json
 import os
 import pathlib
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 import jaxmodels
 from jaxmodels import cascade_members, cascade_output, inference, model_refs, registry
@@ -71,16 +74,23 @@ def _he_variables(model, seed: int) -> dict:
     return jax.tree_util.tree_map_with_path(fill, dict(shapes))
 
 
-def _save(root, label, name, overrides, dims, seed, num_classes=NUM_CLASSES, bias_nan=False):
+def _save(root, label, name, overrides, dims, seed, num_classes=NUM_CLASSES, bias_nan=False,
+          probe=None):  # fmt: skip
     """A random network with a least-squares head on its first `dims` features (fitted on
-    separate data), saved with `jaxmodels.save`."""
+    separate data), saved with `jaxmodels.save`. Returns its folder and, given `probe` images
+    [N, H, W, 3], its logits on them: the head applied in float64 NumPy to the features, which
+    come from the model's `features` method (not the logits path the script uses)."""
     model = registry.create(name, num_classes=num_classes, **overrides)
     variables = _he_variables(model, seed)
     head = variables["params"][registry.spec_of(model).head]
     if num_classes == NUM_CLASSES and not bias_nan:
         images, labels = _images(NUM_IMAGES, 100)
-        feats = jaxmodels.extract_features(model, variables, (images, labels), batch_size=BATCH,
-                                           progress=False)[:, :dims].astype(np.float64)  # fmt: skip
+        probe = images[:0] if probe is None else probe
+        everything = np.concatenate([images, probe])
+        feats_all = jaxmodels.extract_features(  # labels unused: any valid ones
+            model, variables, (everything, np.arange(len(everything)) % NUM_CLASSES),
+            batch_size=BATCH, progress=False).astype(np.float64)  # fmt: skip
+        feats = feats_all[: len(images), :dims]
         mean, std = feats.mean(0), feats.std(0) + 1e-6
         z = (feats - mean) / std
         w = np.linalg.solve(z.T @ z + np.eye(dims), z.T @ (2 * np.eye(3)[labels] - 1))
@@ -93,7 +103,10 @@ def _save(root, label, name, overrides, dims, seed, num_classes=NUM_CLASSES, bia
         head["bias"] = np.full(num_classes, np.nan if bias_nan else 0.0)
     head["bias"] = np.asarray(head["bias"], np.float32)
     jaxmodels.save(root / label, name, variables, **overrides)
-    return root / label
+    if probe is None:
+        return root / label
+    probe_logits = feats_all[len(images) :] @ head["kernel"].astype(np.float64) + head["bias"]
+    return root / label, probe_logits
 
 
 def _run(argv) -> tuple[int, str, str]:
@@ -104,19 +117,6 @@ def _run(argv) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-@pytest.fixture(scope="module")
-def hub(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hub")
-    folders = [_save(root, *member, seed) for seed, member in enumerate(MEMBERS)]
-    return {
-        "root": root,
-        "members": [str(f) for f in folders],
-        "heldout": _data(root / "heldout.npz", NUM_IMAGES, 1),
-        "test": _data(root / "test.npz", NUM_IMAGES, 2),
-        "cache": root / "cache",
-    }
-
-
 def _argv(hub, out, *extra, members=None):
     # not in cost order: the report must order them (small, vit, big)
     members = members or [hub["members"][i] for i in (2, 0, 1)]
@@ -125,13 +125,50 @@ def _argv(hub, out, *extra, members=None):
             "--batch-size", BATCH, *extra]  # fmt: skip
 
 
+def _make_hub(root: pathlib.Path) -> None:
+    """The saved members, the data, each member's expected test logits, and one full run of the
+    script with timing (its outputs, stdout and stderr in ``first/``); ``hub.json`` last."""
+    test = _data(root / "test.npz", NUM_IMAGES, 2)
+    saved = [_save(root, *member, seed, probe=np.load(test)["images"])
+             for seed, member in enumerate(MEMBERS)]  # fmt: skip
+    np.save(root / "test_logits.npy", np.stack([logits for _, logits in saved]))
+    hub = {
+        "members": [str(folder) for folder, _ in saved],
+        "heldout": _data(root / "heldout.npz", NUM_IMAGES, 1),
+        "test": test,
+        "cache": str(root / "cache"),
+    }
+    code, stdout, stderr = _run(_argv(hub, root / "first", "--repeats", 1))
+    assert code == 0, stderr
+    (root / "first" / "stdout.txt").write_text(stdout)
+    (root / "first" / "stderr.txt").write_text(stderr)
+    (root / "hub.json").write_text(json.dumps(hub))
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    """`_make_hub`'s folder, made once per session: xdist workers share it (the first to come
+    makes it, under a lock, and the others wait and read it), so its compiles happen once."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each worker's own
+    root = base / "cascade_script_hub"
+    with open(base / "cascade_script_hub.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not (root / "hub.json").is_file():
+            shutil.rmtree(root, ignore_errors=True)  # a half-made hub of a failed worker
+            root.mkdir()
+            _make_hub(root)
+    hub = json.loads((root / "hub.json").read_text())
+    return {**hub, "root": root, "test_logits": np.load(root / "test_logits.npy")}
+
+
 @pytest.fixture(scope="module")
 def first(hub):
-    """One full run with timing: (report, stdout, stderr, out folder)."""
+    """The full run with timing: (report, stdout, stderr, out folder)."""
     out = hub["root"] / "first"
-    code, stdout, stderr = _run(_argv(hub, out, "--repeats", 1))
-    assert code == 0, stderr
-    return json.loads((out / "cascade.json").read_text()), stdout, stderr, out
+    texts = [(out / name).read_text() for name in ("cascade.json", "stdout.txt", "stderr.txt")]
+    return json.loads(texts[0]), texts[1], texts[2], out
 
 
 # ----------------------------------------------------------------------------- recomputations
@@ -195,15 +232,10 @@ def test_report_equals_recomputation_from_the_cached_logits(hub, first):
     specs = [jaxmodels.spec(name, num_classes=NUM_CLASSES, **kw) for _, name, kw, _ in MEMBERS]
     assert [m["label"] for m in members] == ["small", "vit", "big"]  # by cost
     assert [m["gflops"] for m in members] == [s.flops_per_image / 1e9 for s in specs]
-    source = jaxmodels.open_source(hub["test"])
-    for m, folder, spec in zip(members, hub["members"], specs, strict=True):
+    for m, expect in zip(members, hub["test_logits"], strict=True):
         # the cache holds this model's logits, computed with its own preprocessing
-        model, variables = jaxmodels.load(folder)
-        images = np.stack([source[i]["image"] for i in range(len(source))])
-        direct = jax.jit(model.apply)(variables, jnp.asarray(
-            jaxmodels.preprocess_for_eval(images, spec.preprocessing)))  # fmt: skip
         cached = np.load(m["logits_cache"]["test"])["logits"]
-        np.testing.assert_allclose(cached, direct, rtol=1e-4, atol=1e-4, err_msg=m["label"])
+        np.testing.assert_allclose(cached, expect, rtol=1e-4, atol=1e-4, err_msg=m["label"])
         for role, key in (("held-out", "heldout_accuracy"), ("test", "test_accuracy")):
             logits = np.load(m["logits_cache"][role])["logits"]
             assert m[key] == np.mean(logits.argmax(1) == labels[role])
@@ -266,6 +298,58 @@ def test_plot_is_written(first):
     assert f"wrote {out / 'cascade.png'}" in stderr
 
 
+def test_plot_shows_every_model_cascade_and_ensemble_where_the_report_says(first):
+    report = first[0]
+    fig = cascade_output.report_figure(report)
+    (ax,) = fig.axes
+    members = report["members"]
+    # every single model: a point at (GFLOPs, test accuracy), labelled by its short name
+    labels = {t.get_text(): t.xy for t in ax.texts}
+    assert labels == {m["label"]: (m["gflops"], m["test_accuracy"]) for m in members}
+    points = np.concatenate([c.get_offsets() for c in ax.collections])
+    for m in members:
+        assert np.any(np.all(points == [m["gflops"], m["test_accuracy"]], axis=1)), m["label"]
+    # the curves: the frontier (by test cost) and the ensembles of the cheapest k
+    curves = {line.get_label(): np.column_stack(line.get_data()) for line in ax.lines}
+    frontier = sorted((p["test"]["gflops"], p["test"]["accuracy"]) for p in report["frontier"])
+    np.testing.assert_array_equal(curves["cascades (held-out frontier)"], frontier)
+    np.testing.assert_array_equal(curves["ensembles of the cheapest k"],
+                                  [(e["gflops"], e["test_accuracy"]) for e in report["ensembles"]])  # fmt: skip
+    chosen = report["cascade"]
+    star = [c for c in ax.collections if c.get_label().startswith("chosen: ")]
+    assert len(star) == 1 and star[0].get_label() == "chosen: " + " → ".join(chosen["members"])
+    np.testing.assert_array_equal(star[0].get_offsets(), [[chosen["test"]["gflops"],
+                                                           chosen["test"]["accuracy"]]])  # fmt: skip
+    # the legend stands beside the axes, over none of their points
+    canvas = FigureCanvasAgg(fig)  # what savefig draws a PNG with
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legend, axes = ax.get_legend().get_window_extent(renderer), ax.get_window_extent(renderer)
+    assert legend.x0 >= axes.x1
+    assert fig.get_window_extent(renderer).contains(legend.x1 - 1, legend.y0 + 1)  # not cut off
+
+
+def test_a_report_is_never_written_over_another(first, tmp_path):
+    """A folder filled by another run between the check and the write: the report goes to the
+    next free OUT-k, whole (both files), and what was there is untouched."""
+    report = first[0]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "cascade.png").write_bytes(b"another run's")  # only one of the two: still taken
+    (tmp_path / "out-2").mkdir()
+    (tmp_path / "out-2" / "cascade.json").write_text("{}")
+    (tmp_path / "out-3").write_text("a file, not a folder")
+    paths = cascade_output.write_outputs(report, out)
+    assert paths == [tmp_path / "out-4" / name for name in cascade_output.OUTPUTS]
+    assert json.loads(paths[0].read_text()) == report and paths[1].stat().st_size > 1000
+    assert (out / "cascade.png").read_bytes() == b"another run's"
+    assert not (out / "cascade.json").exists()
+    assert (tmp_path / "out-2" / "cascade.json").read_text() == "{}"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == sorted(
+        ["out", "cascade.png", "out-2", "cascade.json", "out-3", "out-4", *cascade_output.OUTPUTS]
+    )  # no temporary left behind
+
+
 def test_plot_labels_drop_what_a_sweep_s_runs_share():
     sweep = ["lr=0.001_seed=0_aug=light", "lr=0.001_seed=1_aug=light", "lr=0.01_seed=0_aug=light"]
     assert cascade_output.short_labels(sweep) == ["lr=0.001_seed=0", "lr=0.001_seed=1",
@@ -275,7 +359,7 @@ def test_plot_labels_drop_what_a_sweep_s_runs_share():
     assert cascade_output.short_labels(["x_1", "x_1"]) == ["x_1", "x_1"]  # would not differ
 
 
-def test_second_run_reads_the_cache_and_builds_no_model(hub, first, monkeypatch):
+def test_second_run_reads_the_cache_and_builds_no_model(hub, first, monkeypatch, tmp_path):
     report = first[0]
 
     def refuse(*args, **kwargs):
@@ -284,7 +368,7 @@ def test_second_run_reads_the_cache_and_builds_no_model(hub, first, monkeypatch)
     for module, name in ((jaxmodels, "build"), (model_refs, "build"), (registry, "create"),
                          (inference, "predict"), (inference, "prepare")):  # fmt: skip
         monkeypatch.setattr(module, name, refuse)
-    out = hub["root"] / "second"
+    out = tmp_path / "out"
     code, _, stderr = _run(_argv(hub, out, "--no-timing"))
     assert code == 0, stderr
     again = json.loads((out / "cascade.json").read_text())
@@ -296,8 +380,8 @@ def test_second_run_reads_the_cache_and_builds_no_model(hub, first, monkeypatch)
     assert again["timing"] is None
 
 
-def test_unreachable_target_is_a_message_and_the_best_is_reported(hub, first):
-    out = hub["root"] / "unreachable"
+def test_unreachable_target_is_a_message_and_the_best_is_reported(hub, first, tmp_path):
+    out = tmp_path / "out"
     code, stdout, stderr = _run(_argv(hub, out, "--no-timing", "--target-accuracy", 1.0))
     assert code == 0, stderr
     report = json.loads((out / "cascade.json").read_text())
@@ -307,10 +391,10 @@ def test_unreachable_target_is_a_message_and_the_best_is_reported(hub, first):
     assert best < 1.0 and report["cascade"]["heldout"]["accuracy"] == best
 
 
-def test_flops_budget_picks_the_most_accurate_cascade_within_it(hub, first):
+def test_flops_budget_picks_the_most_accurate_cascade_within_it(hub, first, tmp_path):
     report = first[0]
     budget = (report["members"][0]["gflops"] + report["members"][1]["gflops"]) / 2
-    out = hub["root"] / "budget"
+    out = tmp_path / "out"
     code, _, stderr = _run(_argv(hub, out, "--no-timing", "--flops-budget", budget))
     assert code == 0, stderr
     chosen = json.loads((out / "cascade.json").read_text())["cascade"]["heldout"]
@@ -396,9 +480,8 @@ def test_a_sweep_folder_stands_for_its_runs(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def bad(hub):
-    root = hub["root"] / "bad"
-    root.mkdir()
+def bad(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad")
     done = root / "done"
     done.mkdir()
     (done / "cascade.json").write_text("{}")
@@ -423,7 +506,8 @@ ERRORS = {
     "one model": (lambda h, b: ["--models", h["members"][0]], "at least two models"),
     "same label": (lambda h, b: ["--models", f"a:{h['members'][0]}", f"a:{h['members'][1]}"],
                    "two models are labelled 'a'"),
-    "output exists": (lambda h, b: ["--out", b["done"]], "already holds cascade.json; .* --force"),
+    "output exists": (lambda h, b: ["--out", b["done"]],
+                      r"already holds a report \(cascade.json\), which is never overwritten; .* --out '.*done-2'"),
     "target": (lambda h, b: ["--target-accuracy", 1.5], "--target-accuracy must lie in"),
     "batch": (lambda h, b: ["--batch-size", 12], "multiple of the 8 devices"),
     "nan logits": (lambda h, b: ["--models", h["members"][0], b["nan"]],
@@ -447,6 +531,21 @@ def test_user_errors_exit_2_with_one_line(hub, bad, case, tmp_path, monkeypatch)
     assert not (tmp_path / "out" / "cascade.json").exists()
 
 
+@pytest.mark.parametrize(
+    "argv, pattern",
+    [(["--max-stages", "two"], "argument --max-stages: invalid int value: 'two'"),
+     (["--target-accuracy", "0.9", "--flops-budget", "1"], "not allowed with argument"),
+     (["--confidence", "entropy"], "argument --confidence: invalid choice: 'entropy'")],
+)  # fmt: skip
+def test_bad_options_are_one_line_and_exit_2(hub, tmp_path, argv, pattern):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_:
+        _script().main([str(a) for a in _argv(hub, tmp_path / "out") + argv])
+    assert exit_.value.code == 2
+    assert len(err.getvalue().splitlines()) == 1, err.getvalue()
+    assert err.getvalue().startswith("cascade.py: error: ") and re.search(pattern, err.getvalue())
+
+
 def test_help_answers_a_newcomer():
     out = io.StringIO()
     with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_:
@@ -454,6 +553,6 @@ def test_help_answers_a_newcomer():
     text = out.getvalue()
     assert exit_.value.code == 0
     for words in ("RUN_FOLDER", "SWEEP_FOLDER", "--target-accuracy", "--flops-budget",
-                  "--no-timing", "--force", "cascade.png", "resnet50", "tfds:",
+                  "--no-timing", "never overwritten", "cascade.png", "resnet50", "tfds:",
                   str(jaxmodels.cache_root() / "logits")):  # fmt: skip
         assert words in text, words
