@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import load_npz, load_torch, paths, registry
+from jaxmodels import jit_cache, load_npz, load_torch, paths, registry
 from jaxmodels.atomic_files import write_atomic
 
 MODEL_JSON = "model.json"
@@ -403,14 +403,25 @@ def _checkpoint_image_size(flat: dict, name: str, config: dict) -> int:
     return grid * patch
 
 
+def _expected_shapes(model) -> dict[str, tuple[int, ...]]:
+    """``{flat key: shape}`` of `model`'s variables, traced once per architecture (memoised in
+    `jit_cache` with the compiled initialisers): a soup loads one architecture many times, and
+    tracing `init` takes a second or more for a ViT-B."""
+    return dict(jit_cache.cached(("variable_shapes", model), lambda: _trace_shapes(model)))
+
+
+def _trace_shapes(model) -> dict[str, tuple[int, ...]]:
+    size = getattr(model, "image_size", 32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    return {k: tuple(v.shape) for k, v in paths.flatten(flax.core.unfreeze(abstract)).items()}
+
+
 def _check_against_model(model, flat, sources, unknown, path, head_optional=None) -> None:
     """Raises ValueError naming unknown, missing and mis-shaped keys (all of them).
 
     `head_optional`: a key prefix (the head of a headless checkpoint) not reported as missing.
     """
-    size = getattr(model, "image_size", 32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    expected = {k: tuple(v.shape) for k, v in paths.flatten(flax.core.unfreeze(abstract)).items()}
+    expected = _expected_shapes(model)
     missing = sorted(
         k
         for k in set(expected) - set(flat)
