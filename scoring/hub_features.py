@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 
 import jax
@@ -21,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmodels
+from jaxmodels.atomic_files import write_atomic
 from scoring import stats as stats_lib
 
 _CACHE_VERSION = 2
@@ -41,23 +41,7 @@ def weights_digest(ref: jaxmodels.ModelRef, seed: int, cache_dir: pathlib.Path) 
     random initialisation's seed."""
     if ref.checkpoint is None:
         return f"random-init seed {seed}"
-    path = pathlib.Path(ref.checkpoint).absolute()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    stamp = hashlib.sha256(
-        "".join(f"{f}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n" for f in files).encode()
-    ).hexdigest()
-    memo_path = cache_dir / "digests.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if stamp not in memo:
-        memo[stamp] = jaxmodels.content_digest(path)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".digests.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
-    return memo[stamp]
+    return jaxmodels.content_digest(ref.checkpoint, memo=cache_dir / "digests.json")
 
 
 def _cache_path(ref, data, seed, cache_dir, kind: str) -> pathlib.Path:
@@ -110,10 +94,7 @@ def features_for(ref, data, cache_dir, batch_size, seed, log, progress=True):
     feats, logits = jaxmodels.extract_features(
         model, variables, data, batch_size=batch_size, return_logits=True, progress=progress
     )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=feats, logits=logits, labels=data.labels)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: np.savez(tmp, features=feats, logits=logits, labels=data.labels))
     log(f"  extracted {feats.shape[0]} × {feats.shape[1]} features → {path}")
     return feats, logits, False
 
@@ -125,8 +106,7 @@ def _save_tuples(path: pathlib.Path, **tuples) -> None:
             arrays |= {
                 f"{prefix}.{f}": np.asarray(v) for f, v in zip(value._fields, value, strict=True)
             }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def _load_tuple(saved, prefix, cls):
