@@ -120,7 +120,9 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
     fig.legend(
         handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False
     )
-    fig.suptitle(f"transferability scores vs fine-tuned accuracy on {ranking.data}", fontsize=10)
+    # a file's name, not its path: the title must stay one readable line
+    data = ranking.data if ranking.data.startswith("tfds:") else pathlib.Path(ranking.data).name
+    fig.suptitle(f"transferability scores vs fine-tuned accuracy on {data}", fontsize=10)
     legend_rows = -(-len(labels) // 4)
     fig.tight_layout(rect=(0, 0.05 + 0.035 * legend_rows, 1, 0.96))
     fig.savefig(path, dpi=120)

@@ -63,7 +63,8 @@ class Member:
 
 
 def hub_members(quick: bool) -> list[Member]:
-    """6 members (10 in the full run): two families, several widths/depths, weak ones."""
+    """8 members (10 in the full run): two families, two sizes each, and a weak copy of each
+    size (one epoch, or noisy labels). The quick hub has four architectures, so four compiles."""
     vit_d4 = (("depth", 4), ("width", 48), ("num_heads", 3), ("mlp_dim", 96))
     members = [
         Member("resnet-w8", "resnet_tiny"),
@@ -71,14 +72,14 @@ def hub_members(quick: bool) -> list[Member]:
         Member("vit-d2", "vit_tiny"),
         Member("vit-d4-w48", "vit_tiny", vit_d4),
         Member("resnet-w8-short", "resnet_tiny", epochs=1),
+        Member("resnet-w16-noisy", "resnet_tiny", (("width", 16),), label_noise=0.5),
         Member("vit-d2-noisy", "vit_tiny", label_noise=0.6),
+        Member("vit-d4-w48-short", "vit_tiny", vit_d4, epochs=1),
     ]
     if not quick:
         members += [
             Member("resnet-d2", "resnet_tiny", (("stage_sizes", (2, 2, 2, 2)),)),
             Member("vit-d1", "vit_tiny", (("depth", 1),)),
-            Member("resnet-w16-noisy", "resnet_tiny", (("width", 16),), label_noise=0.5),
-            Member("vit-d4-w48-short", "vit_tiny", vit_d4, epochs=1),
         ]
     return members
 

@@ -103,11 +103,16 @@ def serve(finetuned, data, recipe, out) -> dict:
     held_MNC, test_MNC = logits(heldout), logits(test)
     held_labels = next(iter(heldout.values())).labels
     test_labels = next(iter(test.values())).labels
-    costliest = len(runs) - 1
-    target = float(np.mean(held_MNC[costliest].argmax(1) == held_labels))
+    held_acc = [float(np.mean(lg.argmax(1) == held_labels)) for lg in held_MNC]
+    # of the members of the highest cost, the most accurate on held-out data; earlier stages
+    # must be strictly cheaper (an equal-cost stage saves nothing)
+    top_cost = [i for i, f in enumerate(flops) if f == flops[-1]]
+    costliest = max(top_cost, key=lambda i: held_acc[i])
+    cheaper = [i for i, f in enumerate(flops) if f < flops[-1]]
+    target = held_acc[costliest]
     best = None
     for size in (2, 3):  # ordered chains of cheaper members ending with the costliest
-        for chain in itertools.combinations(range(costliest), size - 1):
+        for chain in itertools.combinations(cheaper, size - 1):
             chain = (*chain, costliest)
             fit = jaxmodels.fit_cascade(
                 held_MNC[list(chain)],

@@ -210,12 +210,13 @@ def plot_soup(comb: dict, path: pathlib.Path) -> None:
         [greedy["scores"][i] for i in order],
         color="grey",
         zorder=3,
-        label="the run added at that step, alone",
+        label="the run tried at that step, alone",
     )
     ax.set_xticks(list(xs), [names[i] for i in order], rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("held-out accuracy")
-    ax.set_title("greedy soup of the SSF sweep", fontsize=10)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(y=0.12)  # points at the extremes stay whole
+    ax.set_title("greedy soup of the SSF sweep (runs tried best first)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -228,11 +229,19 @@ def plot_cascade(serve: dict, path: pathlib.Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for label, single in serve["singles"].items():
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    singles = serve["singles"]
+    span_x = max(s["gflops"] for s in singles.values()) * 1e3
+    placed = []
+    for label, single in sorted(singles.items(), key=lambda kv: -kv[1]["test_accuracy"]):
         x, y = 1e3 * single["gflops"], single["test_accuracy"]
         ax.scatter(x, y, color="tab:blue", zorder=3)
-        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+        # a point next to one already labelled gets its label below, so the two stay legible
+        crowded = any(abs(x - px) < 0.1 * span_x and abs(y - py) < 0.04 for px, py in placed)
+        ax.annotate(
+            label, (x, y), fontsize=7, xytext=(5, -9 if crowded else 3), textcoords="offset points"
+        )
+        placed.append((x, y))
     if serve["found"]:
         cascade = serve["rows"]["cascade"]
         ax.scatter(
@@ -244,9 +253,9 @@ def plot_cascade(serve: dict, path: pathlib.Path) -> None:
             zorder=4,
             label="cascade " + " → ".join(cascade["members"]),
         )
-        ax.legend(fontsize=8, loc="lower right")
-    ax.set_xscale("log")
-    ax.set_xlabel("average MFLOPs per image (log scale)")
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.15), frameon=False)
+    ax.margins(x=0.2, y=0.1)  # room for the labels right of the points
+    ax.set_xlabel("average MFLOPs per image")
     ax.set_ylabel("test accuracy")
     ax.set_title("fine-tuned members and the cascade", fontsize=10)
     fig.tight_layout()

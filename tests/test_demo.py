@@ -131,6 +131,7 @@ def test_serve_reports_the_costliest_member_and_a_fitted_cascade_or_says_none(de
     if serve["found"]:
         cascade = serve["rows"]["cascade"]
         assert cascade["members"][-1] == costliest
+        assert all(serve["singles"][m]["gflops"] < top for m in cascade["members"][:-1])
         assert cascade["heldout_accuracy"] >= serve["target_heldout_accuracy"]
         assert cascade["avg_gflops"] <= alone["avg_gflops"] + 1e-12
         assert sum(cascade["exit_fractions"]) == pytest.approx(1.0)
