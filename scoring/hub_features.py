@@ -7,6 +7,10 @@ package uses) or folds them into `scoring.ScoreStats` inside the extraction step
 (`jaxmodels.stream_reduce`). Results are cached under a key of the weights' content hash (or the
 random-init seed) and the data's fingerprint; the key is computed without building the model, so a
 second ranking of the same (model, data) compiles and extracts nothing.
+
+Multi-process, every process extracts together and writes its own copy of the cache (hosts often
+cache on local disks); the cache is used only when every process has it, so no process extracts
+alone and waits forever for the others.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmodels
+from jaxmodels import sharding
 from scoring import stats as stats_lib
 
 _CACHE_VERSION = 2
@@ -54,7 +59,7 @@ def weights_digest(ref: jaxmodels.ModelRef, seed: int, cache_dir: pathlib.Path) 
     if stamp not in memo:
         memo[stamp] = jaxmodels.content_digest(path)
         cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".digests.{os.getpid()}.tmp")
+        tmp = memo_path.with_name(f".digests.{_writer()}.tmp")
         tmp.write_text(json.dumps(memo))
         os.replace(tmp, memo_path)
     return memo[stamp]
@@ -70,6 +75,16 @@ def _cache_path(ref, data, seed, cache_dir, kind: str) -> pathlib.Path:
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir / f"{ref.name}-{digest}{'' if kind == 'features' else '-stats'}.npz"
+
+
+def _writer() -> str:
+    """Names a temporary file uniquely even when hosts share the cache folder."""
+    return f"{jax.process_index()}-{os.getpid()}"
+
+
+def _cached(path: pathlib.Path) -> bool:
+    """Whether every process has `path` (a collective with several processes)."""
+    return not sharding.any_process(not path.exists())
 
 
 def _build(ref, seed):
@@ -102,7 +117,7 @@ def features_for(ref, data, cache_dir, batch_size, seed, log):
         jaxmodels.ModelRefError: the checkpoint cannot be loaded.
     """
     path = _cache_path(ref, data, seed, cache_dir, "features")
-    if path.exists():
+    if _cached(path):
         log(f"  cached features: {path}")
         with np.load(path) as cached:
             return cached["features"], cached["logits"], True
@@ -111,7 +126,7 @@ def features_for(ref, data, cache_dir, batch_size, seed, log):
         model, variables, data, batch_size=batch_size, return_logits=True
     )
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    tmp = path.with_name(f".{path.stem}.{_writer()}.tmp.npz")
     np.savez(tmp, features=feats, logits=logits, labels=data.labels)
     os.replace(tmp, path)
     log(f"  extracted {feats.shape[0]} × {feats.shape[1]} features → {path}")
@@ -126,7 +141,9 @@ def _save_tuples(path: pathlib.Path, **tuples) -> None:
                 f"{prefix}.{f}": np.asarray(v) for f, v in zip(value._fields, value, strict=True)
             }
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **arrays)
+    tmp = path.with_name(f".{path.stem}.{_writer()}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # atomic: processes sharing the folder never read a half-written file
 
 
 def _load_tuple(saved, prefix, cls):
@@ -148,7 +165,7 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
         SpecError: the checkpoint cannot be loaded, or LEEP/NCE asked of a model without a head.
     """
     path = _cache_path(ref, data, seed, cache_dir, "stream:" + ",".join(sorted(scores)))
-    if path.exists():
+    if _cached(path):
         log(f"  cached statistics: {path}")
         with np.load(path) as saved:
             return (
@@ -189,6 +206,8 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
         _, acc = jaxmodels.stream_reduce(
             model, variables, data, init=(head, init), update=update, batch_size=batch_size
         )
+        # host copies: global arrays of a multi-process run cannot mix with local ones below
+        acc = sharding.host_copy(acc)
         second = None
         if "leep" in scores:  # LEEP's second pass needs P̂(y | z) from the first
             _, second = jaxmodels.stream_reduce(
@@ -199,6 +218,7 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
                 update=leep_update,
                 batch_size=batch_size,
             )
+            second = sharding.host_copy(second)
     _save_tuples(path, stats=acc, leep=second)
     log(f"  streamed {int(acc.num_samples)} images into statistics → {path}")
     return acc, second, False

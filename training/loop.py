@@ -1,16 +1,21 @@
 """The fine-tuning loop: data-parallel steps over a device mesh, evaluation, logs, checkpoints.
 
 Parameters and optimizer state live on a 1-D ``Mesh`` of all devices (axis ``data``,
-`jaxmodels.sharding`) — replicated, or sharded with ``shard_params`` — and each global batch is
-split along it with ``NamedSharding``; XLA inserts the gradient all-reduce. Batches come from the
+`jaxmodels.sharding`): replicated (the default; XLA inserts the gradient all-reduce), or with
+``shard_params`` fully sharded — parameters, gradients, optimizer moments and EMA each split
+along their largest dimension divisible by the device count (`sharding.param_shardings`), so a
+device holds about 1/n of them; XLA all-gathers the weights for the forward and backward passes
+and reduce-scatters the gradients. The train state is built by one ``jax.jit`` whose
+``out_shardings`` place every array where it lives from then on (never a full copy per device
+first), and each global batch is split along the mesh with ``NamedSharding``. Batches come from the
 grain pipeline of `jaxmodels.pipeline` as uint8 and are normalised on the device; each process
 loads only its slice of a batch and the global array is assembled with
 ``jax.make_array_from_process_local_data``, so the same code runs on one CPU, eight fake CPU
 devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and evaluated
 after every epoch with `jaxmodels.evaluate`. A run checkpoints every N steps and at the end
-(state plus the data iterator's position), and a run started again with the same settings
-resumes from the newest readable checkpoint and ends with the same parameters as an
-uninterrupted one.
+(the data position follows from the step), and a run started again with the same settings
+resumes from the newest readable checkpoint — under any process count, replicated or sharded —
+and ends with the same parameters as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ class FitConfig:
             simulates a killed job and bounds benchmark runs. ``None`` runs to the end.
         progress: show a tqdm progress bar (process 0 only).
         num_workers: image-decoding threads per process.
+        shard_params: fully shard parameters, gradients, optimizer state and EMA over the
+            devices (FSDP) instead of replicating them; the same run to float32 rounding.
     """
 
     epochs: int = 1
@@ -66,6 +73,7 @@ class FitConfig:
     stop_after_steps: int | None = None
     progress: bool = True
     num_workers: int = 0
+    shard_params: bool = False
 
     def __post_init__(self):
         if self.mode not in masks.MODES:
@@ -100,14 +108,8 @@ class FitResult:
     resumed_from: int | None = None
 
 
-def host_copy(tree):
-    """NumPy copy of a pytree of replicated arrays, on every process.
-
-    ``jax.device_get`` refuses arrays that span several hosts; a replicated array's local
-    shard is the whole value, so read that instead.
-    """
-    to_host = lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
-    return jax.tree.map(to_host, tree)
+# NumPy copy of global arrays on every process (``jax.device_get`` refuses multi-host arrays).
+host_copy = sharding.host_copy
 
 
 class _MetricsLog:
@@ -210,15 +212,14 @@ def fit(
     trainable_mask = masks.trainable_mask(variables["params"], config.mode, config.head_name)
     decay_mask = paths.flatten(masks.weight_decay_mask(variables["params"]))
     trainable, _ = masks.split_params(variables["params"], trainable_mask)
-    optimizer, _ = optim.init_optimizer(optim_config, trainable, decay_mask)
+    optimizer = optim.make_optimizer(optim_config, {k: bool(decay_mask[k]) for k in trainable})
 
     replicated = sharding.replicated_sharding(mesh)
-    state = step_lib.init_train_state(
-        variables, trainable_mask, optimizer, ema=step_config.ema_decay is not None
-    )
-    # fresh buffers: the train step donates its state, and the caller's variables must survive
-    # (device_put may hand back the caller's buffer as the device-0 shard, may_alias or not)
-    state = jax.tree.map(jnp.copy, jax.device_put(state, replicated))
+    init, variable_shardings, state_shardings = state_initializer(
+        variables, trainable_mask, optimizer, ema=step_config.ema_decay is not None, mesh=mesh,
+        shard_params=config.shard_params,
+    )  # fmt: skip
+    state = init(sharding.put(variables, variable_shardings))
     run_id = checkpoints.run_identity(
         state,
         **{
@@ -229,23 +230,30 @@ def fit(
             "num_train_examples": len(train_source),
         },
     )
-    batches = iter(train)
     manager = checkpoints.make_manager(config.checkpoint_dir) if config.checkpoint_dir else None
     resumed_from = None
     if manager is not None:
-        restored = checkpoints.restore_latest(manager, state, batches, run_id, say)
+        restored = checkpoints.restore_latest(manager, state, run_id, say)
         if restored is not None:
             state, resumed_from = restored
             say(f"resumed from step {resumed_from} of {total} ({config.checkpoint_dir})")
+            train = pipeline.train_dataset(
+                train_source, augment, global_batch=config.global_batch, seed=config.seed,
+                epochs=config.epochs, num_threads=config.num_workers, start_step=resumed_from,
+            )  # fmt: skip
+    batches = iter(train)
     metrics_log = _MetricsLog(config.log_path)
     evals = metrics_log.resume(resumed_from)
 
     schedule = optim.make_schedule(optim_config)
     train_fn = jax.jit(
-        step_lib.make_train_step(model.apply, optimizer, step_config, schedule, augment.prep),
-        out_shardings=(replicated, replicated),
+        step_lib.make_train_step(
+            model.apply, optimizer, step_config, schedule, augment.prep,
+            grad_shardings=state_shardings.trainable if config.shard_params else None,
+        ),
+        out_shardings=(state_shardings, replicated),
         donate_argnums=0,
-    )
+    )  # fmt: skip
     prepared = None
     if eval_data is not None:
         prepared = jaxmodels.prepare(
@@ -253,7 +261,8 @@ def fit(
         )
     eval_dtype = None if step_config.compute_dtype == "float32" else jnp.bfloat16
     use_ema = config.eval_with_ema and step_config.ema_decay is not None
-    key = jax.device_put(jax.random.key(config.seed), replicated)
+    # made on the mesh: a key array on one local device cannot be put on other hosts' devices
+    key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
     metrics: dict = {}
     step = int(host_copy(state.step))
     end = total if config.stop_after_steps is None else min(total, config.stop_after_steps)
@@ -279,7 +288,7 @@ def fit(
                 metrics_log.write({**record, "elapsed_s": time.perf_counter() - tick})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if manager is not None and (step % config.checkpoint_every == 0 or step == total):
-                checkpoints.save(manager, state, batches, run_id)
+                checkpoints.save(manager, state, run_id)
             if prepared is not None and (step % per_epoch == 0 or step == total):
                 variables_now = {"params": state.params(use_ema=use_ema)}
                 if state.batch_stats:
@@ -302,6 +311,37 @@ def fit(
             manager.close()
     metrics = {k: float(v) for k, v in host_copy(metrics).items()}
     return FitResult(state, evals, metrics, step == total, resumed_from)
+
+
+def state_initializer(variables, trainable_mask, optimizer, *, ema: bool, mesh, shard_params):
+    """How the step-0 `TrainState` is built: one jit straight into its shardings on `mesh`.
+
+    Args:
+        variables: the model's variables (arrays or `jax.ShapeDtypeStruct`s: only shapes are
+            read here).
+        trainable_mask: from `training.masks.trainable_mask`.
+        optimizer: the optax transformation over the trainable flat dict.
+        ema: keep an EMA of the trainable leaves.
+        mesh: the data mesh.
+        shard_params: fully shard every leaf (`sharding.param_shardings`), else replicate.
+
+    Returns:
+        ``(init, variable_shardings, state_shardings)``: ``init`` is jitted with
+        ``out_shardings=state_shardings``; give it the variables placed with
+        ``sharding.put(variables, variable_shardings)`` (each device then receives only its
+        shard of them, never a full copy first).
+    """
+
+    def init(variables):
+        # copies: an output that is an unchanged input would be handed back as the input's
+        # buffer, which the train step then donates (the caller's variables must survive)
+        variables = jax.tree.map(jnp.copy, variables)
+        return step_lib.init_train_state(variables, trainable_mask, optimizer, ema=ema)
+
+    abstract = jax.eval_shape(init, variables)
+    state_shardings = sharding.param_shardings(abstract, mesh, shard=shard_params)
+    variable_shardings = sharding.param_shardings(variables, mesh, shard=shard_params)
+    return jax.jit(init, out_shardings=state_shardings), variable_shardings, state_shardings
 
 
 def total_steps(num_examples: int, global_batch: int, epochs: int) -> int:
