@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import cascade_rules, inference, row_batches, sharding
+from jaxmodels import cascade_rules, jit_cache, row_batches, sharding
 from jaxmodels import members as members_lib
 from jaxmodels.cascade_fit import CascadeFit, FrontierPoint, fit_cascade, search_cascades
 from jaxmodels.cascade_rules import (
@@ -229,7 +229,7 @@ class Ensemble:
 
             return jax.jit(step, out_shardings=sharding.batch_sharding(self.mesh))
 
-        return inference.cached(key, build)
+        return jit_cache.cached(key, build)
 
 
 # ----------------------------------------------------------------------------- cascade
@@ -317,7 +317,7 @@ class Cascade:
             return jax.jit(step, out_shardings=sharding.batch_sharding(self.mesh))
 
         key = ("stage", model, preprocessing, stage, rule, confidence_fn, keep_sum, self.mesh)
-        return inference.cached(key, build)
+        return jit_cache.cached(key, build)
 
     def run(self, images) -> CascadeOutput:
         """Runs the cascade adaptively over `images`.

@@ -8,7 +8,8 @@ any array is made; it covers the three ways a program starts:
 - under ``python -m training.launch --processes P --devices-per-process D``: the launcher sets
   ``HUBTUNE_NUM_PROCESSES``, ``HUBTUNE_PROCESS_ID`` and JAX's own ``JAX_COORDINATOR_ADDRESS``,
   ``JAX_NUM_CPU_DEVICES``, ``JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo`` and ``JAX_PLATFORMS=cpu``
-  (read by JAX itself), and this joins the P processes at ``localhost:PORT``;
+  (read by JAX itself), and this joins the P processes at ``localhost:PORT``; on hosts without
+  a scheduler the same three variables, set by hand on every host, join them the same way;
 - with ``--distributed`` on a TPU VM pod slice, a SLURM job, Kubernetes or Open MPI:
   ``jax.distributed.initialize()`` with no arguments, JAX's own cluster detection;
 - neither: a plain single-process run (nothing to do).
@@ -75,7 +76,9 @@ def initialize(distributed: bool = False, *, timeout_s: float | None = None) -> 
         return
     if jax.distributed.is_initialized():
         return
-    timeout_s = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
+    timeout_s = (
+        float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S)) if timeout_s is None else timeout_s
+    )
     joined = threading.Event()
     threading.Thread(target=_watchdog, args=(joined, timeout_s, kwargs), daemon=True).start()
     # JAX's own deadline comes later than the watchdog's, so the one-line message wins

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmodels import image_batches, inference, sharding
+from jaxmodels import image_batches, inference, jit_cache, sharding
 
 PyTree = Any
 
@@ -256,7 +256,7 @@ class _ExtractStep:
 
 def _extract_step(model, prep, dtype, mesh, with_logits: bool):
     key = ("extract", model, prep, inference._dtype_key(dtype), mesh, with_logits)
-    return inference.cached(key, lambda: _ExtractStep(model, prep, dtype, mesh, with_logits))
+    return jit_cache.cached(key, lambda: _ExtractStep(model, prep, dtype, mesh, with_logits))
 
 
 def _stream_step(model, prep, dtype, mesh: Mesh, update):
@@ -273,7 +273,7 @@ def _stream_step(model, prep, dtype, mesh: Mesh, update):
         )
 
     key = ("stream", model, prep, inference._dtype_key(dtype), mesh, update)
-    return inference.cached(key, build)
+    return jit_cache.cached(key, build)
 
 
 # ----------------------------------------------------------------------------- input

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from jaxmodels import data as data_lib
 from jaxmodels import image_batches, pipeline, preprocess, registry, sharding
 from jaxmodels.array_source import ArraySource
+from jaxmodels.jit_cache import cached
 
 PyTree = Any
 
@@ -412,20 +413,6 @@ def forward_fn(model, method: str | None, prep: preprocess.Preprocessing | None,
         return out.astype(jnp.float32)
 
     return forward
-
-
-_STEP_CACHE: dict = {}
-
-
-def cached(key, build: Callable):
-    """Memoises jitted functions so repeated calls with the same model never re-trace."""
-    try:
-        hash(key)
-    except TypeError:  # a module with unhashable fields: no cache, still correct
-        return build()
-    if key not in _STEP_CACHE:
-        _STEP_CACHE[key] = build()
-    return _STEP_CACHE[key]
 
 
 def whole_set(step, mesh):

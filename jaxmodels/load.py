@@ -341,8 +341,6 @@ def _read(path: pathlib.Path, name: str, family: str, overrides: dict):
 
 
 def _read_orbax(path: pathlib.Path, name: str):
-    import orbax.checkpoint as ocp
-
     defaults = {}
     directory = path
     if (path / MODEL_JSON).exists():
@@ -471,9 +469,5 @@ def _fresh_head(model, head: str, seed: int):
 
     Only the head leaves are returned from the jitted init, so XLA drops all other work.
     """
-    size = getattr(model, "image_size", 32)
-
-    def init_head(key):
-        return model.init(key, jnp.zeros((1, size, size, 3)))["params"][head]
-
-    return jax.tree.map(np.asarray, jax.jit(init_head)(jax.random.key(seed)))
+    fresh = registry.init_variables(model, seed, only=head)
+    return jax.tree.map(np.asarray, fresh)

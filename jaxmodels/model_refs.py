@@ -184,8 +184,8 @@ def build(
         model = registry.create(
             ref.name, num_classes=num_classes or random_init_classes, ssf=ssf, **overrides
         )
-        variables = jax.jit(model.init)(jax.random.key(init_seed), _dummy(model))
-        return BuiltModel(model, jax.tree.map(jnp.asarray, dict(variables)), ref, None)
+        variables = registry.init_variables(model, init_seed)
+        return BuiltModel(model, dict(variables), ref, None)
     try:
         plain, loaded = load(
             ref.name, ref.checkpoint, num_classes=num_classes, image_size=image_size,

@@ -300,3 +300,40 @@ def overrides_of(name: str, model: nn.Module) -> dict[str, Any]:
         if value != base[field]:
             out[field] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+# Initialisation runs once per model, on tiny inputs: compiled without XLA's backend
+# optimisations it costs a fraction of the compile time (a ResNet's init: ~7× less on CPU) and its
+# results are the same (the initialisers are the same random-number programs).
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def init_variables(model: nn.Module, seed: int, *, only: str | None = None) -> Any:
+    """``model.init`` on a [1, S, S, 3] input at the model's image size, compiled once, cheaply.
+
+    Args:
+      model: a module with an ``image_size`` field (every jaxmodels architecture).
+      seed: the PRNG seed.
+      only: the name of one top-level parameter module to return (e.g. the head); XLA then
+        drops the rest of the work.
+
+    Returns:
+      The variables (or ``variables['params'][only]``) as ``jax.Array``s.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmodels.jit_cache import cached
+
+    def build():
+        size = model.image_size
+        images = jnp.zeros((1, size, size, 3), jnp.float32)
+
+        def init(key):
+            variables = model.init(key, images)
+            return variables if only is None else variables["params"][only]
+
+        key = jax.random.key(0)
+        return jax.jit(init).lower(key).compile(compiler_options=_FAST_COMPILE)
+
+    return cached(("init", model, only), build)(jax.random.key(seed))

@@ -3,8 +3,9 @@
 from scoring import stats
 from scoring.gbc import gbc
 from scoring.hscore import hscore
+from scoring.inputs import LabelWarning
 from scoring.leep import leep
-from scoring.logme import LogMEResult, logme, logme_from_gram, logme_predict
+from scoring.logme import LogMEResult, logme, logme_from_factor, logme_from_gram, logme_predict
 from scoring.nce import nce
 from scoring.nleep import nleep
 from scoring.rank_correlation import (
@@ -28,6 +29,7 @@ from scoring.stats import (
 from scoring.transrate import transrate
 
 __all__ = [
+    "LabelWarning",
     "LeepPass",
     "LogMEResult",
     "RankAgreement",
@@ -39,6 +41,7 @@ __all__ = [
     "leep",
     "leep_from_stats",
     "logme",
+    "logme_from_factor",
     "logme_from_gram",
     "logme_from_stats",
     "logme_predict",

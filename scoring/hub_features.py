@@ -159,12 +159,13 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
     leep, nce; leep adds a second pass, leep and nce need the model's linear head).
 
     Returns:
-        (ScoreStats in float64, LeepPass or None, from_cache).
+        (ScoreStats in float32, LeepPass or None, from_cache).
 
     Raises:
         SpecError: the checkpoint cannot be loaded, or LEEP/NCE asked of a model without a head.
     """
-    path = _cache_path(ref, data, seed, cache_dir, "stream:" + ",".join(sorted(scores)))
+    # "stream-qr": the statistics hold a running R factor (older caches held sums).
+    path = _cache_path(ref, data, seed, cache_dir, "stream-qr:" + ",".join(sorted(scores)))
     if _cached(path):
         log(f"  cached statistics: {path}")
         with np.load(path) as saved:
@@ -195,37 +196,36 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
         probs_BK = source_probs(head, feats_BD)
         return head, stats_lib.leep_pass_update(lp, probs_BK, labels_B, valid_B)
 
-    # float64 accumulators: FᵀF − Nμμᵀ and LogME's spectrum keep their digits at any N.
-    with jax.enable_x64(True):
-        init = stats_lib.init(
-            jaxmodels.spec_of(model).feature_dim,
-            len(classes),
-            num_source_classes=int(kernel_DK.shape[1]) if with_head else None,
-            dtype=jnp.float64,
+    # float32 accumulators: a running QR keeps LogME and the H-score within 1e-5 of float64
+    # (scoring.stats), on any backend.
+    init = stats_lib.init(
+        jaxmodels.spec_of(model).feature_dim,
+        len(classes),
+        num_source_classes=int(kernel_DK.shape[1]) if with_head else None,
+    )
+    _, acc = jaxmodels.stream_reduce(
+        model, variables, data, init=(head, init), update=update, batch_size=batch_size
+    )
+    # host copies: global arrays of a multi-process run cannot mix with local ones below
+    acc = sharding.host_copy(acc)
+    second = None
+    if "leep" in scores:  # LEEP's second pass needs P̂(y | z) from the first
+        _, second = jaxmodels.stream_reduce(
+            model,
+            variables,
+            data,
+            init=(head, stats_lib.leep_pass_init(acc)),
+            update=leep_update,
+            batch_size=batch_size,
         )
-        _, acc = jaxmodels.stream_reduce(
-            model, variables, data, init=(head, init), update=update, batch_size=batch_size
-        )
-        # host copies: global arrays of a multi-process run cannot mix with local ones below
-        acc = sharding.host_copy(acc)
-        second = None
-        if "leep" in scores:  # LEEP's second pass needs P̂(y | z) from the first
-            _, second = jaxmodels.stream_reduce(
-                model,
-                variables,
-                data,
-                init=(head, stats_lib.leep_pass_init(acc)),
-                update=leep_update,
-                batch_size=batch_size,
-            )
-            second = sharding.host_copy(second)
+        second = sharding.host_copy(second)
     _save_tuples(path, stats=acc, leep=second)
     log(f"  streamed {int(acc.num_samples)} images into statistics → {path}")
     return acc, second, False
 
 
 def scores_from_statistics(acc, second, scores) -> dict[str, float]:
-    """{score name: value} from `statistics_for`'s statistics (call under x64 for float64)."""
+    """{score name: value} from `statistics_for`'s statistics (computed in their dtype)."""
     finish = {
         "logme": lambda: stats_lib.logme_from_stats(acc).score,
         "hscore": lambda: stats_lib.hscore_from_stats(acc),

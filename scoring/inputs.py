@@ -5,6 +5,7 @@ Every public score validates its inputs here, before any heavy work, and raises 
 abstract: shapes and dtypes are still checked, values (finiteness, label sets) cannot be and are not.
 """
 
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -89,18 +90,42 @@ class Labels(NamedTuple):
     num_classes: int
 
 
+class LabelWarning(UserWarning):
+    """Labels that are not 0..C−1 with every class present: each distinct value became a class."""
+
+
+def _class_counts_text(classes: np.ndarray, counts: np.ndarray, limit: int = 12) -> str:
+    """'{label: count, ...}', the rarest first when there are more than `limit` classes."""
+    pairs = list(zip(classes.tolist(), counts.tolist(), strict=True))
+    if len(pairs) > limit:
+        rarest = sorted(pairs, key=lambda p: p[1])[:limit]
+        return "{" + ", ".join(f"{c}: {n}" for c, n in rarest) + f", ... ({len(pairs)} classes)}}"
+    return "{" + ", ".join(f"{c}: {n}" for c, n in pairs) + "}"
+
+
 def check_labels(
-    labels, num_samples: int, *, num_classes: int | None = None, name: str = "labels"
+    labels,
+    num_samples: int,
+    *,
+    num_classes: int | None = None,
+    name: str = "labels",
+    expect_range: bool = True,
 ) -> Labels:
     """Checks integer class labels and maps them to contiguous indices.
 
     Args:
         labels: [N] integer labels. Without `num_classes` the classes are the sorted distinct values
-          present, so labels need not be contiguous (e.g. {3, 7, 9} → indices {0, 1, 2}).
+          present; they should be 0..C−1 with every class present. Any other set (e.g. a stray 99
+          among 0–4, a −1 for "unlabelled", or 1-based labels) is still scored with one class per
+          distinct value ({3, 7, 9} → indices {0, 1, 2}), after a `LabelWarning` that lists the
+          class counts: a stray value silently becoming a class of its own can move a score a lot.
         num_samples: N, the number of feature rows the labels must match.
         num_classes: if given, labels must lie in [0, num_classes) and all `num_classes` classes are
-          used. Required inside `jax.jit`, where the distinct values cannot be read.
+          used (absent ones are empty). Required inside `jax.jit`, where the distinct values cannot
+          be read.
         name: the argument's name, for error messages.
+        expect_range: warn about labels that are not 0..C−1 (False for labels such as a source
+          model's argmax classes, where gaps are normal).
 
     Returns:
         `Labels` with the class index per sample.
@@ -108,6 +133,9 @@ def check_labels(
     Raises:
         TypeError: labels are not integers.
         ValueError: wrong shape or length, fewer than 2 classes, labels outside [0, num_classes).
+
+    Warns:
+        LabelWarning: without `num_classes`, labels that are not exactly 0..C−1.
     """
     labels = _as_array(labels, name)
     if not (jnp.issubdtype(labels.dtype, jnp.integer) or labels.dtype == bool):
@@ -139,9 +167,18 @@ def check_labels(
             f"{name} is abstract (inside jax.jit), so its class set cannot be read: pass num_classes "
             "(as a static argument) with labels in [0, num_classes)"
         )
-    classes, index = np.unique(np.asarray(labels), return_inverse=True)
+    classes, index, counts = np.unique(np.asarray(labels), return_inverse=True, return_counts=True)
     if classes.size < 2:
         raise ValueError(f"{name} must contain at least 2 classes; found {classes.size}")
+    if expect_range and not (classes[0] == 0 and classes[-1] == classes.size - 1):
+        warnings.warn(
+            f"{name} are not the classes 0..C−1 with every class present: found {classes.size} "
+            f"distinct values with counts {_class_counts_text(classes, counts)}; each value is "
+            "scored as a class of its own. Remap them to 0..C−1 (or pass num_classes) if that "
+            "is what you meant.",
+            LabelWarning,
+            stacklevel=3,
+        )
     return Labels(jnp.asarray(index.reshape(-1), jnp.int32), classes, int(classes.size))
 
 

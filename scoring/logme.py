@@ -9,12 +9,15 @@ p(y | F, α, β) over α, β with MacKay's fixed point and reports log p / N; th
 columns (one column per class for classification, one-hot coded). A higher score means the features
 fit the task better with a linear head, which predicts fine-tuned accuracy.
 
-All the work that depends on F is one eigendecomposition: of the Gram matrix FᵀF [D, D] when N ≥ D,
-or of the kernel FFᵀ [N, N] when N < D. The target columns are projected onto the eigenvectors in one
-matrix product, and the per-column fixed point (a few O(K) steps each) runs batched with `vmap`.
+All the work that depends on F is one spectral decomposition (`scoring.spectrum`): singular values
+of F from a QR of [F | Y] and an SVD of its D×D block (the "factor" method, the float32 default),
+or an eigendecomposition of FᵀF [D, D] or FFᵀ [N, N] (the "gram" method, the float64 default);
+`logme`'s docstring says what each gives. The target columns are projected onto the singular
+vectors in one matrix product, and the per-column fixed point (a few O(K) steps each, in
+logarithms) runs batched with `vmap`.
 
 Dimension names: N samples, D feature dimensions, C target columns, K = length of the computed
-spectrum (D on the Gram path, N on the kernel path).
+spectrum (min(N, D)).
 """
 
 import functools
@@ -25,10 +28,17 @@ import jax
 import jax.numpy as jnp
 
 from scoring import inputs
+from scoring.spectrum import (
+    HIGHEST,
+    Spectrum,
+    factor_spectrum,
+    factor_spectrum_from_r,
+    gram_spectrum,
+    gram_spectrum_from_sums,
+    power_of_two_scale,
+)
 
-# Matrix products run at full float32/float64 precision: TPUs (bfloat16 passes) and GPUs (TF32)
-# would otherwise lose the small eigenvalues LogME depends on.
-_HIGHEST = jax.lax.Precision.HIGHEST
+METHODS = ("factor", "gram")
 
 
 class LogMEResult(NamedTuple):
@@ -49,137 +59,114 @@ class LogMEResult(NamedTuple):
     weights: jax.Array
 
 
-def _fixed_point(eig_K, proj2_K, res_out, num_samples, dim, eps, tol, max_iter):
-    """MacKay's fixed point for one target column.
+def _fixed_point(eig_K, proj_K, res_out, log_scale2, num_samples, eps, tol, max_iter):
+    """MacKay's fixed point for one target column, in logarithms.
+
+    The reference iterates α ← γ / (‖m‖² + eps), β ← (N − γ) / (‖Fm − y‖² + eps) from α = β = 1.
+    Here the spectrum is that of F' = F / c (λ' = λ / c², c a power of two) and the iteration
+    runs on log α' = log(α / c²) and log β, which is the same sequence of α, β (eps in α's update
+    becomes c²·eps) without overflow or underflow at any feature scale. Every sum is a log-sum-exp
+    of terms without cancellation: with x_k = log(λ_k / t), t = α / β, the weights λ/(λ + t) and
+    t/(λ + t) are exp(−softplus(∓x_k)), N − γ = (N − K) + Σ_k t/(λ_k + t), and
+    log det(αI + βFᵀF) − D log α = Σ_k softplus(x_k).
 
     Args:
-        eig_K: [K] eigenvalues of FᵀF (those at or below the cutoff set to 0).
-        proj2_K: [K] squared coordinates (u_kᵀ y)² of y on the left singular vectors u_k.
-        res_out: [] ‖y‖² outside the span of those u_k.
+        eig_K: [K] λ'_k (0 for directions that carry nothing).
+        proj_K: [K] coordinates u_kᵀ y on the left singular vectors.
+        res_out: [] ‖y‖² outside those directions.
+        log_scale2: [] log c².
         num_samples: N.
-        dim: D (static).
         eps, tol, max_iter: see `logme`.
 
     Returns:
-        (alpha, beta, t, evidence): t = α/β of the last step's input, the value the posterior mean
-        is taken at (as in the reference); evidence is log p(y | F, α, β) / N.
+        (log_alpha, log_beta, log_t, evidence): α in the original units, β, t' = t / c² of the
+        last step's input (the value the posterior mean is taken at, as in the reference), and
+        log p(y | F, α, β) / N.
     """
     dtype = eig_K.dtype
+    kept_K = eig_K > 0
+    log_eig_K = jnp.log(jnp.where(kept_K, eig_K, 1))
+    log_p2_K = 2 * jnp.log(jnp.abs(proj_K))  # −inf where y has no coordinate
+    log_res_out = jnp.log(res_out)
+    # N − K directions beyond the spectrum (N > D) have λ = 0: each adds 1 to N − γ.
+    log_extra = jnp.log(jnp.asarray(num_samples - eig_K.shape[0], dtype))
+    log_eps = jnp.log(jnp.asarray(eps, dtype))
+    log_eps_alpha = log_eps + log_scale2  # eps in α's update, in the scaled units
+
+    def sums(log_t):
+        """log γ, log(N − γ), log ‖m'‖², log ‖F m − y‖² at t' = exp(log_t)."""
+        x_K = jnp.where(kept_K, log_eig_K - log_t, -jnp.inf)  # log(λ / t)
+        log_fit_K = -jax.nn.softplus(-x_K)  # log λ/(λ + t)
+        log_shrink_K = -jax.nn.softplus(x_K)  # log t/(λ + t)
+        log_gamma = jax.nn.logsumexp(log_fit_K)
+        log_rest = jnp.logaddexp(jax.nn.logsumexp(log_shrink_K), log_extra)
+        # ‖m'‖² = Σ λ p² / (λ + t)²
+        log_m2 = jax.nn.logsumexp(
+            jnp.where(kept_K, log_p2_K + log_eig_K - 2 * jnp.logaddexp(log_t, log_eig_K), -jnp.inf)
+        )
+        log_res2 = jnp.logaddexp(jax.nn.logsumexp(log_p2_K + 2 * log_shrink_K), log_res_out)
+        return log_gamma, log_rest, log_m2, log_res2
 
     def step(state):
-        i, alpha, beta, *_ = state
-        t = alpha / beta
-        shrink_K = t / (t + eig_K)  # 1 − s/(s+t), the part of each coordinate the prior removes
-        gamma = jnp.sum(eig_K / (t + eig_K))  # effective number of parameters
-        m2 = jnp.sum(eig_K * proj2_K / (t + eig_K) ** 2)  # ‖m‖²
-        res2 = jnp.sum(proj2_K * shrink_K**2) + res_out  # ‖F m − y‖²
-        alpha_new = gamma / (m2 + eps)
-        beta_new = (num_samples - gamma) / (res2 + eps)
-        done = jnp.abs(alpha_new / beta_new - t) / t <= tol
-        return i + 1, alpha_new, beta_new, t, m2, res2, done
+        i, log_alpha, log_beta, *_ = state
+        log_t = log_alpha - log_beta
+        log_gamma, log_rest, log_m2, log_res2 = sums(log_t)
+        log_alpha_new = log_gamma - jnp.logaddexp(log_m2, log_eps_alpha)
+        log_beta_new = log_rest - jnp.logaddexp(log_res2, log_eps)
+        change = jnp.abs(jnp.expm1((log_alpha_new - log_beta_new) - log_t))  # |t_new − t| / t
+        return i + 1, log_alpha_new, log_beta_new, log_t, log_m2, log_res2, change <= tol
 
     def not_done(state):
         i, *_, done = state
         return (i < max_iter) & ~done
 
-    one, zero = jnp.ones((), dtype), jnp.zeros((), dtype)
-    init = (jnp.zeros((), jnp.int32), one, one, one, zero, zero, jnp.zeros((), bool))
-    _, alpha, beta, t, m2, res2, _ = jax.lax.while_loop(not_done, step, init)
-    # Eigenvalues beyond K (D > N) are zero: each adds log α to log det(αI + βFᵀF).
-    log_det = jnp.sum(jnp.log(alpha + beta * eig_K)) + (dim - eig_K.shape[0]) * jnp.log(alpha)
+    zero = jnp.zeros((), dtype)
+    init = (jnp.zeros((), jnp.int32), -log_scale2, zero, zero, zero, zero, jnp.zeros((), bool))
+    _, log_alpha, log_beta, log_t, log_m2, log_res2, _ = jax.lax.while_loop(not_done, step, init)
+    x_K = jnp.where(kept_K, log_eig_K - (log_alpha - log_beta), -jnp.inf)
+    # D/2 log α + N/2 log β − ½ log det(αI + βFᵀF) − β/2 ‖Fm − y‖² − α/2 ‖m‖² − N/2 log 2π.
     evidence = (
-        dim / 2 * jnp.log(alpha)
-        + num_samples / 2 * jnp.log(beta)
-        - log_det / 2
-        - beta / 2 * res2
-        - alpha / 2 * m2
+        -jnp.sum(jax.nn.softplus(x_K)) / 2
+        + num_samples / 2 * log_beta
+        - jnp.exp(log_beta + log_res2) / 2
+        - jnp.exp(log_alpha + log_m2) / 2
         - num_samples / 2 * math.log(2 * math.pi)
     ) / num_samples
-    return alpha, beta, t, evidence
+    return log_alpha + log_scale2, log_beta, log_t, evidence
 
 
-def _solve(eig_K, proj2_KC, res_out_C, num_samples, dim, eps, tol, max_iter):
-    """Runs the fixed point for all C columns at once; returns alpha, beta, t, evidence, each [C]."""
+def _from_spectrum(spectrum: Spectrum, num_samples, eps, tol, max_iter) -> LogMEResult:
+    """Runs the fixed point for all C columns at once (`vmap`) and assembles the result."""
+    eig_K, lift_DK, proj_KC, res_out_C, scale_exp = spectrum
+    dtype = eig_K.dtype
+    log_scale2 = (2 * math.log(2)) * scale_exp.astype(dtype)
+    num_samples = jnp.asarray(num_samples, dtype)
     per_column = functools.partial(
-        _fixed_point, num_samples=num_samples, dim=dim, eps=eps, tol=tol, max_iter=max_iter
+        _fixed_point,
+        log_scale2=log_scale2,
+        num_samples=num_samples,
+        eps=eps,
+        tol=tol,
+        max_iter=max_iter,
     )
-    return jax.vmap(per_column, in_axes=(None, 1, 0))(eig_K, proj2_KC, res_out_C)
-
-
-def _spectrum_cutoff(eig_K, num_samples, dim):
-    """Eigenvalues at or below this count as zero.
-
-    The reference drops singular values ≤ 1e-10 in float64. Eigenvalues of a rank-deficient Gram
-    matrix come out of `eigh` as noise of order eps·max(N, D)·λ_max (possibly negative), so the
-    cutoff is relative, the usual numerical-rank tolerance; in float64 it changes nothing the
-    reference keeps that carries weight (those directions have λ ≪ α/β).
-    """
-    eps = jnp.finfo(eig_K.dtype).eps
-    return jnp.max(eig_K) * jnp.maximum(num_samples, dim) * eps
-
-
-def _result(alpha, beta, evidence, weights_CD):
-    return LogMEResult(jnp.mean(evidence), evidence, alpha, beta, weights_CD)
-
-
-def _from_gram(gram_DD, fty_DC, yy_C, num_samples, eps, tol, max_iter):
-    """LogME from FᵀF, FᵀY and ‖y_c‖²: the N ≥ D path, and the streamed one."""
-    dim = gram_DD.shape[0]
-    eig_D, vecs_DD = jnp.linalg.eigh(gram_DD)
-    kept_D = eig_D > _spectrum_cutoff(eig_D, num_samples, dim)
-    eig_D = jnp.where(kept_D, eig_D, 0)
-    # p = Vᵀ Fᵀ y = σ · (uᵀ y), so (uᵀ y)² = p² / λ on the kept directions.
-    proj_DC = jnp.where(kept_D[:, None], jnp.matmul(vecs_DD.T, fty_DC, precision=_HIGHEST), 0)
-    proj2_DC = proj_DC**2 / jnp.where(kept_D, eig_D, 1)[:, None]
-    # ‖y‖² outside span(F): what the kept directions do not explain; ≥ 0 up to rounding.
-    res_out_C = jnp.maximum(yy_C - jnp.sum(proj2_DC, axis=0), 0)
-    alpha, beta, t, evidence = _solve(
-        eig_D, proj2_DC, res_out_C, num_samples, dim, eps, tol, max_iter
+    log_alpha, log_beta, log_t, evidence = jax.vmap(per_column, in_axes=(None, 1, 0))(
+        eig_K, proj_KC, res_out_C
     )
-    # m = (FᵀF + t I)⁻¹ Fᵀ y = V diag(1 / (λ + t)) p.
-    weights_DC = jnp.matmul(vecs_DD, proj_DC / (eig_D[:, None] + t), precision=_HIGHEST)
-    return _result(alpha, beta, evidence, weights_DC.T)
-
-
-def _from_kernel(feats_ND, targets, num_classes, eps, tol, max_iter):
-    """LogME through FFᵀ [N, N]: the N < D path. Its eigenvectors span all of R^N, so the
-    residual outside span(F) is a sum of squares, not a difference of large numbers."""
-    num_samples, dim = feats_ND.shape
-    kernel_NN = jnp.matmul(feats_ND, feats_ND.T, precision=_HIGHEST)
-    eig_N, vecs_NN = jnp.linalg.eigh(kernel_NN)
-    kept_N = eig_N > _spectrum_cutoff(eig_N, num_samples, dim)
-    eig_N = jnp.where(kept_N, eig_N, 0)
-    if num_classes is None:
-        proj_NC = jnp.matmul(vecs_NN.T, targets, precision=_HIGHEST)
-    else:  # Uᵀ onehot(y): sum the rows of U belonging to each class.
-        proj_NC = jax.ops.segment_sum(vecs_NN, targets, num_segments=num_classes).T
-    proj2_NC = jnp.where(kept_N[:, None], proj_NC**2, 0)
-    res_out_C = jnp.sum(jnp.where(kept_N[:, None], 0, proj_NC**2), axis=0)
-    alpha, beta, t, evidence = _solve(
-        eig_N, proj2_NC, res_out_C, num_samples, dim, eps, tol, max_iter
+    # m' = V diag(σ / (λ + t)) Uᵀy in the scaled units; m = m' / c.
+    denom_KC = eig_K[:, None] + jnp.exp(log_t)[None, :]
+    coef_KC = jnp.where(denom_KC > 0, proj_KC / jnp.where(denom_KC > 0, denom_KC, 1), 0)
+    weights_DC = jnp.ldexp(jnp.matmul(lift_DK, coef_KC, precision=HIGHEST), -scale_exp)
+    return LogMEResult(
+        jnp.mean(evidence), evidence, jnp.exp(log_alpha), jnp.exp(log_beta), weights_DC.T
     )
-    # m = V diag(σ / (λ + t)) Uᵀy with V = Fᵀ U diag(1/σ), so m = Fᵀ U diag(1 / (λ + t)) Uᵀy.
-    coef_NC = jnp.where(kept_N[:, None], proj_NC / (eig_N[:, None] + t), 0)
-    weights_DC = jnp.matmul(
-        feats_ND.T, jnp.matmul(vecs_NN, coef_NC, precision=_HIGHEST), precision=_HIGHEST
-    )
-    return _result(alpha, beta, evidence, weights_DC.T)
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes",))
-def _logme(feats_ND, targets, num_classes, eps, tol, max_iter):
+@functools.partial(jax.jit, static_argnames=("num_classes", "method"))
+def _logme(feats_ND, targets, num_classes, eps, tol, max_iter, method):
     """`targets`: [N] class indices when `num_classes` is set, else [N, C] real targets."""
-    num_samples, dim = feats_ND.shape
-    if num_samples < dim:
-        return _from_kernel(feats_ND, targets, num_classes, eps, tol, max_iter)
-    gram_DD = jnp.matmul(feats_ND.T, feats_ND, precision=_HIGHEST)
-    if num_classes is None:
-        fty_DC = jnp.matmul(feats_ND.T, targets, precision=_HIGHEST)
-        yy_C = jnp.sum(targets**2, axis=0)
-    else:  # Fᵀ onehot(y) is a per-class sum of rows: O(ND) instead of a [D, N] x [N, C] product.
-        fty_DC = jax.ops.segment_sum(feats_ND, targets, num_segments=num_classes).T
-        yy_C = jnp.zeros(num_classes, feats_ND.dtype).at[targets].add(1)
-    return _from_gram(gram_DD, fty_DC, yy_C, num_samples, eps, tol, max_iter)
+    spectrum_fn = factor_spectrum if method == "factor" else gram_spectrum
+    spectrum = spectrum_fn(feats_ND, targets, num_classes)
+    return _from_spectrum(spectrum, feats_ND.shape[0], eps, tol, max_iter)
 
 
 def _check_solver_args(eps, tol, max_iter):
@@ -192,6 +179,26 @@ def _check_solver_args(eps, tol, max_iter):
         raise ValueError(f"max_iter must be an integer ≥ 1; got {max_iter!r}")
 
 
+def _resolve_method(method, dtype) -> str:
+    if method is None:
+        return "gram" if dtype == jnp.float64 else "factor"
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS} or None; got {method!r}")
+    return method
+
+
+def _check_finite_result(result: LogMEResult, dtype) -> LogMEResult:
+    """Eager calls only: a non-finite score is reported, never returned."""
+    if inputs.is_traced(result.score) or bool(jnp.isfinite(result.score)):
+        return result
+    raise ValueError(
+        f"LogME came out non-finite in {jnp.dtype(dtype).name} (evidence per column: "
+        f"{[float(e) for e in result.evidence[:5]]}...): the targets' squared norms overflow "
+        "this dtype, or eps=0 met a target column with no component in span(features); scale "
+        "the targets down or keep eps > 0"
+    )
+
+
 def logme(
     features,
     targets,
@@ -201,24 +208,56 @@ def logme(
     eps: float = 1e-5,
     tol: float = 1e-3,
     max_iter: int = 11,
+    method: str | None = None,
 ) -> LogMEResult:
     """LogME score of features for a target task.
 
-    Computes in the dtype of `features`: float32 by default (as on TPU), float64 when x64 is
-    enabled and float64 features are passed. Works under `jax.jit` (with `regression` and
-    `num_classes` static); there, values cannot be checked, only shapes.
+    Computes in the dtype of `features`: float32 by default, float64 when x64 is enabled and
+    float64 features are passed. Works under `jax.jit` (with `regression`, `num_classes` and
+    `method` static); there, values cannot be checked, only shapes.
+
+    Accuracy. Two spectral methods give the same numbers in exact arithmetic:
+
+    * "factor" (default for float32, and for bfloat16/float16/integer input, which compute in
+      float32): singular values of F from a Householder QR of [F | Y] and an SVD of its D×D
+      block (N ≥ D), or an SVD of F (N < D). σ is resolved to about eps·σ_max, so the score is
+      within ~1e-5 relative of float64 up to Gram condition numbers κ(FᵀF) ≈ 1e8 and within
+      1e-3 well beyond (tested on decaying, flat and low-rank spectra at κ up to 1e8 and on
+      `scripts/bench_logme.py`'s tasks); about 1.5–2× the time of one FᵀF plus `eigh`.
+    * "gram" (default for float64): `eigh` of FᵀF (N ≥ D) or FFᵀ (N < D), the reference's own
+      route and the fastest. λ is resolved to about max(N, D)·eps·λ_max and smaller eigenvalues
+      are dropped as noise: exact to ~1e-12 in float64 for κ(FᵀF) up to ~1e8 (the fixtures of
+      the reference implementation agree to 1e-8), but in float32 it drops every direction with
+      λ < ~1e-4·λ_max, which on anisotropic deep features moves the score by tens of percent.
+
+    Both run the fixed point on the features scaled by an exact power of two and in logarithms
+    of α and β (`_fixed_point`), which is the same iteration as the reference's, so features of
+    any magnitude from 1e-15 to 1e20 give a finite score in both dtypes. The maximised evidence
+    is invariant to multiplying all features by a constant; the reference's iteration is not
+    quite: its start α = β = 1 and the eps = 1e-5 added to ‖m‖² are in the features' units, and
+    once ‖m‖² ≪ eps (features of magnitude ≳ 1e3) eps holds α below its optimum. This function
+    reproduces the reference's iteration there too (pass eps=0 for the unguarded fixed point).
+
+    N < D. The reference's default code (thuml/LogME `LogME.fit` via `_fit_fixed_point`) takes
+    log det(αI + βFᵀF) over the k ≤ N nonzero eigenvalues only, forgetting the D − k zero ones,
+    each of which contributes log α (its issue #23); its ICML-version path and this function
+    count all D, so for N < D this score differs from that code's output, by design (the
+    fixtures' `score` vs `score_reference_code`).
 
     Args:
         features: [N, D] real features of N samples, finite, N ≥ 2.
-        targets: classification (default): [N] integer labels; the classes are the sorted
-          distinct labels present (they need not be contiguous). With `regression=True`: [N] or
-          [N, C] real targets, also the way to score multi-label 0/1 targets.
+        targets: classification (default): [N] integer labels; with `num_classes` unset they
+          should be 0..C−1 with every class present (other label sets are scored with one class
+          per distinct value, after a warning that lists the class counts). With
+          `regression=True`: [N] or [N, C] real targets, also the way to score multi-label 0/1
+          targets.
         regression: treat `targets` as real-valued columns instead of class labels.
         num_classes: classification only: use classes 0..num_classes-1 (labels must lie there;
           a class with no sample becomes an all-zero column). Required inside `jax.jit`.
         eps: added to the denominators of the α and β updates, as in the reference (1e-5).
         tol: a column stops when |t_new − t| / t ≤ tol, t = α/β.
         max_iter: a column stops after this many fixed-point steps at the latest.
+        method: "factor", "gram", or None for the dtype's default (see Accuracy above).
 
     Returns:
         `LogMEResult` with score [], evidence, alpha, beta [C] and weights [C, D].
@@ -226,7 +265,8 @@ def logme(
     Raises:
         TypeError: non-array input, or non-integer labels without `regression=True`.
         ValueError: NaN/inf in features or targets, N < 2, D == 0, fewer than 2 classes, targets
-          whose length differs from N, or bad solver arguments.
+          whose length differs from N, bad solver arguments or method, or (eager calls) a score
+          that came out non-finite.
 
     References:
         You et al., ICML 2021 (LogME) and JMLR 2022 (the fixed-point algorithm, Alg. 2).
@@ -234,15 +274,23 @@ def logme(
     feats_ND = inputs.check_features(features)
     num_samples = feats_ND.shape[0]
     _check_solver_args(eps, tol, max_iter)
+    method = _resolve_method(method, feats_ND.dtype)
     if regression:
         if num_classes is not None:
             raise ValueError(
                 "num_classes is for classification; leave it None with regression=True"
             )
         targets_NC = inputs.check_targets(targets, num_samples, feats_ND.dtype)
-        return _logme(feats_ND, targets_NC, None, eps, tol, max_iter)
-    labels = inputs.check_labels(targets, num_samples, num_classes=num_classes, name="targets")
-    return _logme(feats_ND, labels.index, labels.num_classes, eps, tol, max_iter)
+        result = _logme(feats_ND, targets_NC, None, eps, tol, max_iter, method)
+    else:
+        labels = inputs.check_labels(targets, num_samples, num_classes=num_classes, name="targets")
+        result = _logme(feats_ND, labels.index, labels.num_classes, eps, tol, max_iter, method)
+    return _check_finite_result(result, feats_ND.dtype)
+
+
+def _check_num_samples(num_samples):
+    if not inputs.is_traced(num_samples) and not float(num_samples) >= 2:
+        raise ValueError(f"num_samples must be ≥ 2; got {num_samples!r}")
 
 
 def logme_from_gram(
@@ -255,11 +303,12 @@ def logme_from_gram(
     tol: float = 1e-3,
     max_iter: int = 11,
 ) -> LogMEResult:
-    """LogME from sufficient statistics, for features streamed in batches and never held whole.
+    """LogME from the sums FᵀF, FᵀY, ‖y_c‖² and N, by the "gram" method of `logme`.
 
-    Equals `logme(F, Y, regression=True)` (or the classification form with Y = onehot(labels)).
-    Rounding is best when N ≥ D; for N < D prefer `logme` on the features, whose kernel path
-    avoids subtracting large numbers.
+    Equals `logme(F, Y, regression=True, method="gram")` (or the classification form with
+    Y = onehot(labels)). Sums of products lose what `logme`'s docstring describes for the
+    "gram" method: use float64 sums, or in float32 stream an R factor instead
+    (`scoring.stats`, `logme_from_factor`). For N < D prefer `logme` on the features.
 
     Args:
         gram_DD: [D, D] FᵀF.
@@ -288,14 +337,69 @@ def logme_from_gram(
         raise ValueError(
             f"yy_C must have C={fty_DC.shape[1]} entries to match fty_DC; got {yy_C.shape[0]}"
         )
-    if not inputs.is_traced(num_samples) and not float(num_samples) >= 2:
-        raise ValueError(f"num_samples must be ≥ 2; got {num_samples!r}")
+    _check_num_samples(num_samples)
     _check_solver_args(eps, tol, max_iter)
-    stats = (gram_DD, fty_DC.astype(gram_DD.dtype), yy_C, jnp.asarray(num_samples, gram_DD.dtype))
-    return _from_gram_jit(*stats, eps, tol, max_iter)
+    sums = (gram_DD, fty_DC.astype(gram_DD.dtype), yy_C, jnp.asarray(num_samples, gram_DD.dtype))
+    return _check_finite_result(_from_gram_sums(*sums, eps, tol, max_iter), gram_DD.dtype)
 
 
-_from_gram_jit = jax.jit(_from_gram)
+@jax.jit
+def _from_gram_sums(gram_DD, fty_DC, yy_C, num_samples, eps, tol, max_iter):
+    spectrum = gram_spectrum_from_sums(gram_DD, fty_DC, yy_C, num_samples)
+    return _from_spectrum(spectrum, num_samples, eps, tol, max_iter)
+
+
+def logme_from_factor(
+    r_factor,
+    dim: int,
+    num_samples,
+    *,
+    eps: float = 1e-5,
+    tol: float = 1e-3,
+    max_iter: int = 11,
+) -> LogMEResult:
+    """LogME from a square-root factor of [F | Y]'s Gram matrix, by the "factor" method of `logme`.
+
+    Any A [M, D + C] with AᵀA = [F | Y]ᵀ[F | Y] will do: the rows themselves, an R factor of
+    them, or R of the streamed rows stacked batch by batch (`scoring.stats`). A is re-factored
+    by one QR (O((D + C)³), once), so it need not be triangular. Equals
+    `logme(F, Y, regression=True, method="factor")`, with the same float32 accuracy.
+
+    Args:
+        r_factor: [M, D + C] the factor.
+        dim: D, the number of feature columns (the rest are target columns).
+        num_samples: N, the number of rows factored (a scalar; may be a device array).
+        eps, tol, max_iter: see `logme`.
+
+    Returns:
+        `LogMEResult`, computed in the dtype of `r_factor`.
+
+    Raises:
+        ValueError: a shape that does not fit `dim`, non-finite entries, or N < 2.
+    """
+    r_factor = inputs.check_features(r_factor, name="r_factor", min_samples=1)
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(f"dim must be an int ≥ 1; got {dim!r}")
+    if not r_factor.shape[1] > dim:
+        raise ValueError(
+            f"r_factor must have shape [M, D + C] with D={dim} and C ≥ 1; got "
+            f"{tuple(r_factor.shape)}"
+        )
+    _check_num_samples(num_samples)
+    _check_solver_args(eps, tol, max_iter)
+    result = _from_factor(
+        r_factor, jnp.asarray(num_samples, r_factor.dtype), eps, tol, max_iter, dim=dim
+    )
+    return _check_finite_result(result, r_factor.dtype)
+
+
+@functools.partial(jax.jit, static_argnames="dim")
+def _from_factor(r_factor, num_samples, eps, tol, max_iter, *, dim):
+    # Scale F's columns by a power of two: a factor of [F·2^−e | Y] (columns scale alike).
+    scaled_feats, scale_exp = power_of_two_scale(r_factor[:, :dim])
+    scaled = jnp.linalg.qr(jnp.concatenate([scaled_feats, r_factor[:, dim:]], axis=1), mode="r")
+    spectrum = factor_spectrum_from_r(scaled, dim)._replace(scale_exp=scale_exp)
+    return _from_spectrum(spectrum, num_samples, eps, tol, max_iter)
 
 
 def logme_predict(result: LogMEResult, features) -> jax.Array:
@@ -313,4 +417,4 @@ def logme_predict(result: LogMEResult, features) -> jax.Array:
         raise ValueError(
             f"features have D={feats_ND.shape[1]} dimensions but the result was fit on D={result.weights.shape[1]}"
         )
-    return jnp.matmul(feats_ND, result.weights.T.astype(feats_ND.dtype), precision=_HIGHEST)
+    return jnp.matmul(feats_ND, result.weights.T.astype(feats_ND.dtype), precision=HIGHEST)

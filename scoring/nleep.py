@@ -10,7 +10,9 @@ V = 5·C full-covariance components is fitted to them, and its posteriors π(v |
 google-research's implementation; the SFDA authors' re-implementation drops it).
 
 The mixture is fitted by scikit-learn's `GaussianMixture` on the host (k-means initialisation, EM to
-tol 1e-3, reg_covar 1e-6, at most 100 iterations), the estimator the paper and the public
+tol 1e-3, reg_covar 1e-6 — here on features divided by their mean standard deviation
+√(tr cov(f) / D), so that N-LEEP does not depend on the features' scale as an absolute reg_covar
+would make it; at most 100 iterations), the estimator the paper and the public
 implementations use: EM with k-means restarts is sequential, data-dependent control flow, and its
 local optimum depends on the initialisation, so a different (JAX) EM would give a different score
 for the same data. The PCA and the LEEP step run in JAX.
@@ -25,6 +27,7 @@ from sklearn.mixture import GaussianMixture
 
 from scoring import inputs, pca
 from scoring.leep import _leep
+from scoring.spectrum import power_of_two_scale
 
 DEFAULT_VARIANCE_KEPT = 0.8
 DEFAULT_COMPONENTS_PER_CLASS = 5
@@ -81,11 +84,15 @@ def nleep(
             f"{components_per_class}·C = {num_components} mixture components; got "
             f"N={feats_ND.shape[0]}"
         )
-    variances_D, axes_DD = pca.principal_axes(feats_ND)
+    scaled_ND, _ = power_of_two_scale(feats_ND)  # exact; keeps 1e-15 or 1e20 in range
+    variances_D, axes_DD = pca.principal_axes(scaled_ND)
     if not float(variances_D[0]) > 0:
         raise ValueError("features must not be constant: every column has zero variance")
     k = pca.num_components_for_variance(variances_D, float(variance_kept))
-    reduced_Nk = np.asarray(pca.project(feats_ND, axes_DD[:, :k]), np.float64)
+    reduced_Nk = np.asarray(pca.project(scaled_ND, axes_DD[:, :k]), np.float64)
+    # In units of the features' mean standard deviation: the mixture's reg_covar = 1e-6 is
+    # absolute, so it then acts alike at every feature scale.
+    reduced_Nk = reduced_Nk / np.sqrt(float(jnp.sum(variances_D)) / feats_ND.shape[1])
     mixture = GaussianMixture(n_components=num_components, random_state=seed).fit(reduced_Nk)
     posteriors_NV = jnp.asarray(mixture.predict_proba(reduced_Nk), feats_ND.dtype)
     return _leep(posteriors_NV, labels.index, labels.num_classes)

@@ -32,7 +32,9 @@ class RankAgreement(NamedTuple):
     top1_regret: float
 
 
-def _check_pair(scores, accuracies) -> tuple[np.ndarray, np.ndarray]:
+def _check_pair(scores, accuracies, *, ranked: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Checks [M] scores and accuracies; `ranked`: both must also rank the models (not all tied),
+    as every rank correlation is 0/0 when one side has a single value."""
     pairs = []
     for name, values in (("scores", scores), ("accuracies", accuracies)):
         try:
@@ -54,6 +56,13 @@ def _check_pair(scores, accuracies) -> tuple[np.ndarray, np.ndarray]:
         )
     if scores_M.shape[0] < 2:
         raise ValueError(f"need at least 2 models to correlate rankings; got {scores_M.shape[0]}")
+    if ranked:
+        for name, array in (("scores", scores_M), ("accuracies", accs_M)):
+            if np.all(array == array[0]):
+                raise ValueError(
+                    f"{name} are all equal ({array[0]:g} for all {array.shape[0]} models): they "
+                    "rank no model above another, so a rank correlation is undefined"
+                )
     return scores_M, accs_M
 
 
@@ -69,7 +78,8 @@ def weighted_kendall_tau(scores, accuracies) -> float:
         rank=True (the ranking by each variable, averaged), as in the LogME papers.
 
     Raises:
-        TypeError, ValueError: non-numeric, non-finite, differently sized inputs, or M < 2.
+        TypeError, ValueError: non-numeric, non-finite, differently sized inputs, M < 2, or
+          scores or accuracies that are all equal (the correlation is 0/0).
     """
     scores_M, accs_M = _check_pair(scores, accuracies)
     return float(scipy.stats.weightedtau(accs_M, scores_M).statistic)
@@ -97,7 +107,7 @@ def top1_regret(scores, accuracies) -> float:
     Returns:
         The regret (≥ 0, in the accuracies' units); 0 when the score picks a best model.
     """
-    scores_M, accs_M = _check_pair(scores, accuracies)
+    scores_M, accs_M = _check_pair(scores, accuracies, ranked=False)
     return float(np.max(accs_M) - accs_M[int(np.argmax(scores_M))])
 
 

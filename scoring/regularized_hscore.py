@@ -29,6 +29,7 @@ from scoring.class_moments import (
     class_moments,
     shrink_to_scaled_identity,
 )
+from scoring.spectrum import power_of_two_scale
 
 
 def ledoit_wolf_shrinkage(centered_ND: jax.Array, cov_DD: jax.Array) -> jax.Array:
@@ -57,7 +58,10 @@ def ledoit_wolf_shrinkage(centered_ND: jax.Array, cov_DD: jax.Array) -> jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("num_classes",))
 def _regularized_hscore(feats_ND, labels_N, num_classes):
+    """(H_α, α). H_α and α are invariant to the features' scale: an exact power-of-two rescaling
+    first keeps the fourth moments of features of 1e-15 or 1e20 inside the dtype's range."""
     num_samples = feats_ND.shape[0]
+    feats_ND, _ = power_of_two_scale(feats_ND)
     moments = class_moments(feats_ND, labels_N, num_classes)
     centered_ND = feats_ND - moments.mean_D
     cov_DD = jnp.matmul(centered_ND.T, centered_ND, precision=HIGHEST) / num_samples
@@ -67,14 +71,14 @@ def _regularized_hscore(feats_ND, labels_N, num_classes):
     # tr(A⁻¹ MᵀM) = ‖L⁻¹ Mᵀ‖²_F for A = L Lᵀ.
     chol_DD = jnp.linalg.cholesky(shrunk_DD)
     whitened_DC = jax.scipy.linalg.solve_triangular(chol_DD, between_CD.T, lower=True)
-    return (1 - alpha) * jnp.sum(whitened_DC**2) / (num_samples - 1)
+    return (1 - alpha) * jnp.sum(whitened_DC**2) / (num_samples - 1), alpha
 
 
 def regularized_hscore(features, labels, *, num_classes: int | None = None) -> jax.Array:
     """Regularised H-score H_α = tr(cov_α(f)⁻¹ (1 − α) cov(E[f | y])) (module docstring).
 
     Args:
-        features: [N, D] real features, finite, N ≥ 2, not all equal; computes in their dtype.
+        features: [N, D] real features, finite, N ≥ 3, not all equal; computes in their dtype.
         labels: [N] integer labels; classes are the distinct values present, or 0..num_classes-1.
         num_classes: optional number of classes C (required inside `jax.jit`).
 
@@ -82,8 +86,10 @@ def regularized_hscore(features, labels, *, num_classes: int | None = None) -> j
         [] the regularised H-score (higher means more transferable).
 
     Raises:
-        TypeError, ValueError: bad features or labels (see `scoring.inputs`), or constant features
-          (zero covariance: no shrinkage target).
+        TypeError, ValueError: bad features or labels (see `scoring.inputs`), N < 3 (with two
+          samples the Ledoit–Wolf shrinkage is always 0 and the covariance has rank 1), constant
+          features (zero covariance: no shrinkage target), or (eager calls) a shrunk covariance
+          that is still singular in the compute dtype.
 
     References:
         Ibrahim et al., "Newer is not always better: Rethinking transferability metrics, their
@@ -91,8 +97,17 @@ def regularized_hscore(features, labels, *, num_classes: int | None = None) -> j
         Ledoit & Wolf, "A well-conditioned estimator for large-dimensional covariance matrices",
         J. Multivariate Analysis 2004.
     """
-    feats_ND = inputs.check_features(features)
+    # N = 2: the two centred rows are ±x, so Σ‖x_k‖⁴/N = ‖S‖²_F and the shrinkage is 0.
+    feats_ND = inputs.check_features(features, min_samples=3)
     labels = inputs.check_labels(labels, feats_ND.shape[0], num_classes=num_classes)
     if not inputs.is_traced(feats_ND) and not bool(jnp.any(jnp.ptp(feats_ND, axis=0) > 0)):
         raise ValueError("features must not be constant: every column has zero variance")
-    return _regularized_hscore(feats_ND, labels.index, labels.num_classes)
+    score, alpha = _regularized_hscore(feats_ND, labels.index, labels.num_classes)
+    if not inputs.is_traced(score) and not bool(jnp.isfinite(score)):
+        raise ValueError(
+            f"the shrunk covariance is singular in {feats_ND.dtype}: the Ledoit–Wolf shrinkage is "
+            f"α={float(alpha):.3g} and the sample covariance of N={feats_ND.shape[0]} rows has "
+            f"rank < D={feats_ND.shape[1]}, so (1 − α)·S + α·(tr S / D)·I has eigenvalues below "
+            "the dtype's resolution; use float64 features or more samples"
+        )
+    return score

@@ -1,12 +1,19 @@
 """Transferability scores from streamed statistics: rank on data of any size.
 
-For N ≫ D the scores need only sums over samples, which can be accumulated batch by batch inside the
-jitted feature-extraction step (`jaxmodels.stream_reduce`), summed across devices and hosts, while
-the features [N, D] never leave the device; memory is O(D² + C·D + C·K) instead of O(N·D):
+The scores below need only O(D² + C·D + C·K) numbers accumulated batch by batch inside the jitted
+feature-extraction step (`jaxmodels.stream_reduce`); the features [N, D] never leave the device:
 
-* LogME: FᵀF [D, D], FᵀY [D, C] (per-class feature sums), ‖y_c‖² (class counts) and N
-  (`scoring.logme_from_gram`);
-* H-score: the feature sum and FᵀF give the covariance, the per-class sums the class means;
+* LogME and the H-score: the R factor of a QR factorisation of the augmented rows
+  [1 | f_i | onehot(y_i)] [P = 1 + D + C], kept up to date by re-factoring the previous R stacked
+  on the next batch (a running, or "tall-skinny", QR: Demmel, Grigori, Hoemmen & Langou,
+  "Communication-optimal parallel and sequential QR and LU factorizations", SIAM J. Sci.
+  Comput. 2012). RᵀR is the Gram matrix of the rows, but R holds it at the square root of its
+  condition number: float32 keeps LogME within 1e-5 of float64 on Gram condition numbers up
+  to 1e8, where summing FᵀF in float32 loses the small eigenvalues entirely (see
+  `scoring.spectrum`). Its blocks give what the scores need without cancellation: R[1:1+D,
+  1:1+D] is the R factor of the centred features (the constant column's reflection removes the
+  mean), R[1:1+D, 1+D:] the centred class indicators' coordinates, and R[:, 1:] a square root
+  of the Gram matrix of [F | Y] for LogME, which has no intercept;
 * NCE: the joint counts of (target class, argmax source class);
 * LEEP: the soft joint Σ_i θ(x_i) per target class gives P̂(y | z) — but LEEP's
   Σ_i log Σ_z P̂(y_i | z) θ(x_i)_z depends on P̂(y | z) inside a log, so it is no function of sums
@@ -15,10 +22,12 @@ the features [N, D] never leave the device; memory is O(D² + C·D + C·K) inste
 
 `init`, `update` and `merge` are pure functions over the `ScoreStats` pytree. Padded rows
 (`valid_B == False`) are ignored; labels of valid rows must lie in [0, C) (rows with labels outside
-are dropped, as values cannot be checked inside `jit`). Accumulate in float64 (x64 on) when the
-results must match in-memory scores closely: FᵀF − N μμᵀ loses about log10(‖μ‖² / var) digits.
+are dropped, as values cannot be checked inside `jit`). float32 accumulators are the default and
+the fast path on accelerators; float64 (x64 on) is an option where the backend has it. Each
+update costs one QR of a [P + B, P] matrix, ~2(P + B)P² flops against 2BD² for summing FᵀF.
 
-Dimension names: N samples, B batch rows, D feature dimensions, C target classes, K source classes.
+Dimension names: N samples, B batch rows, D feature dimensions, C target classes, K source classes,
+P = 1 + D + C.
 """
 
 from typing import NamedTuple
@@ -28,32 +37,35 @@ import jax.numpy as jnp
 
 from scoring import inputs
 from scoring.class_moments import HIGHEST
-from scoring.hscore import hscore_from_scatter
+from scoring.hscore import hscore_from_factor
 from scoring.leep import conditional_from_joint
-from scoring.logme import LogMEResult, logme_from_gram
+from scoring.logme import LogMEResult, logme_from_factor
 from scoring.nce import nce_from_joint
 
 
 class ScoreStats(NamedTuple):
-    """Sufficient statistics of (features, labels[, source probabilities]) summed over samples.
+    """Statistics of (features, labels[, source probabilities]) over the samples seen.
 
     Attributes:
         num_samples: [] N, the number of valid rows seen.
-        feat_sum_D: [D] Σ f_i.
-        gram_DD: [D, D] FᵀF = Σ f_i f_iᵀ.
-        class_sum_CD: [C, D] Σ_{i: y_i = c} f_i (so FᵀY = class_sum_CDᵀ for one-hot Y).
-        class_count_C: [C] n_c (also ‖y_c‖² for one-hot Y).
+        r_factor: [P, P] upper-triangular R with RᵀR = AᵀA for the rows A = [1 | F | onehot(y)]
+          seen so far (P = 1 + D + C).
+        class_count_C: [C] n_c.
         source_joint_CK: [C, K] Σ_{i: y_i = c} θ(x_i) (LEEP's joint × N); K = 0 without a source.
         source_argmax_joint_CK: [C, K] #{i: y_i = c, argmax θ(x_i) = z} (NCE's joint × N).
     """
 
     num_samples: jax.Array
-    feat_sum_D: jax.Array
-    gram_DD: jax.Array
-    class_sum_CD: jax.Array
+    r_factor: jax.Array
     class_count_C: jax.Array
     source_joint_CK: jax.Array
     source_argmax_joint_CK: jax.Array
+
+
+def _dims(stats: ScoreStats) -> tuple[int, int]:
+    """(D, C) of the statistics."""
+    num_classes = stats.class_count_C.shape[0]
+    return stats.r_factor.shape[0] - 1 - num_classes, num_classes
 
 
 def init(dim: int, num_classes: int, num_source_classes: int | None = None, dtype=None):
@@ -83,20 +95,24 @@ def init(dim: int, num_classes: int, num_source_classes: int | None = None, dtyp
     if dtype == jnp.float64 and not jax.config.jax_enable_x64:
         raise ValueError("dtype float64 needs x64 enabled (jax.enable_x64(True))")
     zeros = lambda *shape: jnp.zeros(shape, dtype)
+    size = 1 + dim + num_classes
     return ScoreStats(
         zeros(),
-        zeros(dim),
-        zeros(dim, dim),
-        zeros(num_classes, dim),
+        zeros(size, size),
         zeros(num_classes),
         zeros(num_classes, k),
         zeros(num_classes, k),
     )
 
 
+def _refactor(r_factor, rows):
+    """The R factor of [R; rows]: a QR of the stacked matrix, keeping the first P rows."""
+    return jnp.linalg.qr(jnp.concatenate([r_factor, rows], axis=0), mode="r")
+
+
 def update(stats: ScoreStats, feats_BD, labels_B, valid_B=None, source_probs_BK=None):
     """Adds a batch. Pure and jittable; inside `jaxmodels.stream_reduce` the batch is sharded over
-    devices and XLA inserts the cross-device sums.
+    devices and XLA gathers it for the (replicated) QR and inserts the cross-device sums.
 
     Args:
         stats: the statistics so far.
@@ -112,8 +128,8 @@ def update(stats: ScoreStats, feats_BD, labels_B, valid_B=None, source_probs_BK=
     Raises:
         ValueError: shapes that do not match `stats`, or source probabilities missing/unexpected.
     """
-    dtype = stats.gram_DD.dtype
-    num_classes, dim = stats.class_sum_CD.shape
+    dtype = stats.r_factor.dtype
+    dim, num_classes = _dims(stats)
     k = stats.source_joint_CK.shape[1]
     if feats_BD.ndim != 2 or feats_BD.shape[1] != dim:
         raise ValueError(f"feats_BD must have shape [B, {dim}]; got {tuple(feats_BD.shape)}")
@@ -131,11 +147,13 @@ def update(stats: ScoreStats, feats_BD, labels_B, valid_B=None, source_probs_BK=
         )
     # One-hot of valid rows with in-range labels: padding and stray labels add nothing (a scatter
     # with label −1 would wrap around to the last class).
-    onehot_BC = (labels_B[:, None] == jnp.arange(num_classes)) & valid_B[:, None]
-    # A row counts only with a label in range, in every statistic alike.
+    onehot_BC = (labels_B[:, None] == jnp.arange(num_classes)[None, :]) & valid_B[:, None]
+    # A row counts only with a label in range, in every statistic alike; dropped rows are zero
+    # rows, which leave R unchanged.
     valid_B = jnp.any(onehot_BC, axis=1)
     onehot_BC = onehot_BC.astype(dtype)
     feats_BD = jnp.where(valid_B[:, None], feats_BD.astype(dtype), 0)
+    rows_BP = jnp.concatenate([valid_B[:, None].astype(dtype), feats_BD, onehot_BC], axis=1)
     source_joint, argmax_joint = stats.source_joint_CK, stats.source_argmax_joint_CK
     if k:
         if source_probs_BK.shape != (batch, k):
@@ -149,9 +167,7 @@ def update(stats: ScoreStats, feats_BD, labels_B, valid_B=None, source_probs_BK=
         argmax_joint = argmax_joint + jnp.matmul(onehot_BC.T, argmax_BK, precision=HIGHEST)
     return ScoreStats(
         stats.num_samples + jnp.sum(onehot_BC),
-        stats.feat_sum_D + jnp.sum(feats_BD, axis=0),
-        stats.gram_DD + jnp.matmul(feats_BD.T, feats_BD, precision=HIGHEST),
-        stats.class_sum_CD + jnp.matmul(onehot_BC.T, feats_BD, precision=HIGHEST),
+        _refactor(stats.r_factor, rows_BP),
         stats.class_count_C + jnp.sum(onehot_BC, axis=0),
         source_joint,
         argmax_joint,
@@ -159,8 +175,16 @@ def update(stats: ScoreStats, feats_BD, labels_B, valid_B=None, source_probs_BK=
 
 
 def merge(a: ScoreStats, b: ScoreStats) -> ScoreStats:
-    """Statistics of the union of two disjoint sets of samples (e.g. two hosts' shards)."""
-    return jax.tree.map(jnp.add, a, b)
+    """Statistics of the union of two disjoint sets of samples (e.g. two hosts' shards).
+
+    Raises:
+        ValueError: statistics of different shapes or dtypes.
+    """
+    shapes = [(x.shape, x.dtype) for x in a], [(x.shape, x.dtype) for x in b]
+    if shapes[0] != shapes[1]:
+        raise ValueError(f"cannot merge statistics of different shapes/dtypes: {shapes}")
+    summed = jax.tree.map(jnp.add, a, b)
+    return summed._replace(r_factor=_refactor(a.r_factor, b.r_factor))
 
 
 def _check_stats(stats, name="stats"):
@@ -175,44 +199,45 @@ def _check_stats(stats, name="stats"):
 def logme_from_stats(stats: ScoreStats, **solver_args) -> LogMEResult:
     """LogME from the statistics; equals `scoring.logme(features, labels, num_classes=C)`.
 
+    Computed by `scoring.logme_from_factor` from R[:, 1:], a square root of the Gram matrix of
+    [F | onehot(y)], with the "factor" method's accuracy in either dtype.
+
     Args:
-        stats: accumulated `ScoreStats` (N ≥ D for the best rounding, see `logme_from_gram`).
+        stats: accumulated `ScoreStats`.
         **solver_args: eps, tol, max_iter, as for `scoring.logme`.
 
     Returns:
         `LogMEResult`.
     """
     _check_stats(stats)
-    return logme_from_gram(
-        stats.gram_DD, stats.class_sum_CD.T, stats.class_count_C, stats.num_samples, **solver_args
-    )
-
-
-@jax.jit
-def _hscore_inputs(stats):
-    n = stats.num_samples
-    mean_D = stats.feat_sum_D / n
-    scatter_DD = stats.gram_DD - n * jnp.outer(mean_D, mean_D)
-    counts_C = stats.class_count_C
-    means_CD = stats.class_sum_CD / jnp.maximum(counts_C, 1)[:, None]
-    # FᵀF − N μμᵀ is rounded at the scale of FᵀF, up to λ_max(S) + N‖μ‖², not of S alone.
-    offset = n * jnp.sum(mean_D**2)
-    return scatter_DD, jnp.sqrt(counts_C)[:, None] * (means_CD - mean_D), offset
+    dim, _ = _dims(stats)
+    return logme_from_factor(stats.r_factor[:, 1:], dim, stats.num_samples, **solver_args)
 
 
 def hscore_from_stats(stats: ScoreStats, *, rcond: float | None = None) -> jax.Array:
-    """H-score from the statistics; equals `scoring.hscore(features, labels, num_classes=C)` for
-    features of full numerical rank.
+    """H-score from the statistics; equals `scoring.hscore(features, labels, num_classes=C)`.
 
-    The total scatter is S = FᵀF − N μμᵀ and the between-class factor √n_c (μ_c − μ). Forming S
-    from sums loses the digits N‖μ‖² shares with FᵀF, so the pseudo-inverse cutoff is taken
-    relative to λ_max(S) + N‖μ‖² rather than λ_max(S): directions with less variance than that
-    rounding are dropped instead of amplified. Use float64 accumulators for large N or features
-    whose mean is large against their spread.
+    R[1:1+D, 1:1+D] is an R factor of the centred features and R[1:1+D, 1+D:] holds the centred
+    class indicators' coordinates on them (`scoring.hscore.hscore_from_factor`), so no scatter
+    matrix FᵀF − Nμμᵀ is formed and no digits are lost to the mean.
+
+    Args:
+        stats: accumulated `ScoreStats`.
+        rcond: relative singular-value cutoff, as for `scoring.hscore`.
+
+    Returns:
+        [] the H-score.
     """
     _check_stats(stats)
-    scatter_DD, between_CD, offset = _hscore_inputs(stats)
-    return hscore_from_scatter(scatter_DD, between_CD, int(stats.num_samples), rcond, offset)
+    dim, _ = _dims(stats)
+    r = stats.r_factor
+    return hscore_from_factor(
+        r[1 : 1 + dim, 1 : 1 + dim],
+        r[1 : 1 + dim, 1 + dim :],
+        stats.class_count_C,
+        rcond=rcond,
+        num_samples=stats.num_samples,
+    )
 
 
 def nce_from_stats(stats: ScoreStats) -> jax.Array:
@@ -242,7 +267,7 @@ def leep_pass_init(stats: ScoreStats) -> LeepPass:
     _check_stats(stats)
     if stats.source_joint_CK.shape[1] == 0:
         raise ValueError("stats hold no source predictions: init with num_source_classes=K")
-    zero = jnp.zeros((), stats.gram_DD.dtype)
+    zero = jnp.zeros((), stats.r_factor.dtype)
     return LeepPass(conditional_from_joint(stats.source_joint_CK), zero, zero)
 
 

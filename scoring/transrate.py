@@ -12,52 +12,96 @@ Z centred once with the global mean, Z_c its rows of class c (n_c of them), ε =
 constants of the authors' released code (the paper writes the scaling as d/(n ε²); the code's
 1/(n ε) is what its reported numbers use). Higher means the classes occupy more separate volumes.
 
-Each log det is taken on the smaller side, log det(I_D + a ZᵀZ) = log det(I_n + a ZZᵀ) (Sylvester),
-by a Cholesky factorisation. The per-class matrices are batched by gathering each class's rows into
-a zero-padded [C, n_max, D] block; zero rows add identity blocks, which change no determinant.
+Each log det is Σ_i log(1 + σ_i² / (n ε)) over the singular values σ_i of the block (Sylvester:
+the same on the n or the D side), summed as softplus(2 log σ_i − log(n ε)). Singular values carry
+rounding of ~eps·σ_max, where a Cholesky factor of I + ZᵀZ/(nε) carries ~eps of its largest
+eigenvalue, so this keeps float32 accurate on anisotropic features, on N < D blocks at any scale
+(the centred Z has a zero singular value, whose rounding a Cholesky of I + ZZᵀ/(nε) turns into
+a large log), and at tiny scales, where log(1 + x) is taken without first rounding 1 + x and TrR,
+a difference of nearly equal rates there, is summed from its linear and curvature parts
+separately (`_transrate`). Singular
+values below the block's numerical-rank tolerance max(n, D)·eps·σ_max count as zero. The
+features are rescaled by an exact power of two first and the scale carried in logarithms, so no
+magnitude from 1e-15 to 1e20 overflows. The per-class blocks are batched by gathering each
+class's rows into a zero-padded [C, n_max, D] block; zero rows add zero singular values, which
+change no log det.
 
 Dimension names: N samples, D feature dimensions, C classes, n_max the largest class size.
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from scoring import inputs
-from scoring.class_moments import HIGHEST
+from scoring.spectrum import power_of_two_scale
 
 DEFAULT_EPS = 1e-4
 
 
-def _logdet_identity_plus(scale, rows_BnD):
-    """log det(I + scale · XᵀX) for a batch of [n, D] row blocks X, on the smaller side."""
-    n, dim = rows_BnD.shape[-2:]
-    if n <= dim:
-        gram = jnp.einsum("bnd,bmd->bnm", rows_BnD, rows_BnD, precision=HIGHEST)
-    else:
-        gram = jnp.einsum("bnd,bne->bde", rows_BnD, rows_BnD, precision=HIGHEST)
-    eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
-    chol = jnp.linalg.cholesky(eye + scale[:, None, None] * gram)
-    return 2 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+_SMALL = 0.1  # below this, log(1 + x) is taken as x + (log(1 + x) − x), the latter by series
+_SERIES_TERMS = 20  # 0.1^21 / 21 < 1e-17 · 0.1² / 2: float64 accuracy at x = 0.1
+
+
+def _log1p_minus_identity(x):
+    """log(1 + x) − x for 0 ≤ x ≤ 0.1, as −x²/2 + x³/3 − … (Horner), without the cancellation of
+    subtracting x from log1p(x)."""
+    acc = jnp.zeros_like(x)
+    for n in range(_SERIES_TERMS + 1, 1, -1):
+        acc = x * ((-1) ** (n + 1) / n + acc)
+    return x * acc
+
+
+def _coding_rates(rows_BnD, log_scale, counts_B, eps):
+    """Coding rates R = ½ Σ_i log(1 + x_i), x_i = σ_i² / (n ε), of a batch of row blocks
+    Z = rows · e^log_scale.
+
+    Returns:
+        ([B] R, [B] ½ Σ_i (log(1 + x_i) − x_i) with x clipped at 0.1, [B] max_i log x_i).
+    """
+    n_max, dim = rows_BnD.shape[-2:]
+    sigma_BK = jnp.linalg.svd(rows_BnD, compute_uv=False)
+    tol = max(n_max, dim) * jnp.finfo(rows_BnD.dtype).eps
+    kept_BK = sigma_BK > tol * jnp.max(sigma_BK, axis=-1, keepdims=True)
+    log_sigma_BK = jnp.log(jnp.where(kept_BK, sigma_BK, 1)) + log_scale
+    log_a_B = -jnp.log(counts_B) - math.log(eps)  # log 1/(n ε)
+    log_x_BK = jnp.where(kept_BK, 2 * log_sigma_BK + log_a_B[:, None], -jnp.inf)
+    rate_B = 0.5 * jnp.sum(jax.nn.softplus(log_x_BK), axis=-1)
+    small_x_BK = jnp.exp(jnp.minimum(log_x_BK, math.log(_SMALL)))
+    curvature_B = 0.5 * jnp.sum(_log1p_minus_identity(small_x_BK), axis=-1)
+    return rate_B, curvature_B, jnp.max(log_x_BK, axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("eps",))
-def _transrate(feats_ND, members_Cn, eps):
+def _transrate(feats_ND, labels_N, members_Cn, eps):
+    """TrR, computed two ways: directly, and for small scales (every x ≤ 0.1) as its part linear
+    in the x_i, ½ Σ_i ‖z_i‖² (1/N − 1/(C n_{y_i})) / ε, which cancels exactly for balanced classes,
+    plus the difference of the Σ (log(1 + x) − x) terms. Both are the same number; the second
+    keeps its digits when TrR is far smaller than the rates it is a difference of."""
     num_samples = feats_ND.shape[0]
-    centered_ND = feats_ND - jnp.mean(feats_ND, axis=0)
-    rate_all = (
-        0.5
-        * _logdet_identity_plus(
-            jnp.full((1,), 1 / (num_samples * eps), feats_ND.dtype), centered_ND[None]
-        )[0]
-    )
+    dtype = feats_ND.dtype
+    scaled_ND, scale_exp = power_of_two_scale(feats_ND)
+    log_scale = scale_exp.astype(dtype) * math.log(2)
+    centered_ND = scaled_ND - jnp.mean(scaled_ND, axis=0)
+    total = jnp.full((1,), num_samples, dtype)
+    rate_all, curvature_all, log_x_max = _coding_rates(centered_ND[None], log_scale, total, eps)
     present_Cn = members_Cn >= 0
     class_rows_CnD = jnp.where(present_Cn[..., None], centered_ND[jnp.maximum(members_Cn, 0)], 0)
-    counts_C = jnp.sum(present_Cn, axis=1).astype(feats_ND.dtype)
-    rate_C = 0.5 * _logdet_identity_plus(1 / (counts_C * eps), class_rows_CnD)
-    return rate_all - jnp.mean(rate_C)
+    counts_C = jnp.sum(present_Cn, axis=1).astype(dtype)
+    rate_C, curvature_C, log_x_max_C = _coding_rates(class_rows_CnD, log_scale, counts_C, eps)
+    direct = rate_all[0] - jnp.mean(rate_C)
+
+    num_classes = counts_C.shape[0]
+    weight_N = 1 / num_samples - 1 / (num_classes * counts_C[labels_N])
+    weighted = jnp.sum(weight_N * jnp.sum(centered_ND**2, axis=1))
+    log_prefactor = 2 * log_scale - math.log(2 * eps)
+    linear = jnp.sign(weighted) * jnp.exp(jnp.log(jnp.abs(weighted)) + log_prefactor)
+    series = linear + curvature_all[0] - jnp.mean(curvature_C)
+    all_small = jnp.maximum(log_x_max[0], jnp.max(log_x_max_C)) <= math.log(_SMALL)
+    return jnp.where(all_small, series, direct)
 
 
 def class_members(labels_N: np.ndarray, num_classes: int) -> np.ndarray:
@@ -79,7 +123,7 @@ def transrate(features, labels, *, eps: float = DEFAULT_EPS) -> jax.Array:
 
     Args:
         features: [N, D] real features, finite, N ≥ 2; computes in their dtype.
-        labels: [N] integer labels; the classes are the distinct values present (the reference
+        labels: [N] integer labels, 0..C−1 (see `scoring.inputs.check_labels`; the reference
           averages over max(label) + 1 classes, counting absent ones as rate 0; here only classes
           that occur are averaged).
         eps: the distortion ε (default 1e-4, the authors').
@@ -101,4 +145,4 @@ def transrate(features, labels, *, eps: float = DEFAULT_EPS) -> jax.Array:
     if not float(eps) > 0:
         raise ValueError(f"eps must be > 0; got {eps!r}")
     members_Cn = class_members(np.asarray(labels.index), labels.num_classes)
-    return _transrate(feats_ND, jnp.asarray(members_Cn), float(eps))
+    return _transrate(feats_ND, labels.index, jnp.asarray(members_Cn), float(eps))

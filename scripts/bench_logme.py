@@ -5,21 +5,28 @@ Run:
     python scripts/bench_logme.py --quick    # the smallest size only, a few seconds
 
 For each (N, D, C) it times, in one process and on the same generated data, warm calls of
-  * hubtune LogME in float32 and float64 (`scoring.logme`, labels in, score out),
-  * the limit: F ↦ eigh(FᵀF) in JAX, jitted, same dtype — LogME cannot beat one Gram matrix plus
-    one eigendecomposition,
+  * hubtune LogME in float32 and float64 (`scoring.logme`, labels in, score out; float32 runs the
+    "factor" method, QR of [F | Y] and an SVD of the D×D block; float64 the "gram" method),
+  * the limit: F ↦ eigh(FᵀF) in JAX, jitted, same dtype — the cost of one Gram matrix plus one
+    eigendecomposition, which float64 LogME cannot beat,
   * a float64 NumPy baseline that follows the reference implementation's steps (SVD of the D×D Gram
     matrix, U = F V / σ, a Python loop over the classes), written here from the paper's math,
 and the first call's extra time (≈ compile). It prints ratios (machines are noisy; ratios of
 timings taken side by side are what to compare) and writes them as JSON.
-Targets on a 2-core CPU at (20000, 2048, 200): LogME ≤ 1.15× the limit in the same dtype, float64
-≥ 2× faster than the NumPy baseline, first-call compile ≤ 3 s.
+
+Agreement checks, built in (non-zero exit when one fails): float64 LogME against the NumPy
+baseline (1e-6 absolute), and float32 LogME against float64 (1e-3 relative, the column
+"f32 vs f64"). `make_task`'s features have Gram condition numbers of ~1e7, where a float32
+eigendecomposition of FᵀF loses the directions that carry the classes.
+Targets on a 2-core CPU at (20000, 2048, 200): float32 LogME ≤ 2× the float32 limit, float64 LogME
+≤ 1.15× the float64 limit, float64 ≥ 2× faster than the NumPy baseline, first-call compile ≤ 3 s.
 """
 
 import argparse
 import json
 import math
 import pathlib
+import sys
 import time
 
 import jax
@@ -33,6 +40,7 @@ from logme_numpy_baseline import numpy_reference_logme  # noqa: E402
 import scoring  # noqa: E402
 
 SIZES = [(2000, 256, 10), (10000, 1024, 100), (20000, 2048, 200)]
+FLOAT32_AGREEMENT = 1e-3  # |score_float32 − score_float64| / |score_float64| must stay below
 
 
 def make_task(n, d, c, seed=0):
@@ -88,6 +96,9 @@ def bench_size(n, d, c, repeats):
         row[f"logme_over_limit_{dtype}"] = warm / row[f"limit_{dtype}_s"]
         row[f"compile_{dtype}_s"] = max(first - warm, 0.0)
         row[f"score_{dtype}"] = float(result.score)
+    row["f32_vs_f64_rel"] = abs(row["score_float32"] - row["score_float64"]) / abs(
+        row["score_float64"]
+    )
     row["numpy_f64_s"] = times["numpy_f64"][1]
     row["numpy_over_logme_float64"] = row["numpy_f64_s"] / row["logme_float64_s"]
     row["score_numpy"] = times["numpy_f64"][2]
@@ -101,18 +112,32 @@ def bench_size(n, d, c, repeats):
 def markdown(rows):
     head = (
         "| N | D | C | f32 LogME s | f32 limit s | **f32 LogME/limit** | f64 LogME s | f64 limit s "
-        "| **f64 LogME/limit** | NumPy f64 s | **NumPy/LogME f64** | compile f32 s | compile f64 s |"
+        "| **f64 LogME/limit** | NumPy f64 s | **NumPy/LogME f64** | compile f32 s | compile f64 s "
+        "| score f64 | **f32 vs f64** |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 15]
     for r in rows:
         lines.append(
             f"| {r['N']} | {r['D']} | {r['C']} | {r['logme_float32_s']:.3f} | {r['limit_float32_s']:.3f} "
             f"| **{r['logme_over_limit_float32']:.2f}×** | {r['logme_float64_s']:.3f} "
             f"| {r['limit_float64_s']:.3f} | **{r['logme_over_limit_float64']:.2f}×** "
             f"| {r['numpy_f64_s']:.3f} | **{r['numpy_over_logme_float64']:.2f}×** "
-            f"| {r['compile_float32_s']:.2f} | {r['compile_float64_s']:.2f} |"
+            f"| {r['compile_float32_s']:.2f} | {r['compile_float64_s']:.2f} "
+            f"| {r['score_float64']:.6f} | **{r['f32_vs_f64_rel']:.1e}** |"
         )
     return "\n".join(lines)
+
+
+def agreement_line(rows) -> tuple[str, bool]:
+    """The float32-vs-float64 verdict over all sizes: (line to print, passed)."""
+    worst = max(r["f32_vs_f64_rel"] for r in rows)
+    passed = worst <= FLOAT32_AGREEMENT
+    verdict = "OK" if passed else "FAILED"
+    line = (
+        f"float32 vs float64 LogME agreement: max relative difference {worst:.1e} "
+        f"(limit {FLOAT32_AGREEMENT:.0e}): {verdict}"
+    )
+    return line, passed
 
 
 def main():
@@ -144,13 +169,19 @@ def main():
         print(f"timing (N, D, C) = ({n}, {d}, {c}) ...", flush=True)
         rows.append(bench_size(n, d, c, args.repeats))
     print(markdown(rows))
+    line, passed = agreement_line(rows)
+    print(line)
     payload = {
         "device": str(jax.devices()[0].device_kind),
         "backend": jax.default_backend(),
+        "float32_agreement_limit": FLOAT32_AGREEMENT,
+        "float32_agreement_ok": passed,
         "rows": rows,
     }
     args.out.write_text(json.dumps(payload, indent=2))
     print(f"wrote {args.out}")
+    if not passed:
+        sys.exit(f"bench_logme: {line}")
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def _state_setup(name: str, overrides: dict, mesh, shard_params: bool, ema: bool
     import jax.numpy as jnp
 
     import jaxmodels
-    from jaxmodels import paths
+    from jaxmodels import paths, sharding
     from training import loop, masks, optim
 
     model = jaxmodels.create(name, num_classes=NUM_CLASSES, **overrides)
@@ -59,19 +59,19 @@ def _state_setup(name: str, overrides: dict, mesh, shard_params: bool, ema: bool
     mask = masks.trainable_mask(variables["params"], "full", masks.head_name_for(name))
     decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
     trainable, _ = masks.split_params(variables["params"], mask)
-    optimizer = optim.make_optimizer(
-        optim.OptimConfig(total_steps=1000, warmup_steps=10),
-        {k: bool(decay[k]) for k in trainable},
-    )
+    config = optim.OptimConfig(total_steps=1000, warmup_steps=10)
+    optimizer = optim.make_optimizer(config, {k: bool(decay[k]) for k in trainable})
+    schedule = optim.schedule_state(config)
     init, variable_shardings, _ = loop.state_initializer(
-        variables, mask, optimizer, ema=ema, mesh=mesh, shard_params=shard_params
+        variables, schedule, mask, optimizer, ema=ema, mesh=mesh, shard_params=shard_params
     )
     placed = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
         variables,
         variable_shardings,
     )
-    return init, placed, model, optimizer
+    schedule = sharding.put(schedule, sharding.replicated_sharding(mesh))
+    return init, placed, schedule, model, optimizer
 
 
 def memory(ema: bool) -> dict:
@@ -83,12 +83,12 @@ def memory(ema: bool) -> dict:
     mesh = sharding.data_mesh(jax.devices("cpu")[:8])
     out = {"model": MEMORY_MODEL, "devices": int(mesh.size), "ema": ema}
     for layout, shard in (("replicated", False), ("sharded", True)):
-        init, placed, _, _ = _state_setup(MEMORY_MODEL, {}, mesh, shard, ema)
+        init, placed, schedule, _, _ = _state_setup(MEMORY_MODEL, {}, mesh, shard, ema)
         start = time.perf_counter()
-        compiled = init.lower(placed).compile()
+        compiled = init.lower(placed, schedule).compile()
         state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            jax.eval_shape(init, placed),
+            jax.eval_shape(init, placed, schedule),
             compiled.output_shardings,
         )
         held = {"trainable": state.trainable, "opt_state": state.opt_state, "ema": state.ema}
@@ -119,21 +119,19 @@ def time_steps(overrides: dict, global_batch: int, steps: int, mesh=None, dtype=
 
     import jaxmodels
     from jaxmodels import sharding
-    from training import optim
     from training import train_step as step_lib
 
     mesh = sharding.data_mesh() if mesh is None else mesh
     name = "vit_tiny" if overrides else MEMORY_MODEL
-    init, placed, model, optimizer = _state_setup(name, overrides, mesh, False, False)
+    init, placed, schedule, model, optimizer = _state_setup(name, overrides, mesh, False, False)
     variables = jax.tree.map(
         lambda a: np.asarray(np.random.default_rng(0).normal(0, 0.02, a.shape), a.dtype), placed
     )
-    state = init(sharding.put(variables, jax.tree.map(lambda a: a.sharding, placed)))
+    state = init(sharding.put(variables, jax.tree.map(lambda a: a.sharding, placed)), schedule)
     step = jax.jit(
         step_lib.make_train_step(
             model.apply, optimizer,
             step_lib.StepConfig(num_classes=NUM_CLASSES, compute_dtype=dtype),
-            optim.make_schedule(optim.OptimConfig(total_steps=1000, warmup_steps=10)),
             jaxmodels.spec_of(model).preprocessing,
         ),
         donate_argnums=0,

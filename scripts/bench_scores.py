@@ -22,6 +22,13 @@ Part 2 times feature extraction alone (`jaxmodels.extract_features`) against the
 the statistics) on random images for a random-init model, and prints the overhead of streamed
 scoring over extraction (target ≤ 5%).
 
+Agreement checks, built in (the script exits non-zero when one fails): every score computed in
+float32 (as timed) against the same score in float64 on the same features, relative difference
+≤ 1e-3 (N-LEEP excepted: its mixture fit by EM from a k-means start is not a continuous function
+of the data, so float32 and float64 may land in different local optima); float32 LogME against
+the reference-style NumPy LogME; and the streamed float32 statistics' LogME and H-score against the
+in-memory float64 scores of the extracted features.
+
 Writes all numbers to --out (JSON).
 """
 
@@ -30,6 +37,7 @@ import json
 import math
 import pathlib
 import statistics
+import sys
 import time
 
 import jax
@@ -44,6 +52,44 @@ from scoring import stats as stats_lib
 FULL = (10000, 1024, 100)
 QUICK = (2000, 256, 20)
 SOURCE_CLASSES = 1000
+AGREEMENT = 1e-3  # largest relative difference float32 vs float64 (and streamed vs in-memory)
+
+
+def score_calls(feats, labels, probs, c):
+    """{name: () -> score} on the given arrays, in their dtype (labels 0..c−1)."""
+    source = np.asarray(probs).argmax(axis=1)
+    return {
+        "logme": lambda: scoring.logme(feats, labels, num_classes=c).score,
+        "hscore": lambda: scoring.hscore(feats, labels, num_classes=c),
+        "regularized_hscore": lambda: scoring.regularized_hscore(feats, labels, num_classes=c),
+        "transrate": lambda: scoring.transrate(feats, labels),
+        "gbc": lambda: scoring.gbc(feats, labels, num_classes=c),
+        "sfda": lambda: scoring.sfda(feats, labels, num_classes=c),
+        "leep": lambda: scoring.leep(probs, labels, num_classes=c),
+        "nce": lambda: scoring.nce(
+            source, labels, num_classes=c, num_source_classes=SOURCE_CLASSES
+        ),
+    }
+
+
+def relative_difference(got, want) -> float:
+    return abs(float(got) - float(want)) / max(abs(float(want)), 1e-30)
+
+
+def check_float32_agreement(n, d, c):
+    """{name: (float32 value, float64 value, relative difference)} on the benchmark's features."""
+    feats, labels, probs = make_task(n, d, c)
+    values32 = {name: float(call()) for name, call in score_calls(feats, labels, probs, c).items()}
+    values32["logme_numpy_reference"] = values32["logme"]
+    with jax.enable_x64(True):
+        f64, p64 = feats.astype(np.float64), probs.astype(np.float64)
+        p64 = p64 / p64.sum(axis=1, keepdims=True)
+        values64 = {name: float(call()) for name, call in score_calls(f64, labels, p64, c).items()}
+    values64["logme_numpy_reference"] = numpy_reference_logme(feats, labels)
+    return {
+        name: (values32[name], values64[name], relative_difference(values32[name], values64[name]))
+        for name in values32
+    }
 
 
 def make_task(n, d, c, seed=0):
@@ -87,19 +133,7 @@ def interleaved(calls, repeats):
 def bench_scores(n, d, c, repeats, with_nleep):
     feats, labels, probs = make_task(n, d, c)
     feats_j, labels_j = jnp.asarray(feats), jnp.asarray(labels)
-    source_j = jnp.asarray(probs.argmax(axis=1))
-    calls = {
-        "logme": lambda: scoring.logme(feats_j, labels_j, num_classes=c).score,
-        "hscore": lambda: scoring.hscore(feats_j, labels_j, num_classes=c),
-        "regularized_hscore": lambda: scoring.regularized_hscore(feats_j, labels_j, num_classes=c),
-        "transrate": lambda: scoring.transrate(feats_j, labels_j),
-        "gbc": lambda: scoring.gbc(feats_j, labels_j, num_classes=c),
-        "sfda": lambda: scoring.sfda(feats_j, labels_j, num_classes=c),
-        "leep": lambda: scoring.leep(probs, labels_j, num_classes=c),
-        "nce": lambda: scoring.nce(
-            source_j, labels_j, num_classes=c, num_source_classes=SOURCE_CLASSES
-        ),
-    }
+    calls = score_calls(feats_j, labels_j, probs, c)
     calls["logme_numpy_reference"] = lambda: numpy_reference_logme(feats, labels)
     rows = interleaved(calls, repeats)
     if with_nleep:
@@ -137,6 +171,12 @@ def bench_stream(model_name, num_images, batch_size, repeats):
 
     times = interleaved({"extract": extract, "stream": streamed}, repeats)
     t_extract, t_stream = times["extract"], times["stream"]
+    # The float32 streamed statistics against float64 in-memory scores of the same features.
+    streamed_logme, streamed_hscore = (float(v) for v in streamed())
+    with jax.enable_x64(True):
+        feats64 = np.asarray(extract(), np.float64)
+        in_memory_logme = float(scoring.logme(feats64, labels, num_classes=10).score)
+        in_memory_hscore = float(scoring.hscore(feats64, labels, num_classes=10))
     return {
         "model": model_name,
         "num_images": num_images,
@@ -144,6 +184,10 @@ def bench_stream(model_name, num_images, batch_size, repeats):
         "extract_seconds": t_extract,
         "stream_and_score_seconds": t_stream,
         "overhead": t_stream / t_extract - 1,
+        "agreement": {
+            "logme": relative_difference(streamed_logme, in_memory_logme),
+            "hscore": relative_difference(streamed_hscore, in_memory_hscore),
+        },
     }
 
 
@@ -185,9 +229,34 @@ def main():
         f"extract {stream['extract_seconds']:.3f} s, stream + LogME + H-score "
         f"{stream['stream_and_score_seconds']:.3f} s: overhead {100 * stream['overhead']:+.1f}%"
     )
-    result = {"size": {"N": n, "D": d, "C": c}, "scores": scores, "stream": stream}
+    agreement = check_float32_agreement(n, d, c)
+    print(f"\n{'score':<22s} {'float32':>14s} {'float64':>14s} {'rel. diff':>10s}")
+    for name, (v32, v64, rel) in agreement.items():
+        print(f"{name:<22s} {v32:14.7g} {v64:14.7g} {rel:10.1e}")
+    worst = [rel for _, _, rel in agreement.values()] + list(stream["agreement"].values())
+    passed = max(worst) <= AGREEMENT
+    line = (
+        f"float32 vs float64 agreement (every score but N-LEEP; streamed vs in-memory "
+        f"LogME {stream['agreement']['logme']:.1e}, H-score {stream['agreement']['hscore']:.1e}): "
+        f"max relative difference {max(worst):.1e} (limit {AGREEMENT:.0e}): "
+        + ("OK" if passed else "FAILED")
+    )
+    print(line)
+    result = {
+        "size": {"N": n, "D": d, "C": c},
+        "scores": scores,
+        "stream": stream,
+        "agreement": {
+            name: {"float32": a, "float64": b, "relative": r}
+            for name, (a, b, r) in agreement.items()
+        },
+        "agreement_limit": AGREEMENT,
+        "agreement_ok": passed,
+    }
     pathlib.Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+    if not passed:
+        sys.exit(f"bench_scores: {line}")
 
 
 if __name__ == "__main__":

@@ -115,6 +115,9 @@ def test_empty_class_changes_nothing(fn):
     )
 
 
-def test_regularized_hscore_rejects_constant_features():
+def test_regularized_hscore_rejects_constant_features_and_two_samples():
     with pytest.raises(ValueError, match="must not be constant"):
         scoring.regularized_hscore(np.ones((10, 3)), np.arange(10) % 2)
+    # With N = 2 the Ledoit–Wolf shrinkage is always 0 and the covariance has rank 1.
+    with pytest.raises(ValueError, match="features needs at least 3 samples"):
+        scoring.regularized_hscore(np.array([[0.0, 1.0], [2.0, 5.0]]), np.array([0, 1]))

@@ -13,7 +13,7 @@ import pytest
 from tiny_classifier import random_variables
 
 import jaxmodels
-from jaxmodels import inference, pipeline
+from jaxmodels import jit_cache, pipeline
 
 N = 37  # divisible neither by the batch (16) nor by the 8 devices
 NUM_CLASSES = 3
@@ -70,7 +70,7 @@ def test_a_prepared_set_evaluates_new_weights_without_recompiling(task):
                                  batch_size=16, progress=False)  # fmt: skip
     jaxmodels.evaluate(task["model"], task["variables"], prepared)
     jaxmodels.predict(task["model"], task["variables"], prepared)
-    compiled = len(inference._STEP_CACHE)
+    compiled = jit_cache.size()
     results = set()
     for seed in range(4, 8):
         other = random_variables(task["model"], seed=seed)
@@ -78,7 +78,7 @@ def test_a_prepared_set_evaluates_new_weights_without_recompiling(task):
         direct = jaxmodels.predict(task["model"], other, prepared)
         assert np.isfinite(direct).all()
     assert len(results) == 4  # each candidate is really evaluated
-    assert len(inference._STEP_CACHE) == compiled  # and nothing new was built
+    assert jit_cache.size() == compiled  # and nothing new was built
 
 
 class PixelProbe(nn.Module):

@@ -26,12 +26,13 @@ def test_optimizer_state_has_entries_for_trainable_leaves_only(mode):
     trainable, frozen = masks.split_params(params, mask)
     decay = paths.flatten(masks.weight_decay_mask(params))
     _, opt_state = optim.init_optimizer(optim.OptimConfig(total_steps=10), trainable, decay)
-    assert _state_param_keys(opt_state) == set(trainable)
+    # the learning rate lives in the state too (set each step from the schedule)
+    assert _state_param_keys(opt_state) == set(trainable) | {"learning_rate"}
     assert not _state_param_keys(opt_state) & set(frozen)
     # Adam's two moments, one per trainable scalar, plus scalar counts
     moment_scalars = 2 * masks.count_params(trainable)
     count_scalars = sum(x.size for x in jax.tree.leaves(opt_state)) - moment_scalars
-    assert 0 < count_scalars <= 4
+    assert 0 < count_scalars <= 5
 
 
 def test_schedule_is_linear_warmup_then_cosine():
@@ -105,3 +106,28 @@ def test_tree_bytes_counts_array_bytes():
         optim.tree_bytes({"a": jnp.zeros((2, 3), jnp.float32), "b": jnp.zeros(4, jnp.bfloat16)})
         == 32
     )
+
+
+def test_a_sweep_shares_one_compiled_step():
+    # rates and lengths are data in the state, so two configs trace to the same program
+    from tiny_classifier import init_tiny
+
+    from training import train_step as step_lib
+
+    model, variables = init_tiny(num_classes=3)
+    mask = masks.trainable_mask(variables["params"], "full")
+    trainable, _ = masks.split_params(variables["params"], mask)
+    decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
+    texts = []
+    for lr, steps in ((0.1, 10), (0.003, 37)):
+        config = optim.OptimConfig(learning_rate=lr, total_steps=steps, warmup_steps=2)
+        optimizer, _ = optim.init_optimizer(config, trainable, decay)
+        state = step_lib.init_train_state(variables, mask, optimizer,
+                                          schedule=optim.schedule_state(config))  # fmt: skip
+        step = step_lib.make_train_step(model.apply, optimizer,
+                                        step_lib.StepConfig(num_classes=3))  # fmt: skip
+        batch = {"image": jnp.zeros((4, 8, 8, 3)), "label": jnp.zeros(4, jnp.int32)}
+        texts.append(jax.jit(step).lower(state, batch, jax.random.key(0)).as_text())
+        _, metrics = jax.jit(step)(state.replace(step=jnp.asarray(3)), batch, jax.random.key(0))
+        assert float(metrics["lr"]) == pytest.approx(float(optim.make_schedule(config)(3)))
+    assert texts[0] == texts[1]

@@ -50,3 +50,17 @@ def test_rejects_bad_inputs():
         scoring.top1_regret([1, 2], [[1, 2]])
     with pytest.raises(TypeError, match="scores must be a 1-D sequence of numbers"):
         scoring.weighted_kendall_tau(["a", "b"], [1, 2])
+
+
+@pytest.mark.parametrize(
+    "fn", [scoring.weighted_kendall_tau, scoring.kendall_tau, scoring.spearman_rho]
+)
+def test_all_tied_scores_or_accuracies_are_an_error_not_nan(fn):
+    with pytest.raises(ValueError, match="scores are all equal"):
+        fn([0.5, 0.5, 0.5], [0.1, 0.2, 0.3])
+    with pytest.raises(ValueError, match="accuracies are all equal"):
+        fn([0.1, 0.2, 0.3], [0.9, 0.9, 0.9])
+    # Partial ties are ranks with ties, which τ-b and ρ handle.
+    assert np.isfinite(fn([0.5, 0.5, 0.7], [0.1, 0.2, 0.3]))
+    # The regret needs no ranking: a tie picks the first model.
+    assert scoring.top1_regret([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]) == pytest.approx(0.2)

@@ -69,6 +69,7 @@ def test_matches_scipy_in_float64(mode, separation):
         np.testing.assert_allclose(float(got), numpy_sfda(feats, labels), rtol=1e-9)
 
 
+@pytest.mark.filterwarnings("ignore::scoring.inputs.LabelWarning")  # labels not 0..C−1 on purpose
 def test_small_variance_features_use_real_shrinkage_and_float32_close():
     # Small within-class spread makes σ_max small, so λ = exp(−5σ) is far from its 1e-10 floor.
     rng = np.random.default_rng(1)
@@ -87,6 +88,31 @@ def test_separated_classes_score_higher_than_overlapping():
     separated = float(scoring.sfda(far, labels))
     overlapping = float(scoring.sfda(near, labels))
     assert 0 < overlapping < separated <= 1
+
+
+@pytest.mark.parametrize(("scale", "separation"), [(1.0, 0.3), (0.05, 0.1)])
+def test_float32_with_fewer_samples_than_dimensions(scale, separation):
+    # N < D: S_w is singular. At unit scale λ = 1e-10 (σ_max is large), so S̃_w's small
+    # eigenvalues (~1e-10) lie below float32's rounding of a formed S_w, where a Cholesky
+    # factorisation failed; the eigenbasis from singular values resolves them. At scale 0.05
+    # the shrinkage is real (λ ≈ 0.9) and the classes overlap (SFDA ≈ 0.9, not saturated), so
+    # the part of the class means outside span(S_w), divided by λ·tr S_w / D, counts.
+    rng = np.random.default_rng(5)
+    labels = np.arange(40) % 4
+    feats = scale * (rng.normal(size=(40, 100)) + separation * rng.normal(size=(4, 100))[labels])
+    with jax.enable_x64(True):
+        ref = numpy_sfda(feats, labels)
+        np.testing.assert_allclose(float(scoring.sfda(feats, labels)), ref, rtol=1e-9)
+    np.testing.assert_allclose(
+        float(scoring.sfda(feats.astype(np.float32), labels)), ref, rtol=1e-5
+    )
+
+
+def test_collapsed_classes_are_the_zero_covariance_error():
+    labels = np.arange(12) % 3
+    centers = np.random.default_rng(0).normal(size=(3, 5))
+    with pytest.raises(ValueError, match="within-class covariance is zero"):
+        scoring.sfda(centers[labels], labels)
 
 
 def test_rejects_constant_features_and_bad_labels():

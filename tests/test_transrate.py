@@ -21,6 +21,7 @@ def numpy_transrate(f, y, eps=1e-4):
     )
 
 
+@pytest.mark.filterwarnings("ignore::scoring.inputs.LabelWarning")  # labels not 0..C−1 on purpose
 @pytest.mark.parametrize(
     ("n", "d", "classes"),
     [(200, 12, [0, 1, 2]), (30, 50, [1, 4, 9]), (90, 20, [0, 1, 2, 3, 4])],

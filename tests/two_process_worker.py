@@ -24,18 +24,12 @@ START = time.perf_counter()
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from jaxmodels import distributed  # noqa: E402
-
-distributed.initialize()
-
 import jax  # noqa: E402
-
-jax.config.update("jax_compilation_cache_dir", os.path.join(sys.argv[1], "xla-cache"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
 import jaxmodels  # noqa: E402
+from jaxmodels import distributed  # noqa: E402
 
 INFERENCE_BATCH = 16
 FINETUNE_ARGS = [
@@ -140,5 +134,8 @@ def main(out: pathlib.Path, data: pathlib.Path) -> None:
     (out / f"p{index}.json").write_text(json.dumps(report, indent=2))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # (the test imports this file for its helpers: no side effects)
+    distributed.initialize()  # before any array exists
+    jax.config.update("jax_compilation_cache_dir", os.path.join(sys.argv[1], "xla-cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     main(pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]))

@@ -87,9 +87,7 @@ def save(manager, state, identity: Mapping, wait: bool = False) -> None:
         manager.wait_until_finished()
 
 
-def restore_latest(
-    manager, target_state, identity: Mapping, log: Callable[[str], None] = print
-):
+def restore_latest(manager, target_state, identity: Mapping, log: Callable[[str], None] = print):
     """Restores the newest readable checkpoint into the structure/sharding of ``target_state``.
 
     Every process calls this; they agree on which checkpoint is readable (a step one process

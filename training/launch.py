@@ -28,6 +28,7 @@ import time
 from jaxmodels import distributed
 
 STOP_GRACE_S = 5.0
+TIMEOUT_EXIT_CODE = 124  # as coreutils' timeout
 
 
 def free_port() -> int:
@@ -79,13 +80,24 @@ def _stop(children: list[subprocess.Popen]) -> None:
             time.sleep(0.05)
 
 
-def launch(command: list[str], processes: int, devices_per_process: int) -> int:
+def launch(
+    command: list[str], processes: int, devices_per_process: int, timeout_s: float | None = None
+) -> int:
     """Runs ``python *command`` as `processes` joined processes; returns the run's exit status.
+
+    Args:
+      command: what follows ``python``: ``[SCRIPT, *ARGS]``, ``["-m", MODULE, ...]`` or
+        ``["-c", CODE]``.
+      processes: P, processes joined at ``localhost:PORT`` (1: a plain run).
+      devices_per_process: D, fake CPU devices of each.
+      timeout_s: stop every process after this many seconds (a hang — a collective one process
+        never reached — then fails instead of blocking); ``None`` waits forever.
 
     Returns:
       0 when every process succeeds, else the status of the first process that failed (128 + N
-      for a process killed by signal N).
+      for a process killed by signal N), or `TIMEOUT_EXIT_CODE` when `timeout_s` ran out.
     """
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     port = free_port()
     children, relays = [], []
     for i in range(processes):
@@ -103,12 +115,18 @@ def launch(command: list[str], processes: int, devices_per_process: int) -> int:
             relays.append(relay)
     status = 0
     try:
-        while status == 0 and any(c.poll() is None for c in children):
+        # poll every child each round (a short-circuiting any() would leave a dead child's
+        # returncode unread behind a live one)
+        while status == 0 and [c.poll() for c in children].count(None):
             failed = [(i, c.returncode) for i, c in enumerate(children) if c.returncode]
             if failed:
                 i, code = failed[0]
                 status = code if code > 0 else 128 - code
                 print(f"[launch] process {i} exited with status {status}; stopping the others",
+                      file=sys.stderr, flush=True)  # fmt: skip
+            elif deadline is not None and time.monotonic() > deadline:
+                status = TIMEOUT_EXIT_CODE
+                print(f"[launch] still running after {timeout_s:g} s; stopping every process",
                       file=sys.stderr, flush=True)  # fmt: skip
             time.sleep(0.05)
         if status == 0:
@@ -136,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--devices-per-process", type=int, default=4, help="D, CPU devices each (default 4)"
     )
+    parser.add_argument(
+        "--timeout", type=float, help="stop every process after this many seconds (exit 124)"
+    )
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- SCRIPT ARGS…")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -146,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
             f"--processes and --devices-per-process must be ≥ 1; got {args.processes} and "
             f"{args.devices_per_process}"
         )
-    return launch(command, args.processes, args.devices_per_process)
+    if args.timeout is not None and not args.timeout > 0:
+        parser.error(f"--timeout must be > 0 seconds; got {args.timeout}")
+    return launch(command, args.processes, args.devices_per_process, args.timeout)
 
 
 if __name__ == "__main__":

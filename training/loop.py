@@ -28,11 +28,10 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 import jaxmodels
-from jaxmodels import paths, pipeline, sharding
+from jaxmodels import jit_cache, paths, pipeline, sharding
 from training import checkpoints, masks, optim
 from training import train_step as step_lib
 
@@ -215,11 +214,23 @@ def fit(
     optimizer = optim.make_optimizer(optim_config, {k: bool(decay_mask[k]) for k in trainable})
 
     replicated = sharding.replicated_sharding(mesh)
-    init, variable_shardings, state_shardings = state_initializer(
-        variables, trainable_mask, optimizer, ema=step_config.ema_decay is not None, mesh=mesh,
-        shard_params=config.shard_params,
+    ema = step_config.ema_decay is not None
+    schedule = optim.schedule_state(optim_config)
+    decay_trainable = {k: bool(decay_mask[k]) for k in trainable}
+    # one compiled initialiser and one compiled step per (model, optimizer shape, step options,
+    # preprocessing, mesh, placement): the runs of a sweep differ in rates, seeds and lengths
+    # only, which both read as data
+    key_fields = (model, config.mode, config.head_name,
+                  optim.compile_key(optim_config, decay_trainable), step_config, augment.prep,
+                  mesh, config.shard_params)  # fmt: skip
+    init, variable_shardings, state_shardings = jit_cache.cached(
+        ("train_state_init", *key_fields),
+        lambda: state_initializer(
+            variables, schedule, trainable_mask, optimizer, ema=ema, mesh=mesh,
+            shard_params=config.shard_params,
+        ),
     )  # fmt: skip
-    state = init(sharding.put(variables, variable_shardings))
+    state = init(sharding.put(variables, variable_shardings), sharding.put(schedule, replicated))
     run_id = checkpoints.run_identity(
         state,
         **{
@@ -245,14 +256,16 @@ def fit(
     metrics_log = _MetricsLog(config.log_path)
     evals = metrics_log.resume(resumed_from)
 
-    schedule = optim.make_schedule(optim_config)
-    train_fn = jax.jit(
-        step_lib.make_train_step(
-            model.apply, optimizer, step_config, schedule, augment.prep,
-            grad_shardings=state_shardings.trainable if config.shard_params else None,
+    train_fn = jit_cache.cached(
+        ("train_step", *key_fields),
+        lambda: jax.jit(
+            step_lib.make_train_step(
+                model.apply, optimizer, step_config, augment.prep,
+                grad_shardings=state_shardings.trainable if config.shard_params else None,
+            ),
+            out_shardings=(state_shardings, replicated),
+            donate_argnums=0,
         ),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
     )  # fmt: skip
     prepared = None
     if eval_data is not None:
@@ -313,32 +326,42 @@ def fit(
     return FitResult(state, evals, metrics, step == total, resumed_from)
 
 
-def state_initializer(variables, trainable_mask, optimizer, *, ema: bool, mesh, shard_params):
+def state_initializer(
+    variables, schedule, trainable_mask, optimizer, *, ema: bool, mesh, shard_params: bool
+):
     """How the step-0 `TrainState` is built: one jit straight into its shardings on `mesh`.
 
     Args:
         variables: the model's variables (arrays or `jax.ShapeDtypeStruct`s: only shapes are
             read here).
+        schedule: `optim.schedule_state(...)` (or its shapes).
         trainable_mask: from `training.masks.trainable_mask`.
-        optimizer: the optax transformation over the trainable flat dict.
+        optimizer: `optim.make_optimizer` over the trainable flat dict.
         ema: keep an EMA of the trainable leaves.
         mesh: the data mesh.
         shard_params: fully shard every leaf (`sharding.param_shardings`), else replicate.
 
     Returns:
-        ``(init, variable_shardings, state_shardings)``: ``init`` is jitted with
-        ``out_shardings=state_shardings``; give it the variables placed with
+        ``(init, variable_shardings, state_shardings)``: ``init(variables, schedule)`` is jitted
+        with ``out_shardings=state_shardings``; give it the variables placed with
         ``sharding.put(variables, variable_shardings)`` (each device then receives only its
-        shard of them, never a full copy first).
+        shard of them, never a full copy first) and the schedule replicated. The rates are data,
+        so one compiled ``init`` serves every run of a sweep.
     """
 
-    def init(variables):
+    def init(variables, schedule):
         # copies: an output that is an unchanged input would be handed back as the input's
         # buffer, which the train step then donates (the caller's variables must survive)
         variables = jax.tree.map(jnp.copy, variables)
-        return step_lib.init_train_state(variables, trainable_mask, optimizer, ema=ema)
+        state = step_lib.init_train_state(
+            variables, trainable_mask, optimizer, ema=ema, schedule=schedule
+        )
+        # the optimizer's starting rate is the run's peak (as `make_optimizer` builds it), read
+        # from data rather than from the first run that compiled this function
+        opt_state = optim.with_learning_rate(state.opt_state, schedule["peak_lr"])
+        return state.replace(opt_state=opt_state)
 
-    abstract = jax.eval_shape(init, variables)
+    abstract = jax.eval_shape(init, variables, schedule)
     state_shardings = sharding.param_shardings(abstract, mesh, shard=shard_params)
     variable_shardings = sharding.param_shardings(variables, mesh, shard=shard_params)
     return jax.jit(init, out_shardings=state_shardings), variable_shardings, state_shardings

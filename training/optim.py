@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -60,24 +61,53 @@ class OptimConfig:
             raise ValueError(f"clip_norm must be > 0 or None; got {self.clip_norm}")
 
 
-def make_schedule(config: OptimConfig) -> optax.Schedule:
-    """Linear warmup from 0 to the peak, then cosine decay to ``peak * end_lr_ratio``."""
-    if config.warmup_steps == config.total_steps:  # all warmup: optax's cosine needs >= 1 step
-        return optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=config.learning_rate,
-        warmup_steps=config.warmup_steps,
-        # optax counts decay_steps from 0, warmup included
-        decay_steps=config.total_steps,
-        end_value=config.learning_rate * config.end_lr_ratio,
-    )
+def schedule_state(config: OptimConfig) -> dict[str, jax.Array]:
+    """The learning-rate schedule as data: peak and final rates, warmup and total steps.
+
+    A train state carries this dict and `learning_rate` reads it inside the step, so the compiled
+    step does not depend on the rates or the run's length: every run of a sweep (learning rates,
+    seeds, epochs) reuses one compilation.
+    """
+    return {
+        "peak_lr": jnp.asarray(config.learning_rate, jnp.float32),
+        "end_lr": jnp.asarray(config.learning_rate * config.end_lr_ratio, jnp.float32),
+        "warmup_steps": jnp.asarray(config.warmup_steps, jnp.int32),
+        "total_steps": jnp.asarray(config.total_steps, jnp.int32),
+    }
+
+
+def learning_rate(step, schedule: Mapping[str, jax.Array]) -> jax.Array:
+    """Linear warmup from 0 to the peak, then cosine decay to the end rate; float32 scalar.
+
+    Args:
+        step: the optimizer step (0-based; the rate used by the update that makes step + 1).
+        schedule: from `schedule_state`.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    peak, end = schedule["peak_lr"], schedule["end_lr"]
+    warmup = schedule["warmup_steps"].astype(jnp.float32)
+    decay = (schedule["total_steps"] - schedule["warmup_steps"]).astype(jnp.float32)
+    ramp = peak * step / jnp.maximum(warmup, 1.0)
+    progress = jnp.clip((step - warmup) / jnp.maximum(decay, 1.0), 0.0, 1.0)
+    cosine = end + (peak - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    # all-warmup schedules (decay == 0) keep ramping to the peak at the last step
+    return jnp.where((step < warmup) | (decay == 0), jnp.minimum(ramp, peak), cosine)
+
+
+def make_schedule(config: OptimConfig):
+    """``step -> learning rate`` of `config` (warmup, then cosine), for logging and plots."""
+    state = schedule_state(config)
+    return lambda step: learning_rate(step, state)
 
 
 def make_optimizer(
     config: OptimConfig, decay_mask: Mapping[str, bool]
 ) -> optax.GradientTransformation:
-    """AdamW + schedule + clipping for a flat trainable dict.
+    """Clipping + AdamW for a flat trainable dict, with its learning rate held in its state.
+
+    The rate starts at ``config.learning_rate``; the train step sets each step's scheduled rate
+    with `with_learning_rate` (optax's ``inject_hyperparams``), so the compiled update does not
+    depend on it.
 
     Args:
         config: hyper-parameters.
@@ -87,19 +117,35 @@ def make_optimizer(
     Returns:
         An optax transformation; ``init`` it with the trainable flat dict only.
     """
-    transforms = []
-    if config.clip_norm is not None:
-        transforms.append(optax.clip_by_global_norm(config.clip_norm))
-    transforms.append(
-        optax.adamw(
-            learning_rate=make_schedule(config),
-            b1=config.b1,
-            b2=config.b2,
-            weight_decay=config.weight_decay,
-            mask=dict(decay_mask),
+
+    def chain(learning_rate):
+        transforms = []
+        if config.clip_norm is not None:
+            transforms.append(optax.clip_by_global_norm(config.clip_norm))
+        transforms.append(
+            optax.adamw(
+                learning_rate=learning_rate,
+                b1=config.b1,
+                b2=config.b2,
+                weight_decay=config.weight_decay,
+                mask=dict(decay_mask),
+            )
         )
-    )
-    return optax.chain(*transforms)
+        return optax.chain(*transforms)
+
+    return optax.inject_hyperparams(chain)(learning_rate=config.learning_rate)
+
+
+def with_learning_rate(opt_state, rate: jax.Array):
+    """The optimizer state of `make_optimizer` with its learning rate set to `rate`."""
+    hyperparams = {**opt_state.hyperparams, "learning_rate": jnp.asarray(rate, jnp.float32)}
+    return opt_state._replace(hyperparams=hyperparams)
+
+
+def compile_key(config: OptimConfig, decay_mask: Mapping[str, bool]) -> tuple:
+    """What the compiled update depends on: everything but the schedule's rates and length."""
+    return (config.b1, config.b2, config.weight_decay, config.clip_norm,
+            tuple(sorted(decay_mask.items())))  # fmt: skip
 
 
 def init_optimizer(

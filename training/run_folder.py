@@ -203,3 +203,32 @@ def _load_one(folder: pathlib.Path) -> Run:
     info = {**{k: v for k, v in meta.items() if k not in ("info", "format")}, **meta["info"]}
     config = RunConfig.from_json({**result["config"], "out_dir": str(folder)})
     return Run(folder, model, variables, config, result, info)
+
+
+def trained_variables(folder: str | os.PathLike):
+    """The variables a finished run trained, as its last checkpoint holds them: SSF unfolded
+    (with the SSF module), the EMA weights when EMA was on. `load_run` gives the deployed
+    (folded) model; comparing the two checks the fold end to end.
+
+    Returns:
+      ``(model, variables)``.
+
+    Raises:
+      RunError: not a finished run, or no checkpoint.
+    """
+    import orbax.checkpoint as ocp
+
+    from jaxmodels import paths
+
+    run = _load_one(pathlib.Path(folder))
+    steps = [int(p.name) for p in (run.folder / CHECKPOINT_DIR).glob("*") if p.name.isdigit()]
+    if not steps:
+        raise RunError(f"run {str(run.folder)!r} has no checkpoint")
+    state = ocp.StandardCheckpointer().restore(
+        run.folder / CHECKPOINT_DIR / str(max(steps)) / "state"
+    )
+    trained = state["ema"] or state["trainable"]
+    variables = {"params": paths.unflatten({**state["frozen"], **trained})}
+    if state["batch_stats"]:
+        variables["batch_stats"] = state["batch_stats"]
+    return run.model.clone(ssf=bool(run.info.get("ssf_folded"))), variables

@@ -26,7 +26,7 @@ import optax
 from flax import struct
 
 from jaxmodels import preprocess
-from training import masks
+from training import masks, optim
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -42,6 +42,8 @@ class TrainState:
         batch_stats: the model's BatchNorm running statistics (``{}`` for models without).
         opt_state: optimizer state over ``trainable`` only.
         ema: flat EMA of ``trainable`` (``{}`` when EMA is off).
+        schedule: the learning-rate schedule as data (`optim.schedule_state`), or ``{}`` for the
+            optimizer's constant rate.
     """
 
     step: jax.Array
@@ -50,6 +52,7 @@ class TrainState:
     batch_stats: dict
     opt_state: Any
     ema: dict
+    schedule: dict
 
     def params(self, use_ema: bool = False) -> dict:
         """Nested params for ``model.apply`` (the EMA weights when ``use_ema`` and EMA is on)."""
@@ -105,6 +108,7 @@ def init_train_state(
     mask: dict,
     optimizer: optax.GradientTransformation,
     ema: bool = False,
+    schedule: dict | None = None,
 ) -> TrainState:
     """Splits ``variables`` by ``mask`` and initialises the optimizer over the trainable part.
 
@@ -113,6 +117,7 @@ def init_train_state(
         mask: boolean pytree over ``variables["params"]`` (from ``masks.trainable_mask``).
         optimizer: built over the trainable flat dict (``optim.make_optimizer``).
         ema: keep an EMA copy of the trainable leaves.
+        schedule: `optim.schedule_state(config)`; None keeps the optimizer's constant rate.
 
     Returns:
         The initial :class:`TrainState` (step 0).
@@ -126,6 +131,7 @@ def init_train_state(
         opt_state=optimizer.init(trainable),
         # a copy, not the same buffers: the train step donates its state
         ema=jax.tree.map(jnp.copy, trainable) if ema else {},
+        schedule=dict(schedule or {}),
     )
 
 
@@ -186,7 +192,6 @@ def make_train_step(
     apply_fn: Callable,
     optimizer: optax.GradientTransformation,
     config: StepConfig,
-    schedule: optax.Schedule | None = None,
     preprocessing: preprocess.Preprocessing | None = None,
     grad_shardings: dict | None = None,
 ) -> Callable:
@@ -196,7 +201,6 @@ def make_train_step(
         apply_fn: ``model.apply`` of a Flax Linen module taking ``(variables, images, train=)``.
         optimizer: the same transformation the state's ``opt_state`` was made with.
         config: step options.
-        schedule: learning-rate schedule, only to log the rate used.
         preprocessing: normalises uint8 batches on the device (``preprocess.normalize``), as the
             data pipelines deliver them; float batches are taken as already normalised.
         grad_shardings: ``{path: Sharding}`` over the trainable leaves: the gradients are
@@ -250,7 +254,11 @@ def make_train_step(
         )
         if grad_shardings is not None:
             grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        opt_state = state.opt_state
+        if state.schedule:  # this step's rate, read from the state: the compiled step is
+            rate = optim.learning_rate(state.step, state.schedule)  # the same for any schedule
+            opt_state = optim.with_learning_rate(opt_state, rate)
+        updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         ema = state.ema
         if config.ema_decay is not None:
@@ -261,8 +269,8 @@ def make_train_step(
             "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels_B),
             "grad_norm": optax.tree.norm(grads),
         }
-        if schedule is not None:
-            metrics["lr"] = schedule(state.step)
+        if state.schedule:
+            metrics["lr"] = rate
         new_state = state.replace(
             step=state.step + 1,
             trainable=trainable,
