@@ -358,7 +358,7 @@ def _read_orbax(path: pathlib.Path, name: str):
         directory = path / _VARIABLES_DIR
     try:
         with quiet_orbax():
-            tree = _restore_as_numpy(directory.absolute())
+            tree = restore_as_numpy(directory.absolute())
     except Exception as err:  # orbax/tensorstore raise many kinds for broken files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"checkpoint {str(path)!r} cannot be read ({reason[:300]})") from None
@@ -366,8 +366,8 @@ def _read_orbax(path: pathlib.Path, name: str):
     return flat, {k: k for k in flat}, [], defaults
 
 
-def _restore_as_numpy(directory: pathlib.Path):
-    """The orbax checkpoint's pytree as NumPy arrays, whoever wrote it.
+def restore_as_numpy(directory: pathlib.Path):
+    """The pytree of an orbax checkpoint directory as NumPy arrays, whoever wrote it.
 
     Restoring without a target would rebuild each array with the sharding it was saved from:
     device ids that may not exist here, or (multi-process) arrays no process can read whole.

@@ -15,7 +15,9 @@
    the fraction of the device's matmul rate it reaches (XLA's FLOP count of the compiled step /
    step time / the rate of a large bfloat16 matmul timed on the same device).
 
-Prints one JSON object (and writes it to --json).
+Prints one JSON object on stdout (and writes it to --out), then a line on stderr: "memory check: OK",
+or what disagrees (exit status 1) — the bytes from the shardings against XLA's, or a sharded share
+above 1.05/n.
 
 Examples:
     python scripts/bench_scale.py                 # all parts; 20 timed steps each
@@ -24,6 +26,7 @@ Examples:
 """
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -112,6 +115,22 @@ def memory(ema: bool) -> dict:
     return out
 
 
+def memory_problems(memory: dict) -> list[str]:
+    """Disagreements of part 1 with XLA's memory analysis or with the 1/n the sharding promises."""
+    problems = []
+    for layout in ("replicated", "sharded"):
+        ours = memory[layout]["whole_state_bytes_per_device"]
+        xla = memory[layout]["xla_output_bytes_per_device"]
+        if xla is not None and abs(xla - ours) > 1e-3 * ours:
+            problems.append(f"{layout}: {ours} bytes from the shardings, {xla} from XLA")
+    if memory["sharded_over_replicated"] > 1.05 / memory["devices"]:
+        problems.append(
+            f"sharded holds {memory['sharded_over_replicated']:.4f} of replicated, "
+            f"not about 1/{memory['devices']}"
+        )
+    return problems
+
+
 def time_steps(overrides: dict, global_batch: int, steps: int, mesh=None, dtype="float32") -> dict:
     """Median time of the full fine-tuning train step (every process calls this together)."""
     import jax
@@ -190,7 +209,8 @@ def steps_part(args) -> dict:
             target = os.path.join(tmp, f"{label}.json")
             command = [__file__, "--worker", target, "--batch-size", str(args.batch_size),
                        "--steps", str(args.steps)] + (["--quick"] if args.quick else [])  # fmt: skip
-            status = launch.launch(command, processes, devices)
+            with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON result alone
+                status = launch.launch(command, processes, devices)
             if status != 0:
                 raise SystemExit(f"bench_scale.py: the {label} run failed with status {status}")
             out[label] = json.loads(pathlib.Path(target).read_text())
@@ -246,7 +266,7 @@ def main(argv=None) -> int:
     parser.add_argument("--gpu-batch-size", type=int, default=64, help="batch of part 3")
     parser.add_argument("--ema", action="store_true", help="count an EMA copy in part 1")
     parser.add_argument("--skip-steps", action="store_true", help="skip part 2")
-    parser.add_argument("--json", help="also write the result here")
+    parser.add_argument("--out", help="also write the JSON result here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # part 2's processes
     args = parser.parse_args(argv)
     args.steps = args.steps or (5 if args.quick else 20)
@@ -262,9 +282,11 @@ def main(argv=None) -> int:
     result["gpu"] = gpu_part(args)
     text = json.dumps(result, indent=2)
     print(text)
-    if args.json:
-        pathlib.Path(args.json).write_text(text + "\n")
-    return 0
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+    problems = memory_problems(result["memory"])
+    print(f"memory check: {'; '.join(problems) or 'OK'}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

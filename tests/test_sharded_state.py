@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec
 
 import jaxmodels
 from jaxmodels import sharding
+from jaxmodels.load import restore_as_numpy
 from training import loop, optim
 from training import train_step as step_lib
 
@@ -77,7 +78,7 @@ def runs(tmp_path_factory):
     return {
         "replicated": replicated, "replicated_losses": replicated_losses,
         "sharded": sharded, "sharded_losses": sharded_losses,
-        "to_replicated": to_replicated, "to_sharded": to_sharded,
+        "to_replicated": to_replicated, "to_sharded": to_sharded, "tmp": tmp,
     }  # fmt: skip
 
 
@@ -181,3 +182,16 @@ def test_param_shardings_follow_shapes_for_arrays_and_abstract_trees():
     np.testing.assert_array_equal(sharding.host_copy(placed)["w"], w)
     with pytest.raises(ValueError, match="mesh must have an axis named 'data'"):
         sharding.param_shardings(tree, jax.sharding.Mesh(np.asarray(jax.devices()), ("model",)))
+
+
+def test_a_sharded_runs_checkpoint_reads_back_whole_as_numpy(runs):
+    """What `jaxmodels.load` and `run_folder.trained_variables` read: the final checkpoint of the
+    run resumed sharded (written shard by shard) holds the whole arrays the state holds."""
+    state = runs["to_sharded"].state
+    saved = restore_as_numpy(runs["tmp"] / "b" / "8" / "state")
+    assert int(saved["step"]) == 8
+    want = sharding.host_copy(state.trainable)
+    assert set(saved["trainable"]) == set(want)
+    for key, value in want.items():
+        assert isinstance(saved["trainable"][key], np.ndarray)
+        np.testing.assert_array_equal(saved["trainable"][key], value, err_msg=key)
