@@ -22,7 +22,7 @@ from jaxmodels.data import (
     open_source,
 )
 from jaxmodels.features import extract_features, stream_reduce
-from jaxmodels.inference import EvalResult, Prepared, evaluate, predict, prepare
+from jaxmodels.inference import EvalResult, Prepared, evaluate, evaluate_logits, predict, prepare
 from jaxmodels.load import content_digest, load, model_info, save
 from jaxmodels.model_refs import BuiltModel, ModelRef, ModelRefError, build, parse_model_ref
 from jaxmodels.pipeline import Augment, eval_dataset, train_dataset
@@ -57,6 +57,7 @@ __all__ = [
     "data",
     "eval_dataset",
     "evaluate",
+    "evaluate_logits",
     "extract_features",
     "fit_cascade",
     "load",

@@ -324,27 +324,53 @@ def evaluate(
     if prepared.num_examples and (prepared.labels < 0).any():
         raise ValueError("evaluate needs labelled data; some examples have no label")
     variables = sharding.replicate(_cast_floating(variables, dtype), prepared.mesh)
-    if not prepared.on_host:
-        sums = _whole_set_sums(step, prepared.mesh)(
-            variables, prepared.images, prepared.labels_TB, prepared.valid
-        )
-        correct, loss_sum, classes = (float(x) for x in _host_scalars(sums))
-    else:
+    if prepared.on_host:
         logits_NK = predict(model, variables, prepared, dtype=dtype, progress=progress)
-        labels = prepared.labels
-        classes = logits_NK.shape[1]
-        correct = float(np.sum(np.argmax(logits_NK, 1) == labels))
-        loss_sum = float(
-            optax.softmax_cross_entropy_with_integer_labels(
-                jnp.asarray(logits_NK), jnp.asarray(np.clip(labels, 0, classes - 1))
-            ).sum()
-        )
-    if prepared.num_examples and prepared.labels.max() >= classes:
-        raise ValueError(
-            f"labels reach {int(prepared.labels.max())} but the model has {int(classes)} classes"
-        )
+        return evaluate_logits(logits_NK, prepared.labels)
+    sums = _whole_set_sums(step, prepared.mesh)(
+        variables, prepared.images, prepared.labels_TB, prepared.valid
+    )
+    correct, loss_sum, classes = (float(x) for x in _host_scalars(sums))
+    _check_labels_within(prepared.labels, int(classes))
     count = prepared.num_examples
     return EvalResult(correct / max(count, 1), loss_sum / max(count, 1), count)
+
+
+def evaluate_logits(logits_NK, labels_N) -> EvalResult:
+    """Accuracy, mean cross-entropy and count of logits already computed (e.g. by `predict`).
+
+    What `evaluate` computes from a model's logits, for logits in hand: an ensemble's averaged
+    logits, or one model's logits kept for something else too.
+
+    Args:
+      logits_NK: float [N, K].
+      labels_N: int [N] in [0, K).
+
+    Raises:
+      ValueError: shapes that do not match, or labels outside [0, K).
+    """
+    logits_NK, labels_N = np.asarray(logits_NK), np.asarray(labels_N)
+    if logits_NK.ndim != 2 or labels_N.shape != logits_NK.shape[:1]:
+        raise ValueError(
+            f"need logits [N, K] and labels [N]; got {logits_NK.shape} and {labels_N.shape}"
+        )
+    if len(labels_N) and labels_N.min() < 0:
+        raise ValueError("evaluate needs labelled data; some examples have no label")
+    classes = logits_NK.shape[1]
+    _check_labels_within(labels_N, classes)
+    correct = float(np.sum(np.argmax(logits_NK, 1) == labels_N))
+    loss_sum = float(
+        optax.softmax_cross_entropy_with_integer_labels(
+            jnp.asarray(logits_NK, jnp.float32), jnp.asarray(labels_N, jnp.int32)
+        ).sum()
+    )
+    count = len(labels_N)
+    return EvalResult(correct / max(count, 1), loss_sum / max(count, 1), count)
+
+
+def _check_labels_within(labels_N: np.ndarray, classes: int) -> None:
+    if len(labels_N) and labels_N.max() >= classes:
+        raise ValueError(f"labels reach {int(labels_N.max())} but the model has {classes} classes")
 
 
 # ----------------------------------------------------------------------------- engine

@@ -39,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import load_npz, load_torch, paths, registry, sharding
+from jaxmodels import jit_cache, load_npz, load_torch, paths, registry, sharding
+from jaxmodels.atomic_files import write_atomic
 
 MODEL_JSON = "model.json"
 _VARIABLES_DIR = "variables"
@@ -275,19 +276,43 @@ class quiet_orbax:
             lg.setLevel(level)
 
 
-def content_digest(path: str | pathlib.Path) -> str:
+def content_digest(path: str | pathlib.Path, *, memo: str | pathlib.Path | None = None) -> str:
     """SHA-256 of a checkpoint's bytes: a file, or every file of a directory with its relative path.
 
     Cache keys and run folders use it to tell whether two checkpoints hold the same weights.
+
+    Args:
+      path: the checkpoint file or directory.
+      memo: a JSON file remembering digests by the files' paths, sizes and modification times,
+        so that a cache lookup does not re-read gigabytes of unchanged weights; created or
+        updated atomically. None reads the bytes every time.
     """
     path = pathlib.Path(path)
-    digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    if memo is not None:
+        memo = pathlib.Path(memo)
+        stamp = hashlib.sha256(
+            "".join(
+                f"{f.absolute()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n" for f in files
+            ).encode()
+        ).hexdigest()
+        try:
+            known = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            known = {}
+        if not isinstance(known, dict):
+            known = {}
+        if isinstance(known.get(stamp), str):
+            return known[stamp]
+    digest = hashlib.sha256()
     for file in files:
         digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
         with open(file, "rb") as f:
             for block in iter(lambda f=f: f.read(1 << 20), b""):
                 digest.update(block)
+    if memo is not None:
+        known[stamp] = digest.hexdigest()
+        write_atomic(memo, lambda tmp: tmp.write_text(json.dumps(known)))
     return digest.hexdigest()
 
 
@@ -411,14 +436,25 @@ def _checkpoint_image_size(flat: dict, name: str, config: dict) -> int:
     return grid * patch
 
 
+def _expected_shapes(model) -> dict[str, tuple[int, ...]]:
+    """``{flat key: shape}`` of `model`'s variables, traced once per architecture (memoised in
+    `jit_cache` with the compiled initialisers): a soup loads one architecture many times, and
+    tracing `init` takes a second or more for a ViT-B."""
+    return dict(jit_cache.cached(("variable_shapes", model), lambda: _trace_shapes(model)))
+
+
+def _trace_shapes(model) -> dict[str, tuple[int, ...]]:
+    size = getattr(model, "image_size", 32)
+    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    return {k: tuple(v.shape) for k, v in paths.flatten(flax.core.unfreeze(abstract)).items()}
+
+
 def _check_against_model(model, flat, sources, unknown, path, head_optional=None) -> None:
     """Raises ValueError naming unknown, missing and mis-shaped keys (all of them).
 
     `head_optional`: a key prefix (the head of a headless checkpoint) not reported as missing.
     """
-    size = getattr(model, "image_size", 32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    expected = {k: tuple(v.shape) for k, v in paths.flatten(flax.core.unfreeze(abstract)).items()}
+    expected = _expected_shapes(model)
     missing = sorted(
         k
         for k in set(expected) - set(flat)

@@ -79,6 +79,8 @@ def parse_model_ref(text: str) -> ModelRef:
         raise ModelRefError(f"a model reference must be a non-empty string; got {text!r}")
     label, body = _split_label(text)
     name, sep, path = body.partition("=")
+    if sep and name not in registry.MODEL_NAMES and pathlib.Path(body).is_dir():
+        name, sep = body, ""  # a folder whose name holds '=': a sweep's run, lr=0.001_seed=0
     if not sep and name in registry.MODEL_NAMES:
         return ModelRef(label or name, name, None, text)
     if not sep:  # a folder described by its model.json

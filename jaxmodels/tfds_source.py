@@ -20,6 +20,7 @@ import re
 import numpy as np
 
 from jaxmodels import data
+from jaxmodels.atomic_files import write_atomic
 from jaxmodels.data import DataError
 
 _VERSION = re.compile(r"^(\d+\.\d+\.\d+)(?::(.*))?$")
@@ -163,10 +164,8 @@ class TfdsSource(data.ImageSource):
             if labels.shape == (self._count,):
                 return labels
         labels = self._label_pass(tfds)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(temporary, labels)
-        os.replace(temporary, path)  # atomic: a concurrent reader sees all or nothing
+        # atomic: a concurrent reader sees all or nothing
+        write_atomic(path, lambda tmp: np.save(tmp, labels))
         return labels
 
     def _label_pass(self, tfds) -> np.ndarray:

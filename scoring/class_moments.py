@@ -44,7 +44,7 @@ def between_class_factor(counts_C: jax.Array, means_CD: jax.Array, mean_D: jax.A
 
 def centered_gram(feats_ND: jax.Array, mean_D: jax.Array) -> jax.Array:
     """[D, D] (F − 1μᵀ)ᵀ(F − 1μᵀ), the total scatter: N times the biased covariance."""
-    centered_ND = feats_ND - mean_D
+    centered_ND = feats_ND - mean_D[None, :]
     return jnp.matmul(centered_ND.T, centered_ND, precision=HIGHEST)
 
 

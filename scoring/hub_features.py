@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pathlib
 
 import jax
@@ -26,6 +25,7 @@ import numpy as np
 
 import jaxmodels
 from jaxmodels import sharding
+from jaxmodels.atomic_files import write_atomic
 from scoring import stats as stats_lib
 
 _CACHE_VERSION = 2
@@ -46,23 +46,7 @@ def weights_digest(ref: jaxmodels.ModelRef, seed: int, cache_dir: pathlib.Path) 
     random initialisation's seed."""
     if ref.checkpoint is None:
         return f"random-init seed {seed}"
-    path = pathlib.Path(ref.checkpoint).absolute()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    stamp = hashlib.sha256(
-        "".join(f"{f}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n" for f in files).encode()
-    ).hexdigest()
-    memo_path = cache_dir / "digests.json"
-    try:
-        memo = json.loads(memo_path.read_text())
-    except (OSError, ValueError):
-        memo = {}
-    if stamp not in memo:
-        memo[stamp] = jaxmodels.content_digest(path)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = memo_path.with_name(f".digests.{_writer()}.tmp")
-        tmp.write_text(json.dumps(memo))
-        os.replace(tmp, memo_path)
-    return memo[stamp]
+    return jaxmodels.content_digest(ref.checkpoint, memo=cache_dir / "digests.json")
 
 
 def _cache_path(ref, data, seed, cache_dir, kind: str) -> pathlib.Path:
@@ -75,11 +59,6 @@ def _cache_path(ref, data, seed, cache_dir, kind: str) -> pathlib.Path:
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir / f"{ref.name}-{digest}{'' if kind == 'features' else '-stats'}.npz"
-
-
-def _writer() -> str:
-    """Names a temporary file uniquely even when hosts share the cache folder."""
-    return f"{jax.process_index()}-{os.getpid()}"
 
 
 def _cached(path: pathlib.Path) -> bool:
@@ -99,7 +78,7 @@ def _head(model, variables):
     return params["kernel"], params["bias"]
 
 
-def features_for(ref, data, cache_dir, batch_size, seed, log):
+def features_for(ref, data, cache_dir, batch_size, seed, log, progress=True):
     """Features and head logits of one model on the data, from the cache or extracted.
 
     Args:
@@ -123,12 +102,9 @@ def features_for(ref, data, cache_dir, batch_size, seed, log):
             return cached["features"], cached["logits"], True
     model, variables = _build(ref, seed)
     feats, logits = jaxmodels.extract_features(
-        model, variables, data, batch_size=batch_size, return_logits=True
+        model, variables, data, batch_size=batch_size, return_logits=True, progress=progress
     )
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{_writer()}.tmp.npz")
-    np.savez(tmp, features=feats, logits=logits, labels=data.labels)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: np.savez(tmp, features=feats, logits=logits, labels=data.labels))
     log(f"  extracted {feats.shape[0]} × {feats.shape[1]} features → {path}")
     return feats, logits, False
 
@@ -140,10 +116,7 @@ def _save_tuples(path: pathlib.Path, **tuples) -> None:
             arrays |= {
                 f"{prefix}.{f}": np.asarray(v) for f, v in zip(value._fields, value, strict=True)
             }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{_writer()}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: processes sharing the folder never read a half-written file
+    write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
 def _load_tuple(saved, prefix, cls):
@@ -152,7 +125,7 @@ def _load_tuple(saved, prefix, cls):
     return cls(*(jnp.asarray(saved[f"{prefix}.{f}"]) for f in cls._fields))
 
 
-def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
+def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log, progress=True):
     """Streamed statistics of one model on the data, from the cache or accumulated on device.
 
     Args: as `features_for`, plus `scores`, the names to compute (a subset of logme, hscore,
@@ -184,7 +157,7 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
     head = (kernel_DK, bias_K) if with_head else ()
 
     def source_probs(head, feats_BD):
-        return jax.nn.softmax(feats_BD @ head[0] + head[1], axis=-1)
+        return jax.nn.softmax(feats_BD @ head[0] + head[1][None, :], axis=-1)
 
     def update(carry, feats_BD, labels_B, valid_B):
         head, acc = carry
@@ -204,7 +177,13 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
         num_source_classes=int(kernel_DK.shape[1]) if with_head else None,
     )
     _, acc = jaxmodels.stream_reduce(
-        model, variables, data, init=(head, init), update=update, batch_size=batch_size
+        model,
+        variables,
+        data,
+        init=(head, init),
+        update=update,
+        batch_size=batch_size,
+        progress=progress,
     )
     # host copies: global arrays of a multi-process run cannot mix with local ones below
     acc = sharding.host_copy(acc)
@@ -217,6 +196,7 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log):
             init=(head, stats_lib.leep_pass_init(acc)),
             update=leep_update,
             batch_size=batch_size,
+            progress=progress,
         )
         second = sharding.host_copy(second)
     _save_tuples(path, stats=acc, leep=second)

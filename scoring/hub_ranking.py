@@ -145,6 +145,7 @@ def rank_hub(
     seed: int = 0,
     data_dir: str | None = None,
     log: Callable[[str], None] = print,
+    progress: bool = True,
 ) -> Ranking:
     """Scores and ranks models on a dataset (module docstring).
 
@@ -162,6 +163,7 @@ def rank_hub(
         seed: seed of random-init models.
         data_dir: TFDS data directory.
         log: progress printer.
+        progress: show a progress bar while features are extracted.
 
     Returns:
         `Ranking`; if a score raises on some model, the ranking holds what finished and
@@ -204,14 +206,14 @@ def rank_hub(
         wanted = [n for n in names if n not in failed]
         if stream:
             acc, second, cached[ref.label] = statistics_for(
-                ref, data, names, cache_dir, batch_size, seed, log
+                ref, data, names, cache_dir, batch_size, seed, log, progress
             )
             compute = {
                 n: lambda n=n, a=acc, b=second: scores_from_statistics(a, b, [n])[n] for n in wanted
             }
         else:
             feats, logits, cached[ref.label] = features_for(
-                ref, data, cache_dir, batch_size, seed, log
+                ref, data, cache_dir, batch_size, seed, log, progress
             )
             feats64, probs64 = feats.astype(np.float64), _softmax(logits.astype(np.float64))
             compute = {

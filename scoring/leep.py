@@ -55,7 +55,7 @@ def conditional_from_joint(joint_CK: jax.Array) -> jax.Array:
     """P̂(y | z) [K, C] from the (unnormalised) joint [C, K]; a source class z that no sample
     puts mass on (P̂(z) = 0) gets an all-zero row, since θ(x)_z = 0 for every x then."""
     marginal_K = jnp.sum(joint_CK, axis=0)
-    return (joint_CK / jnp.where(marginal_K > 0, marginal_K, 1)).T
+    return (joint_CK / jnp.where(marginal_K > 0, marginal_K, 1)[None, :]).T
 
 
 def expected_log_likelihood(probs_NK, labels_N, cond_KC) -> jax.Array:

@@ -28,7 +28,7 @@ def nce_from_joint(joint_CK: jax.Array) -> jax.Array:
     """
     joint_CK = joint_CK / jnp.sum(joint_CK)
     marginal_K = jnp.sum(joint_CK, axis=0)
-    cond_CK = joint_CK / jnp.where(marginal_K > 0, marginal_K, 1)
+    cond_CK = joint_CK / jnp.where(marginal_K > 0, marginal_K, 1)[None, :]
     return jnp.sum(xlogy(joint_CK, cond_CK))
 
 

@@ -20,7 +20,7 @@ def principal_axes(feats_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
         (variances_D, axes_DD): [D] variance along each principal axis, descending (clipped at 0),
         and [D, D] the axes as columns.
     """
-    centered_ND = feats_ND - jnp.mean(feats_ND, axis=0)
+    centered_ND = feats_ND - jnp.mean(feats_ND, axis=0, keepdims=True)
     scatter_DD = jnp.matmul(centered_ND.T, centered_ND, precision=HIGHEST)
     eig_D, vecs_DD = jnp.linalg.eigh(scatter_DD)
     variances_D = jnp.maximum(eig_D[::-1], 0) / (feats_ND.shape[0] - 1)
@@ -29,7 +29,7 @@ def principal_axes(feats_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def project(feats_ND: jax.Array, axes_Dk: jax.Array) -> jax.Array:
     """[N, k] coordinates of the centred features on the given axes (scikit-learn's transform)."""
-    centered_ND = feats_ND - jnp.mean(feats_ND, axis=0)
+    centered_ND = feats_ND - jnp.mean(feats_ND, axis=0, keepdims=True)
     return jnp.matmul(centered_ND, axes_Dk, precision=HIGHEST)
 
 

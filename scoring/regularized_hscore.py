@@ -63,7 +63,7 @@ def _regularized_hscore(feats_ND, labels_N, num_classes):
     num_samples = feats_ND.shape[0]
     feats_ND, _ = power_of_two_scale(feats_ND)
     moments = class_moments(feats_ND, labels_N, num_classes)
-    centered_ND = feats_ND - moments.mean_D
+    centered_ND = feats_ND - moments.mean_D[None, :]
     cov_DD = jnp.matmul(centered_ND.T, centered_ND, precision=HIGHEST) / num_samples
     alpha = ledoit_wolf_shrinkage(centered_ND, cov_DD)
     shrunk_DD = shrink_to_scaled_identity(cov_DD, alpha)

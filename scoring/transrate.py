@@ -85,7 +85,7 @@ def _transrate(feats_ND, labels_N, members_Cn, eps):
     dtype = feats_ND.dtype
     scaled_ND, scale_exp = power_of_two_scale(feats_ND)
     log_scale = scale_exp.astype(dtype) * math.log(2)
-    centered_ND = scaled_ND - jnp.mean(scaled_ND, axis=0)
+    centered_ND = scaled_ND - jnp.mean(scaled_ND, axis=0, keepdims=True)
     total = jnp.full((1,), num_samples, dtype)
     rate_all, curvature_all, log_x_max = _coding_rates(centered_ND[None], log_scale, total, eps)
     present_Cn = members_Cn >= 0

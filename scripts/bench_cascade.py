@@ -5,7 +5,8 @@ cascades of ResNets of different depth and width (resnet18/34/50 layouts at smal
 that they run on a CPU), one batch of uint8 images (normalised on the device). For each, the
 wall-clock time of the adaptive executor over the batch is compared with the costliest member
 alone run through the same executor (a one-stage cascade: same transfer, normalisation and
-fetch). Beside the measured speedup stands the FLOPs-predicted one at the same exit fractions,
+fetch), as `jaxmodels.cascade_timing.time_committees` measures it for `scripts/cascade.py`
+(which also times the ensemble of all the stages' members, "ens. s"). Beside the measured speedup stands the FLOPs-predicted one at the same exit fractions,
 costliest FLOPs / average FLOPs; the issue's target is measured ≥ 0.8 × predicted. The
 "padded" prediction also counts the rows each stage computes for bucket padding, which is
 part of what the executor really does. The "timed" prediction replaces each member's FLOPs by
@@ -39,19 +40,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import os
 import platform
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxmodels
-from jaxmodels import cascade_rules, row_batches
-from jaxmodels.committees import Cascade, Ensemble, Member
+from jaxmodels import cascade_rules, cascade_timing, row_batches
+from jaxmodels.committees import Ensemble, Member
 
 NUM_CLASSES = 100
 
@@ -173,17 +172,6 @@ def thresholds_for(conf_MN: np.ndarray, exit_fractions) -> np.ndarray:
     return np.array(thresholds)
 
 
-def best_seconds(runs: dict, repeats: int) -> dict:
-    """Best wall time of each run; the runs alternate, so load hits all alike."""
-    best = dict.fromkeys(runs, float("inf"))
-    for _ in range(repeats):
-        for key, run in runs.items():
-            start = time.perf_counter()
-            run()
-            best[key] = min(best[key], time.perf_counter() - start)
-    return best
-
-
 def padded_flops(members, exit_stage_N, buckets) -> float:
     """Average FLOPs per image counting the padding rows of every stage's buckets."""
     total = 0.0
@@ -199,16 +187,16 @@ def bench_cascade(stage_specs, images, args) -> dict:
     members = with_calibrated_heads(members, images, args.batch_size)
     logits_MNC = Ensemble(members, batch_size=args.batch_size).member_logits(images)
     _, conf_MN = cascade_rules.stage_outputs(logits_MNC)
-    cascade = Cascade(members, thresholds_for(conf_MN, args.exit_fractions), batch_size=len(images))
-    out = cascade.run(images)  # compiles every (stage, bucket) this batch needs
-    runs = {
-        k: functools.partial(Cascade([m], [], batch_size=len(images)).run, images)
-        for k, m in enumerate(members)
-    }  # each member alone through the same executor
-    runs["cascade"] = functools.partial(cascade.run, images)
-    for run in runs.values():
-        run()
-    seconds = best_seconds(runs, args.repeats)
+    # what scripts/cascade.py measures: each member alone through the same executor (a
+    # one-stage cascade), the ensemble of all, the cascade; alternating rounds, best kept
+    times = cascade_timing.time_committees(
+        members, [images] * len(members), range(len(members)),
+        thresholds_for(conf_MN, args.exit_fractions), batch_size=len(images),
+        repeats=args.repeats,
+    )  # fmt: skip
+    out = times.cascade_output
+    seconds = dict(enumerate(times.member_seconds)) | {"cascade": times.cascade_seconds}
+    buckets = row_batches.mesh_and_buckets(None, len(images), None)[1]
     alone_s = seconds[len(members) - 1]
     predicted = members[-1].flops / out.avg_flops
     # The same prediction with each member's measured full-batch time in place of its FLOPs:
@@ -224,8 +212,9 @@ def bench_cascade(stage_specs, images, args) -> dict:
         "avg_mflops": out.avg_flops / 1e6,
         "alone_s": alone_s,
         "cascade_s": seconds["cascade"],
+        "ensemble_s": times.ensemble_seconds,
         "predicted_speedup": predicted,
-        "padded_predicted_speedup": members[-1].flops / padded_flops(members, out.exit_stage, cascade.buckets),
+        "padded_predicted_speedup": members[-1].flops / padded_flops(members, out.exit_stage, buckets),
         "time_predicted_speedup": timed,
         "measured_speedup": measured,
         "measured_over_predicted": measured / predicted,
@@ -261,7 +250,7 @@ def bench_ensemble(config: str, args) -> dict:
     reference = runs["loop_on_device"]()
     for run in runs.values():  # compile, and check that all three agree
         np.testing.assert_allclose(run(), reference, rtol=1e-4, atol=1e-4)
-    seconds = best_seconds(runs, args.repeats)
+    seconds = cascade_timing.best_seconds(runs, args.repeats)
     return {
         "image_size": image_size,
         "width": width,
@@ -285,7 +274,7 @@ def main(argv=None) -> None:
     images = rng.integers(0, 256, (args.batch_size, size, size, 3), dtype=np.uint8)
     cascades = []
     print(
-        f"{'cascade':42} {'exits':>15} {'alone s':>7} {'casc. s':>7} {'predicted':>9} "
+        f"{'cascade':42} {'exits':>15} {'alone s':>7} {'casc. s':>7} {'ens. s':>7} {'predicted':>9} "
         f"{'padded':>7} {'timed':>6} {'measured':>8} {'meas/pred':>9} {'meas/timed':>10}"
     )
     for stage_specs in (args.two_stage, args.three_stage):
@@ -294,6 +283,7 @@ def main(argv=None) -> None:
         exits = "/".join(f"{f:.2f}" for f in r["exit_fractions"])
         print(
             f"{' -> '.join(r['stages']):42} {exits:>15} {r['alone_s']:7.3f} {r['cascade_s']:7.3f} "
+            f"{r['ensemble_s']:7.3f} "
             f"{r['predicted_speedup']:8.2f}x {r['padded_predicted_speedup']:6.2f}x "
             f"{r['time_predicted_speedup']:5.2f}x {r['measured_speedup']:7.2f}x "
             f"{r['measured_over_predicted']:8.2f}x {r['measured_over_time_predicted']:9.2f}x",

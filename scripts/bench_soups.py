@@ -17,8 +17,9 @@ allocator settings: glibc's default, whose dynamic mmap threshold keeps freed ar
 per-thread arenas (so the peak RSS counts memory that is free but not returned), and
 ``mallopt(M_MMAP_THRESHOLD, 1 MiB)``, where every large array is returned when freed.
 
-Part (b), greedy soup of 8 in-memory ingredients of a small model, evaluated by one jitted
-forward pass over a held-out set that lives on the device: the seconds per candidate (the time
+Part (b), greedy soup of 8 in-memory ingredients of a small model, evaluated by the library's
+prepared evaluation (``jaxmodels.prepare`` once, then ``jaxmodels.evaluate``: one jitted pass
+over uint8 images held on the device, normalised there): the seconds per candidate (the time
 after the ingredients are scored, divided by the number of candidates) against one evaluation
 of one model (target: ≤ 1.2×), after a warm-up run that compiles everything.
 
@@ -31,7 +32,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import pathlib
@@ -50,6 +50,7 @@ import numpy as np
 
 import jaxmodels
 import training
+from training import ingredients
 
 CHILD_METHODS = ("streamed", "streamed_orbax", "load_all", "load_one")
 
@@ -129,20 +130,9 @@ def _orbax_loader(path: str):
     return lambda: ocp.StandardCheckpointer().restore(pathlib.Path(path) / "variables")
 
 
-def _fix_mmap_threshold(size: int) -> bool:
-    """glibc ``mallopt(M_MMAP_THRESHOLD, size)``: arrays above ``size`` get their own mapping,
-    returned to the system when freed (this also stops glibc raising the threshold as large
-    blocks are freed, which otherwise keeps freed arrays in per-thread arenas)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    return bool(libc.mallopt(-3, size))  # -3: M_MMAP_THRESHOLD
-
-
 def run_child(method: str, name: str, paths: list[str], mmap_threshold: int | None) -> dict:
     """Runs one method in this (fresh) process; returns seconds and peak RSS above baseline."""
-    if mmap_threshold is not None and not _fix_mmap_threshold(mmap_threshold):
+    if mmap_threshold is not None and not ingredients.fix_mmap_threshold(mmap_threshold):
         raise RuntimeError("mallopt(M_MMAP_THRESHOLD) is not available here (not glibc?)")
     jnp.zeros(1).block_until_ready()  # backend up before the baseline
     how = _reset_peak()
@@ -223,18 +213,15 @@ def bench_greedy(name: str, count: int, heldout: int, repeats: int = 5) -> dict:
         return x + 0.002 * rng.standard_normal(x.shape, np.float32)
 
     ingredients = [jax.device_put(jax.tree.map(perturbed, base)) for _ in range(count)]
-    images = jax.device_put(rng.standard_normal((heldout, size, size, 3), np.float32))
-    labels = jax.device_put(rng.integers(0, 10, heldout).astype(np.int32))
-
-    @jax.jit
-    def accuracy(variables, images_NHWC, labels_N):
-        logits_NK = model.apply(variables, images_NHWC)
-        return jnp.mean(jnp.argmax(logits_NK, axis=-1) == labels_N)
-
+    images = rng.integers(0, 256, (heldout, size, size, 3), dtype=np.uint8)
+    labels = rng.integers(0, 10, heldout).astype(np.int32)
+    # the library's prepared evaluation: decoded once, on the device, one jitted call per pass
+    prepared = jaxmodels.prepare((images, labels), jaxmodels.spec_of(model).preprocessing,
+                                 placement="device", progress=False)  # fmt: skip
     stamps: list[float] = []
 
     def evaluate(variables) -> float:
-        score = float(accuracy(variables, images, labels))  # float(): waits for the result
+        score = jaxmodels.evaluate(model, variables, prepared).accuracy  # waits for the result
         stamps.append(time.perf_counter())
         return score
 

@@ -65,6 +65,26 @@ def test_evaluate_matches_numpy_on_every_placement(task):
     assert streamed.accuracy == pytest.approx(expected_acc, abs=1e-12)
 
 
+def test_evaluate_logits_matches_numpy_and_checks_its_inputs():
+    rng = np.random.default_rng(5)
+    # logits over many scales, some rows far from zero (a naive exp would overflow)
+    logits = (rng.normal(size=(50, 4)) * 10.0 ** rng.uniform(-3, 2.5, (50, 1))).astype(np.float32)
+    labels = rng.integers(0, 4, 50)
+    ref = logits.astype(np.float64)
+    top = ref.max(1, keepdims=True)
+    log_probs = ref - top - np.log(np.exp(ref - top).sum(1, keepdims=True))
+    result = jaxmodels.evaluate_logits(logits, labels)
+    assert result.count == 50
+    assert result.accuracy == np.mean(ref.argmax(1) == labels)
+    assert result.loss == pytest.approx(-log_probs[np.arange(50), labels].mean(), rel=1e-5)
+    with pytest.raises(ValueError, match="labels reach 4 but the model has 4 classes"):
+        jaxmodels.evaluate_logits(logits, np.where(labels == 0, 4, labels))
+    with pytest.raises(ValueError, match="labelled data"):
+        jaxmodels.evaluate_logits(logits, np.full(50, -1))
+    with pytest.raises(ValueError, match=r"logits \[N, K\] and labels \[N\]"):
+        jaxmodels.evaluate_logits(logits, labels[:49])
+
+
 def test_a_prepared_set_evaluates_new_weights_without_recompiling(task):
     prepared = jaxmodels.prepare((task["images"], task["labels"]), task["prep"],
                                  batch_size=16, progress=False)  # fmt: skip

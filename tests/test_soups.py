@@ -227,6 +227,28 @@ def test_greedy_soup_is_the_mean_of_its_members_and_its_last_score_is_its_own():
     assert report.accepted[0] == 2
 
 
+@pytest.mark.parametrize("accept", [">=", ">"])
+def test_greedy_with_known_scores_reads_each_ingredient_once_and_scores_only_candidates(accept):
+    trees = [{"w": np.asarray([PLATEAU[k]], np.float32)} for k in CALLER_ORDER]
+    calls, evaluated = [0] * len(trees), []
+
+    def loader(i):
+        return lambda: calls.__setitem__(i, calls[i] + 1) or trees[i]
+
+    evaluate = lambda v: evaluated.append(float(v["w"][0])) or _plateau(v)
+    known = [min(PLATEAU[k], 1.0) for k in CALLER_ORDER]  # the plateau score, written out
+    soup, report = greedy([loader(i) for i in range(4)], evaluate, accept=accept, scores=known)
+    expected_soup, expected = greedy(trees, _plateau, accept=accept)
+    assert report == expected
+    np.testing.assert_array_equal(np.asarray(soup["w"]), np.asarray(expected_soup["w"]))
+    assert calls == [1, 1, 1, 1] and len(evaluated) == len(trees) - 1
+    assert 3.0 not in evaluated  # the best ingredient alone is never evaluated again
+    # the given scores decide the order, whatever evaluate would say of the ingredients alone
+    _, flipped = greedy(trees, _plateau, accept=accept, scores=[5.0, 0.0, 1.0, 2.0])
+    assert flipped.order == (0, 3, 2, 1) and flipped.accepted[0] == 0
+    assert flipped.scores == (5.0, 0.0, 1.0, 2.0)
+
+
 def test_greedy_rejects_bad_rules_and_scores():
     trees = _ingredients(2)
     with pytest.raises(ValueError, match="accept must be one of"):
@@ -235,6 +257,14 @@ def test_greedy_rejects_bad_rules_and_scores():
         greedy(trees, lambda v: float("nan"))
     with pytest.raises(TypeError, match="must return a number"):
         greedy(trees, lambda v: "good")
+    with pytest.raises(ValueError, match=r"one score per ingredient \(2\); got 3"):
+        greedy(trees, lambda v: 0.0, scores=[1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"scores\[1\] is inf"):
+        greedy(trees, lambda v: 0.0, scores=[1.0, float("inf")])
+    with pytest.raises(TypeError, match=r"scores\[0\] must be a number; got str"):
+        greedy(trees, lambda v: 0.0, scores=["high", 1.0])
+    with pytest.raises(TypeError, match="scores must be a list"):
+        greedy(trees, lambda v: 0.0, scores=1.0)
 
 
 # ------------------------------------------------------------------ learned

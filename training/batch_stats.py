@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxmodels import sharding
+from jaxmodels import jit_cache, sharding
 
 PyTree = Any
 _STATS = ("mean", "var")
@@ -54,8 +54,12 @@ def _moments(x: jax.Array, axis) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 
 def _moments_fn(model):
-    """A jitted ``(variables, images) -> {bn path: (count, mean, var)}`` for one train pass."""
+    """A jitted ``(variables, images) -> {bn path: (count, mean, var)}`` for one train pass,
+    built once per model (a greedy soup recomputes the statistics of every candidate)."""
+    return jit_cache.cached(("batch_moments", model), lambda: _build_moments_fn(model))
 
+
+def _build_moments_fn(model):
     def batch_moments(variables, images_BHWC):
         seen: dict[str, tuple] = {}
 

@@ -349,3 +349,22 @@ def check_ingredients(infos: Sequence[Mapping[str, Any]], *, allow_mixed: bool =
             UserWarning,
             stacklevel=2,
         )
+
+
+def fix_mmap_threshold(threshold_bytes: int = 1 << 20) -> bool:
+    """glibc ``mallopt(M_MMAP_THRESHOLD, threshold_bytes)``; True if it took effect.
+
+    Why: glibc raises its mmap threshold each time a large block is freed, after which freed
+    arrays stay in per-thread arenas instead of returning to the system, so a process streaming
+    checkpoints (a soup) keeps the memory of earlier ones in its resident size. A fixed threshold
+    gives every array above it its own mapping, unmapped when freed (the same as starting with
+    ``MALLOC_MMAP_THRESHOLD_=1048576``). Call it at start-up, before large allocations; a no-op
+    (False) where the C library is not glibc.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold_bytes)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

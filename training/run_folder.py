@@ -140,8 +140,9 @@ class Run:
 
     Attributes:
       folder: the run folder.
-      model: the Flax module (plain architecture; SSF runs are stored folded).
-      variables: its final variables.
+      model: the Flax module (plain architecture; SSF runs are stored folded); None when loaded
+        with ``weights=False``.
+      variables: its final variables; None when loaded with ``weights=False`` (`load` reads them).
       config: the `RunConfig` it ran with.
       result: its ``result.json``.
       info: what the ``model.json`` of its weights records, flattened: ``name``, ``overrides``,
@@ -164,15 +165,25 @@ class Run:
     @property
     def preprocessing(self) -> jaxmodels.Preprocessing:
         """The evaluation preprocessing of its model."""
-        return jaxmodels.spec_of(self.model).preprocessing
+        model = self.model if self.model is not None else self.load()[0]
+        return jaxmodels.spec_of(model).preprocessing
+
+    def load(self) -> tuple[Any, dict]:
+        """``(model, variables)`` read from its ``model/`` folder now (`jaxmodels.load`): what a
+        run described with ``weights=False`` reads when its weights are needed, one run at a
+        time (a streamed soup)."""
+        return jaxmodels.load(self.folder / MODEL_DIR)
 
 
-def load_run(folder: str | os.PathLike) -> Run | list[Run]:
+def load_run(folder: str | os.PathLike, *, weights: bool = True) -> Run | list[Run]:
     """Rebuilds a finished run (or every run of a sweep) from its folder alone.
 
     Args:
       folder: a run folder, or a sweep folder (with ``sweep.json``). Works from any working
         directory: paths inside are relative to the folder.
+      weights: read each run's final weights now. False reads only the descriptions (config,
+        result, ``model.json``) and leaves ``model`` and ``variables`` None: ``Run.load()``
+        reads them later, so many runs need not be in memory at once.
 
     Returns:
       A `Run`, or for a sweep a list of them in the sweep's order.
@@ -188,18 +199,21 @@ def load_run(folder: str | os.PathLike) -> Run | list[Run]:
         runs = sweep.get("runs") if isinstance(sweep, dict) else None
         if not runs:
             raise RunError(f"sweep {str(folder)!r} lists no runs in {SWEEP_JSON}")
-        return [_load_one(folder / entry["folder"]) for entry in runs]
-    return _load_one(folder)
+        return [_load_one(folder / entry["folder"], weights) for entry in runs]
+    return _load_one(folder, weights)
 
 
-def _load_one(folder: pathlib.Path) -> Run:
+def _load_one(folder: pathlib.Path, weights: bool) -> Run:
     result = read_json(folder / RESULT_JSON)
     if result is None:
         raise RunError(f"{str(folder)!r} is not a run folder (no {RESULT_JSON})")
     if not result.get("finished") or not (folder / MODEL_DIR).is_dir():
         raise RunError(f"run {str(folder)!r} has not finished (no final model yet)")
-    model, variables = jaxmodels.load(folder / MODEL_DIR)
-    meta = jaxmodels.model_info(folder / MODEL_DIR)
+    model, variables = jaxmodels.load(folder / MODEL_DIR) if weights else (None, None)
+    try:
+        meta = jaxmodels.model_info(folder / MODEL_DIR)
+    except ValueError as err:  # an unreadable model.json: a user error, in one line
+        raise RunError(str(err)) from None
     info = {**{k: v for k, v in meta.items() if k not in ("info", "format")}, **meta["info"]}
     config = RunConfig.from_json({**result["config"], "out_dir": str(folder)})
     return Run(folder, model, variables, config, result, info)
@@ -219,7 +233,7 @@ def trained_variables(folder: str | os.PathLike):
     from jaxmodels import paths
     from jaxmodels.load import restore_as_numpy
 
-    run = _load_one(pathlib.Path(folder))
+    run = _load_one(pathlib.Path(folder).resolve())  # orbax wants absolute paths
     steps = [int(p.name) for p in (run.folder / CHECKPOINT_DIR).glob("*") if p.name.isdigit()]
     if not steps:
         raise RunError(f"run {str(run.folder)!r} has no checkpoint")

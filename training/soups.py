@@ -30,7 +30,8 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -103,6 +104,7 @@ def greedy(
     evaluate: Callable[[PyTree], float],
     *,
     accept: str = ">=",
+    scores: Sequence[float] | None = None,
 ) -> tuple[PyTree, GreedyReport]:
     """The greedy soup (Wortsman et al. 2022, Recipe 1).
 
@@ -110,13 +112,17 @@ def greedy(
     is the mean of the accepted ingredients and the next one, formed from the running float32
     sum; it replaces the soup when its score is ``>=`` the soup's (the paper: "if it does not
     hurt") or ``>`` it (the reference implementation). Each ingredient is read twice (scored,
-    then tried); about four models are held at once (sum, soup, candidate, ingredient).
+    then tried), or once when ``scores`` are given; about four models are held at once (sum,
+    soup, candidate, ingredient).
 
     Args:
       ingredients: a non-empty list of variables pytrees or zero-argument loaders.
       evaluate: ``evaluate(variables) -> float``, the held-out score, higher is better (pass a
-        negated loss to minimise it). Called ``2n - 1`` times.
+        negated loss to minimise it). Called ``2n - 1`` times, or ``n - 1`` with ``scores``.
       accept: ``">="`` (the paper's rule; the soup's score never drops) or ``">"``.
+      scores: the ingredients' own held-out scores when the caller already has them (e.g.
+        computed while predicting each ingredient for an ensemble), in the caller's order and on
+        ``evaluate``'s scale; then no ingredient is scored again.
 
     Returns:
       ``(soup, report)``: the soup exactly as evaluated last (ingredient dtypes), and a
@@ -124,27 +130,34 @@ def greedy(
 
     Raises:
       TypeError, ValueError: as ``uniform``; an unknown ``accept``; ``evaluate`` returning a
-        non-number or a non-finite score.
+        non-number or a non-finite score; ``scores`` not one finite number per ingredient.
     """
     if accept not in ACCEPT_RULES:
         raise ValueError(f"accept must be one of {ACCEPT_RULES}; got {accept!r}")
     if not callable(evaluate):
         raise TypeError(f"evaluate must be callable (variables -> score); got {type(evaluate)}")
     ingredients = ing.as_sequence(ingredients, "ingredients")
-    layout, scores = None, []
-    for i, ingredient in enumerate(ingredients):
-        tree = ing.read(ingredient, f"ingredients[{i}]")
-        if layout is None:
-            layout = ing.TreeLayout(tree, "ingredients[0]")
-        layout.floats(tree, f"ingredients[{i}]")  # check before spending an evaluation
-        scores.append(ing.score_of(evaluate, tree, f"ingredients[{i}]"))
-        del tree
+    layout = None
+    if scores is None:
+        scores = []
+        for i, ingredient in enumerate(ingredients):
+            tree = ing.read(ingredient, f"ingredients[{i}]")
+            if layout is None:
+                layout = ing.TreeLayout(tree, "ingredients[0]")
+            layout.floats(tree, f"ingredients[{i}]")  # check before spending an evaluation
+            scores.append(ing.score_of(evaluate, tree, f"ingredients[{i}]"))
+            del tree
+    else:
+        scores = _given_scores(scores, len(ingredients))
     order = sorted(range(len(ingredients)), key=lambda i: -scores[i])  # stable for ties
-    dtypes = layout.float_dtypes
 
     best = order[0]
     where = f"ingredients[{best}]"
-    total = ing.to_float32(layout.floats(ing.read(ingredients[best], where), where))
+    tree = ing.read(ingredients[best], where)
+    layout = layout or ing.TreeLayout(tree, where)
+    dtypes = layout.float_dtypes
+    total = ing.to_float32(layout.floats(tree, where))
+    del tree
     soup = layout.join(ing.mean_of(total, 1, dtypes))
     count, soup_score = 1, scores[best]
     candidate_scores, soup_scores, accepted = [soup_score], [soup_score], [best]
@@ -169,6 +182,22 @@ def greedy(
         accept=accept,
     )
     return soup, report
+
+
+def _given_scores(scores: Any, count: int) -> list[float]:
+    """``scores`` as finite floats, one per ingredient (``greedy``'s precomputed scores)."""
+    if isinstance(scores, str | bytes | Mapping) or not isinstance(scores, Sequence):
+        raise TypeError(f"scores must be a list of numbers; got {type(scores).__name__}")
+    if len(scores) != count:
+        raise ValueError(f"scores must hold one score per ingredient ({count}); got {len(scores)}")
+    out = []
+    for i, score in enumerate(scores):
+        if isinstance(score, bool) or not isinstance(score, numbers.Real):
+            raise TypeError(f"scores[{i}] must be a number; got {type(score).__name__}")
+        if not math.isfinite(score):
+            raise ValueError(f"scores[{i}] is {score}; scores must be finite")
+        out.append(float(score))
+    return out
 
 
 class LearnedReport(NamedTuple):

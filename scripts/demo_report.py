@@ -1,0 +1,254 @@
+"""The demo's report: report.json, report.md (a table and a one-line verdict per step) and plots.
+
+Verdicts state what was measured, including when a paper's effect did not show at this scale.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+
+def write(out: pathlib.Path, report: dict) -> list[pathlib.Path]:
+    """Writes report.json, report.md, soup.png and cascade.png into `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "report.json", out / "report.md", out / "soup.png", out / "cascade.png"]
+    paths[0].write_text(json.dumps(report, indent=2) + "\n")
+    paths[1].write_text(markdown(report))
+    plot_soup(report["combine"], paths[2])
+    plot_cascade(report["serve"], paths[3])
+    return [*paths, out / report["select"]["plot"]]
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown(report: dict) -> str:
+    setup, sections = report["setup"], []
+    sizes = setup["data"]
+    sections.append(
+        "# hubtune demo: select, tune, combine, serve on handwritten digits\n\n"
+        f"Hub of {len(setup['members'])} small ResNets and ViTs pre-trained on digits 0–4 "
+        f"({sizes['source_train']} images); target task digits 5–9 with "
+        f"{sizes['target_train']} labelled training images, {sizes['target_heldout']} held-out "
+        f"and {sizes['target_test']} test images. {'Quick' if setup['quick'] else 'Full'} run, "
+        f"seed {setup['seed']}; every accuracy below is on the test split unless it says "
+        "held-out."
+    )
+    sections.append(_select(report["select"]))
+    sections.append(_tune(report["tune"]))
+    sections.append(_combine(report["combine"]))
+    sections.append(_serve(report["serve"]))
+    times = ", ".join(f"{k.split(':')[0]} {v:.0f} s" for k, v in report["seconds"].items())
+    sections.append(f"Time: {times}; {sum(report['seconds'].values()):.0f} s in all.")
+    return "\n\n".join(sections) + "\n"
+
+
+def _select(sel: dict) -> str:
+    scores = list(next(iter(sel["scores"].values())))
+    rows = [
+        [m, *(f"{sel['scores'][m][s]:.3g}" for s in scores), f"{sel['finetuned_accuracy'][m]:.3f}"]
+        for m in sel["models"]
+    ]
+    agree = [
+        [s, f"{a['weighted_tau']:.2f}", f"{a['top1_regret']:.3f}"]
+        for s, a in sel["agreement"].items()
+    ]
+    logme = sel["agreement"]["logme"]
+    top, best = sel["logme_top"], sel["best"]
+    acc = sel["finetuned_accuracy"]
+    best_score = max(sel["agreement"], key=lambda s: sel["agreement"][s]["weighted_tau"])
+    verdict = (
+        f"**Verdict:** LogME ranked the hub with weighted τ = {logme['weighted_tau']:.2f} against "
+        f"fine-tuned accuracy; its top pick {top} reached {acc[top]:.3f}, "
+        + (
+            "the best of the hub."
+            if top == best
+            else f"{logme['top1_regret']:.3f} below the best member, {best} ({acc[best]:.3f})."
+        )
+        + f" The best-agreeing score here was {best_score} "
+        f"(τ = {sel['agreement'][best_score]['weighted_tau']:.2f})."
+    )
+    return "\n\n".join(
+        [
+            "## 1. Select: rank the hub without fine-tuning (LogME and its peers)",
+            _table(["member", *scores, "fine-tuned acc."], rows),
+            _table(["score", "weighted τ", "top-1 regret"], agree),
+            f"![score vs fine-tuned accuracy]({sel['plot']})",
+            verdict,
+        ]
+    )
+
+
+def _tune(tune: dict) -> str:
+    runs = tune["runs"]
+    full = runs["full fine-tuning"]
+    rows = [
+        [
+            name,
+            f"{r['test_accuracy']:.3f}",
+            f"{r['heldout_accuracy']:.3f}",
+            f"{r['trainable_params']:,}",
+            f"{100 * r['trainable_params'] / full['trainable_params']:.1f} %",
+        ]
+        for name, r in runs.items()
+    ]
+    ssf = runs[tune["best_ssf"]]
+    probe = runs["linear probe"]
+    fold = tune["fold_check"]
+    fold_text = (
+        f"the folded SSF model predicts exactly what the unfolded one does (max |Δlogit| = "
+        f"{fold['max_abs_logit_difference']:.1e})"
+        if fold["passed"]
+        else f"FOLD CHECK FAILED: max |Δlogit| = {fold['max_abs_logit_difference']:.1e}, "
+        f"same predictions: {fold['same_predictions']}"
+    )
+    verdict = (
+        f"**Verdict:** SSF (best of the sweep by held-out accuracy, {tune['best_ssf']}) reached "
+        f"{ssf['test_accuracy']:.3f} training {ssf['trainable_params']:,} parameters "
+        f"({100 * ssf['trainable_params'] / full['trainable_params']:.1f} % of full "
+        f"fine-tuning's), against {full['test_accuracy']:.3f} for full fine-tuning and "
+        f"{probe['test_accuracy']:.3f} for the linear probe it started from; {fold_text}."
+    )
+    return "\n\n".join(
+        [
+            f"## 2. Tune: SSF on the top-ranked member ({tune['member']})",
+            _table(["run", "test acc.", "held-out acc.", "trainable params", "of full"], rows),
+            verdict,
+        ]
+    )
+
+
+def _combine(comb: dict) -> str:
+    rows = [
+        [
+            name,
+            "—" if r["heldout"] is None else f"{r['heldout']:.3f}",
+            f"{r['test']:.3f}",
+            f"{r['inference_cost']}×",
+        ]
+        for name, r in comb["rows"].items()
+    ]
+    best = comb["rows"]["best single run (by held-out)"]["test"]
+    greedy = comb["rows"]["greedy soup"]["test"]
+    uniform = comb["rows"]["uniform soup"]["test"]
+    ensemble_name = next(n for n in comb["rows"] if n.startswith("ensemble"))
+    ensemble = comb["rows"][ensemble_name]["test"]
+    accepted = comb["greedy"]["accepted_runs"]
+    relation = "beat" if greedy > best else ("matched" if greedy == best else "did not beat")
+    verdict = (
+        f"**Verdict:** the greedy soup ({len(accepted)} of {len(comb['runs'])} runs) {relation} "
+        f"the best single run on test ({greedy:.3f} vs {best:.3f}); the uniform soup scored "
+        f"{uniform:.3f} and the logit ensemble {ensemble:.3f} at "
+        f"{comb['rows'][ensemble_name]['inference_cost']}× the inference cost of one soup."
+    )
+    return "\n\n".join(
+        [
+            "## 3. Combine: model soups of the SSF sweep",
+            _table(["model", "held-out acc.", "test acc.", "inference cost"], rows),
+            f"![greedy soup]({comb['plot']})",
+            verdict,
+        ]
+    )
+
+
+def _serve(serve: dict) -> str:
+    rows = [
+        [
+            name,
+            " → ".join(r["members"]),
+            f"{r['test_accuracy']:.3f}",
+            f"{1e3 * r['avg_gflops']:.2f}",
+            f"{r['ms_per_image']:.3f}",
+        ]
+        for name, r in serve["rows"].items()
+    ]
+    alone = serve["rows"]["costliest member alone"]
+    if serve["found"]:
+        cascade = serve["rows"]["cascade"]
+        verdict = (
+            f"**Verdict:** the cascade {' → '.join(cascade['members'])} matched the costliest "
+            f"member's held-out accuracy ({serve['target_heldout_accuracy']:.3f}); on test it "
+            f"scored {cascade['test_accuracy']:.3f} against {alone['test_accuracy']:.3f}, at "
+            f"{alone['avg_gflops'] / cascade['avg_gflops']:.2f}× fewer average FLOPs and "
+            f"{alone['ms_per_image'] / cascade['ms_per_image']:.2f}× the speed (measured)."
+        )
+    else:
+        verdict = (
+            "**Verdict:** no cascade of cheaper members reached the costliest member's held-out "
+            f"accuracy ({serve['target_heldout_accuracy']:.3f}); the costliest member alone "
+            "stays the choice at this scale."
+        )
+    return "\n\n".join(
+        [
+            "## 4. Serve: a cascade that runs cheap members first",
+            _table(["model", "members", "test acc.", "avg MFLOPs / image", "ms / image"], rows),
+            f"![accuracy vs FLOPs]({serve['plot']})",
+            verdict,
+        ]
+    )
+
+
+def plot_soup(comb: dict, path: pathlib.Path) -> None:
+    """Held-out accuracy of the greedy soup as ingredients are added, runs as points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    greedy = comb["greedy"]
+    names = comb["runs"]
+    order = greedy["order"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    xs = range(1, len(order) + 1)
+    ax.plot(xs, greedy["soup_scores"], marker="o", label="greedy soup (held-out)")
+    ax.scatter(
+        xs,
+        [greedy["scores"][i] for i in order],
+        color="grey",
+        zorder=3,
+        label="the run added at that step, alone",
+    )
+    ax.set_xticks(list(xs), [names[i] for i in order], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("greedy soup of the SSF sweep", fontsize=10)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_cascade(serve: dict, path: pathlib.Path) -> None:
+    """Test accuracy vs average MFLOPs per image: single members as points, the cascade marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for label, single in serve["singles"].items():
+        x, y = 1e3 * single["gflops"], single["test_accuracy"]
+        ax.scatter(x, y, color="tab:blue", zorder=3)
+        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
+    if serve["found"]:
+        cascade = serve["rows"]["cascade"]
+        ax.scatter(
+            1e3 * cascade["avg_gflops"],
+            cascade["test_accuracy"],
+            marker="*",
+            s=160,
+            color="tab:red",
+            zorder=4,
+            label="cascade " + " → ".join(cascade["members"]),
+        )
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("average MFLOPs per image (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("fine-tuned members and the cascade", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,152 @@
+"""scripts/demo.py end to end on a small hub: every step runs, and its numbers are consistent."""
+
+import dataclasses
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _demo():
+    sys.path.insert(0, str(SCRIPTS))  # the demo's sibling modules
+    spec = importlib.util.spec_from_file_location("demo", SCRIPTS / "demo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["demo"] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+# The quick recipe's structure (a hub of two families, a weak member, an SSF sweep) at the
+# smallest size that still trains: the test checks the wiring and the report, not the accuracies.
+TINY = dict(
+    pretrain_epochs=1,
+    finetune_epochs=2,
+    probe_epochs=2,
+    ssf_lrs=(1e-2, 3e-2),
+    ssf_seeds=(0,),
+    per_class_train=8,
+    per_class_heldout=12,
+)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    demo = _demo()
+    members = [
+        demo.Member("resnet-w8", "resnet_tiny"),
+        demo.Member("resnet-w8-short", "resnet_tiny", epochs=1),
+        demo.Member("vit-d1", "vit_tiny", (("depth", 1),)),
+    ]
+    root = tmp_path_factory.mktemp("demo")
+    recipe = demo.Recipe(**TINY)
+    report = demo.run(root / "out", root / "cache", recipe, members, seed=0, quick=True)
+    return demo, root, recipe, members, report
+
+
+def test_every_step_reports_and_the_files_are_written(demo_run):
+    _, root, _, members, _ = demo_run
+    out = root / "out"
+    on_disk = json.loads((out / "report.json").read_text())
+    assert set(on_disk) >= {"setup", "select", "tune", "combine", "serve", "seconds"}
+    assert on_disk["setup"]["members"] == [m.label for m in members]
+    for name in ("report.md", "soup.png", "cascade.png", "select/ranking.png"):
+        assert (out / name).stat().st_size > 1000, name
+    text = (out / "report.md").read_text()
+    for header in ("## 1. Select", "## 2. Tune", "## 3. Combine", "## 4. Serve"):
+        assert header in text
+    assert text.count("**Verdict:**") == 4
+    assert str(root) not in text  # short names, never paths, in what a reader sees
+
+
+def test_select_scores_every_member_and_measures_agreement(demo_run):
+    _, _, _, members, report = demo_run
+    select = report["select"]
+    labels = [m.label for m in members]
+    assert select["models"] == labels
+    for label in labels:
+        assert set(select["scores"][label]) >= {"logme", "leep", "hscore"}
+        assert all(np.isfinite(v) for v in select["scores"][label].values())
+        assert 0 <= select["finetuned_accuracy"][label] <= 1
+    accs = select["finetuned_accuracy"]
+    assert select["best"] == max(labels, key=accs.get)
+    assert select["logme_top"] == max(labels, key=lambda m: select["scores"][m]["logme"])
+    regret = select["agreement"]["logme"]["top1_regret"]
+    assert regret == pytest.approx(accs[select["best"]] - accs[select["logme_top"]])
+
+
+def test_tune_folds_ssf_exactly_and_counts_parameters(demo_run):
+    _, _, recipe, _, report = demo_run
+    tune = report["tune"]
+    assert tune["member"] == report["select"]["logme_top"]
+    assert tune["fold_check"]["passed"], tune["fold_check"]
+    runs = tune["runs"]
+    ssf = [name for name in runs if name.startswith("SSF ")]
+    assert len(ssf) == len(recipe.ssf_lrs) * len(recipe.ssf_seeds)
+    full = runs["full fine-tuning"]["trainable_params"]
+    assert all(runs[name]["trainable_params"] < full / 10 for name in ssf)
+    assert runs["linear probe"]["trainable_params"] < min(runs[n]["trainable_params"] for n in ssf)
+
+
+def test_the_fold_check_fails_on_weights_that_are_not_the_trained_ones(demo_run):
+    _, root, _, _, _ = demo_run
+    import demo_steps  # importable once the demo put scripts/ on the path
+
+    from training import load_run
+
+    run = load_run(root / "out" / "tune" / "ssf-sweep")[0]
+    sets = demo_steps.prepared_sets(
+        str(root / "cache" / "data" / "target_test.npz"), [run.model], 8
+    )
+    assert demo_steps.fold_check(run, sets)["passed"]
+    shifted = jax.tree.map(lambda x: x * 1.01 if x.ndim == 1 else x, run.variables)
+    wrong = dataclasses.replace(run, variables=shifted)
+    assert not demo_steps.fold_check(wrong, sets)["passed"]
+
+
+def test_combine_greedy_soup_is_never_below_its_best_ingredient_on_heldout(demo_run):
+    _, _, _, _, report = demo_run
+    rows = report["combine"]["rows"]
+    best = rows["best single run (by held-out)"]["heldout"]
+    assert rows["greedy soup"]["heldout"] >= best
+    assert best == max(report["combine"]["individual_heldout"].values())
+    n = len(report["combine"]["runs"])
+    assert rows[f"ensemble of all {n} runs"]["inference_cost"] == n
+
+
+def test_serve_reports_the_costliest_member_and_a_fitted_cascade_or_says_none(demo_run):
+    _, _, _, _, report = demo_run
+    serve = report["serve"]
+    alone = serve["rows"]["costliest member alone"]
+    costliest = max(serve["singles"], key=lambda m: serve["singles"][m]["gflops"])
+    assert alone["members"] == [costliest]
+    assert alone["test_accuracy"] == pytest.approx(serve["singles"][costliest]["test_accuracy"])
+    if serve["found"]:
+        cascade = serve["rows"]["cascade"]
+        assert cascade["members"][-1] == costliest
+        assert cascade["heldout_accuracy"] >= serve["target_heldout_accuracy"]
+        assert cascade["avg_gflops"] <= alone["avg_gflops"] + 1e-12
+        assert sum(cascade["exit_fractions"]) == pytest.approx(1.0)
+    else:
+        assert "no cascade" in (pathlib.Path(report["written"][1])).read_text()
+
+
+def test_an_earlier_report_is_kept(demo_run):
+    demo, root, _, _, _ = demo_run
+    assert demo._out_folder(root / "out") == root / "out-2"
+    assert demo._out_folder(root / "elsewhere") == root / "elsewhere"
+
+
+def test_help_explains_the_steps():
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / "demo.py"), "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    for word in ("--quick", "Select", "Tune", "Combine", "Serve", "report.md"):
+        assert word in proc.stdout
