@@ -39,7 +39,7 @@ def class_moments(feats_ND: jax.Array, labels_N: jax.Array, num_classes: int) ->
 def between_class_factor(counts_C: jax.Array, means_CD: jax.Array, mean_D: jax.Array) -> jax.Array:
     """[C, D] rows √n_c (μ_c − μ): its Gram matrix MᵀM = Σ_c n_c (μ_c − μ)(μ_c − μ)ᵀ is the
     between-class scatter, i.e. N·cov(E[f | y]) with every sample replaced by its class mean."""
-    return jnp.sqrt(counts_C)[:, None] * (means_CD - mean_D)
+    return jnp.sqrt(counts_C)[:, None] * (means_CD - mean_D[None, :])
 
 
 def centered_gram(feats_ND: jax.Array, mean_D: jax.Array) -> jax.Array:

@@ -124,8 +124,9 @@ def test_serve_reports_the_costliest_member_and_a_fitted_cascade_or_says_none(de
     _, _, _, _, report = demo_run
     serve = report["serve"]
     alone = serve["rows"]["costliest member alone"]
-    costliest = max(serve["singles"], key=lambda m: serve["singles"][m]["gflops"])
-    assert alone["members"] == [costliest]
+    costliest = alone["members"][0]  # members of equal cost: the demo keeps the last
+    top = max(single["gflops"] for single in serve["singles"].values())
+    assert serve["singles"][costliest]["gflops"] == top
     assert alone["test_accuracy"] == pytest.approx(serve["singles"][costliest]["test_accuracy"])
     if serve["found"]:
         cascade = serve["rows"]["cascade"]

@@ -202,7 +202,7 @@ def test_stream_reduce_end_to_end_equals_extract_features():
     head = variables["params"]["head"]
 
     def update(acc, feats_BD, labels_B, valid_B):
-        probs_BK = jax.nn.softmax(feats_BD @ head["kernel"] + head["bias"])
+        probs_BK = jax.nn.softmax(feats_BD @ head["kernel"] + head["bias"][None, :])
         return stats_lib.update(acc, feats_BD, labels_B, valid_B, probs_BK)
 
     acc = jaxmodels.stream_reduce(

@@ -233,7 +233,7 @@ def trained_variables(folder: str | os.PathLike):
     from jaxmodels import paths
     from jaxmodels.load import restore_as_numpy
 
-    run = _load_one(pathlib.Path(folder).resolve())  # orbax wants absolute paths
+    run = _load_one(pathlib.Path(folder).resolve(), weights=True)  # orbax wants absolute paths
     steps = [int(p.name) for p in (run.folder / CHECKPOINT_DIR).glob("*") if p.name.isdigit()]
     if not steps:
         raise RunError(f"run {str(run.folder)!r} has no checkpoint")
