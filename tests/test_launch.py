@@ -7,6 +7,8 @@ and three one-line errors; each test below reads one part of it. Two cheap launc
 launcher itself and a process that cannot reach its coordinator.
 """
 
+import contextlib
+import fcntl
 import json
 import os
 import pathlib
@@ -27,8 +29,6 @@ WORKER = REPO / "tests" / "two_process_worker.py"
 sys.path.insert(0, str(REPO / "tests"))
 import two_process_worker as worker  # noqa: E402
 
-# every test of this file on one xdist worker (`--dist loadgroup`): one launch, not one per worker
-pytestmark = pytest.mark.xdist_group("two_processes")
 LAUNCH_TIMEOUT_S = 600  # a hang (a collective one process skipped) fails instead of blocking CI
 
 
@@ -44,34 +44,48 @@ def _task(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels
 
 
+@contextlib.contextmanager
+def _once_per_session(tmp_path_factory, name: str):
+    """A folder shared by the session's xdist workers and a lock on it: the slow setups of this
+    file (data, the launch) run once even when its tests land on both workers."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield shared / name
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    for name, n, seed in (("train", 48, 0), ("eval", 20, 1)):  # 20: the last batch is padded
-        images, labels = _task(n, seed)
-        np.savez(root / f"{name}.npz", images=images, labels=labels)
-    for name, seed in (("vit_a", 11), ("vit_b", 12)):
-        ref = jaxmodels.parse_model_ref("vit_tiny")
-        jaxmodels.save(
-            root / name, "vit_tiny", jaxmodels.build(ref, num_classes=4, init_seed=seed).variables
-        )
+    with _once_per_session(tmp_path_factory, "data") as root:
+        if not (root / "ready").exists():
+            root.mkdir(exist_ok=True)
+            for name, n, seed in (("train", 48, 0), ("eval", 20, 1)):  # 20: last batch padded
+                images, labels = _task(n, seed)
+                np.savez(root / f"{name}.npz", images=images, labels=labels)
+            for name, seed in (("vit_a", 11), ("vit_b", 12)):
+                ref = jaxmodels.parse_model_ref("vit_tiny")
+                built = jaxmodels.build(ref, num_classes=4, init_seed=seed)
+                jaxmodels.save(root / name, "vit_tiny", built.variables)
+            (root / "ready").write_text("")
     return root
 
 
 @pytest.fixture(scope="module")
 def two_processes(data, tmp_path_factory):
-    """The worker's launch: its output, and what each process reported."""
-    out = tmp_path_factory.mktemp("two")
-    start = time.perf_counter()
-    status = launch.launch(
-        [str(WORKER), str(out), str(data)], processes=2, devices_per_process=4,
-        timeout_s=LAUNCH_TIMEOUT_S,
-    )  # fmt: skip
-    seconds = time.perf_counter() - start
-    assert status == 0, f"the two-process worker failed with status {status}"
+    """The worker's launch (once per session): its output, and what each process reported."""
+    with _once_per_session(tmp_path_factory, "two_processes") as out:
+        if not (out / "done").exists():
+            out.mkdir(exist_ok=True)
+            status = launch.launch(
+                [str(WORKER), str(out), str(data)], processes=2, devices_per_process=4,
+                timeout_s=LAUNCH_TIMEOUT_S,
+            )  # fmt: skip
+            assert status == 0, f"the two-process worker failed with status {status}"
+            (out / "done").write_text("")
     reports = [json.loads((out / f"p{i}.json").read_text()) for i in range(2)]
     arrays = [dict(np.load(out / f"p{i}.npz")) for i in range(2)]
-    return {"out": out, "reports": reports, "arrays": arrays, "seconds": seconds}
+    return {"out": out, "reports": reports, "arrays": arrays}
 
 
 def test_two_joined_processes_of_four_devices(two_processes):

@@ -16,8 +16,6 @@ from jaxmodels.load import restore_as_numpy
 from training import loop, optim
 from training import train_step as step_lib
 
-# every test of this file on one xdist worker (`--dist loadgroup`): the runs are made once
-pytestmark = pytest.mark.xdist_group("sharded_state")
 NUM_CLASSES = 8
 BATCH = 16
 PREP = jaxmodels.Preprocessing(8, 8, (0.5,) * 3, (0.25,) * 3, "bilinear")
