@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 from collections.abc import Callable
 
 
 def _temporary(path: pathlib.Path) -> pathlib.Path:
-    return path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    # host and pid: the processes of a multi-host run may write into one shared folder
+    return path.with_name(f".{path.stem}.{socket.gethostname()}-{os.getpid()}.tmp{path.suffix}")
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[pathlib.Path], object]) -> None:

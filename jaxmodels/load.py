@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import jit_cache, load_npz, load_torch, paths, registry
+from jaxmodels import jit_cache, load_npz, load_torch, paths, registry, sharding
 from jaxmodels.atomic_files import write_atomic
 
 MODEL_JSON = "model.json"
@@ -200,10 +200,17 @@ def save(
     `path/model.json` (`format`, `name`, `overrides`, `num_classes`, `image_size`, `info`), so
     `load` rebuilds the same architecture without being told anything.
 
+    Multi-process, every process calls `save` with the same arguments (orbax's save is
+    collective): arrays that span several processes' devices — replicated or sharded, e.g. a
+    fully sharded fine-tuning run's weights — are written shard by shard by the processes that
+    hold them, never gathered; process 0 writes `model.json`, and every process returns once
+    both are complete.
+
     Args:
       path: a directory that does not exist yet.
       name: the `jaxmodels.MODEL_NAMES` entry the variables belong to.
-      variables: `{'params': ..., 'batch_stats': ...}` as from `model.init` or `load`.
+      variables: `{'params': ..., 'batch_stats': ...}` as from `model.init` or `load`: NumPy
+        or `jax.Array`s.
       info: extra JSON facts to record (fine-tuning records its mode, seeds and starting point).
       **overrides: the architecture overrides the model was created with (JSON values only).
 
@@ -216,7 +223,9 @@ def save(
     path = pathlib.Path(path).absolute()
     if name not in registry.MODEL_NAMES:
         raise ValueError(f"name must be one of {', '.join(registry.MODEL_NAMES)}; got {name!r}")
-    if path.exists():
+    # decided together: otherwise a process looking after another one started writing would
+    # raise while the others wait for it in orbax's barrier
+    if sharding.any_process(path.exists()):
         raise ValueError(f"path {str(path)!r} already exists; save writes a new directory")
     if not isinstance(variables, dict) or "params" not in variables:
         raise ValueError("variables must be a dict with a 'params' collection")
@@ -236,10 +245,20 @@ def save(
         text = json.dumps(meta, indent=2)
     except TypeError as err:
         raise TypeError(f"overrides and info must be JSON values; {err}") from err
+    # arrays this process holds whole go as NumPy (no per-shape device copy in orbax); global
+    # arrays spanning other processes go as they are, each shard written by its holder
+    local = lambda x: not isinstance(x, jax.Array) or x.is_fully_addressable
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(path / _VARIABLES_DIR, jax.tree.map(np.asarray, variables))
+    checkpointer.save(
+        path / _VARIABLES_DIR, jax.tree.map(lambda x: np.asarray(x) if local(x) else x, variables)
+    )
     checkpointer.wait_until_finished()
-    (path / MODEL_JSON).write_text(text)
+    if jax.process_index() == 0:
+        (path / MODEL_JSON).write_text(text)
+    if jax.process_count() > 1:  # no process returns before model.json exists
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"jaxmodels.save {path}")
 
 
 class quiet_orbax:
@@ -347,8 +366,6 @@ def _read(path: pathlib.Path, name: str, family: str, overrides: dict):
 
 
 def _read_orbax(path: pathlib.Path, name: str):
-    import orbax.checkpoint as ocp
-
     defaults = {}
     directory = path
     if (path / MODEL_JSON).exists():
@@ -366,12 +383,28 @@ def _read_orbax(path: pathlib.Path, name: str):
         directory = path / _VARIABLES_DIR
     try:
         with quiet_orbax():
-            tree = ocp.StandardCheckpointer().restore(directory.absolute())
+            tree = restore_as_numpy(directory.absolute())
     except Exception as err:  # orbax/tensorstore raise many kinds for broken files
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"checkpoint {str(path)!r} cannot be read ({reason[:300]})") from None
     flat = {k: np.asarray(v) for k, v in paths.flatten(tree).items()}
     return flat, {k: k for k in flat}, [], defaults
+
+
+def restore_as_numpy(directory: pathlib.Path):
+    """The pytree of an orbax checkpoint directory as NumPy arrays, whoever wrote it.
+
+    Restoring without a target would rebuild each array with the sharding it was saved from:
+    device ids that may not exist here, or (multi-process) arrays no process can read whole.
+    """
+    import orbax.checkpoint as ocp
+
+    metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata
+    metadata = getattr(metadata, "tree", metadata)
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
+    return ocp.PyTreeCheckpointer().restore(
+        directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy)
+    )
 
 
 # ----------------------------------------------------------------------------- checking

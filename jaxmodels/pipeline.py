@@ -2,10 +2,10 @@
 
 Both pipelines are grain datasets: a random-access ``grain.MapDataset`` of per-example work
 (read, decode, augment or prepare), turned into an iterator by ``to_iter_dataset`` with
-``grain.ReadOptions`` (decoding in worker threads, prefetching), then batched. Their iterators
-are ``grain.DatasetIterator``s: ``get_state()``/``set_state()`` (and
-``grain.checkpoint.CheckpointSave(iterator)`` in an orbax checkpoint) resume at the exact next
-batch, in O(1), because every element is a pure function of its position.
+``grain.ReadOptions`` (decoding in worker threads, prefetching), then batched. Every element is a
+pure function of its position, so a training stream resumes at the exact next batch, in O(1),
+from the step alone (``train_dataset(..., start_step=s)``) — whatever the process count, which
+is why checkpoints need no per-process iterator state.
 
 Training (`train_dataset`): epoch e visits a fresh permutation of the N examples drawn from
 (seed, e) (grain's ``index_shuffle``, a bijection computed per index), keeps its first
@@ -216,8 +216,10 @@ class _TrainExample(grain.transforms.MapWithIndex):
     global_batch: int
     local_batch: int
     process_index: int
+    first_index: int = 0  # this process's local position of the stream's first element
 
     def map_with_index(self, index: int, _) -> dict:
+        index += self.first_index
         position = _global_position(index, self.local_batch, self.global_batch, self.process_index)
         epoch, in_epoch = divmod(position, self.per_epoch)
         item = self.source[epoch_order(len(self.source), self.seed, epoch, in_epoch)]
@@ -263,8 +265,9 @@ def train_dataset(
     process_count: int | None = None,
     num_threads: int | None = None,
     prefetch: int | None = None,
+    start_step: int = 0,
 ) -> PipelineData:
-    """Shuffled, augmented training batches (module docstring), resumable with grain state.
+    """Shuffled, augmented training batches (module docstring), resumable from any step.
 
     Args:
       source: the training data.
@@ -275,10 +278,13 @@ def train_dataset(
       process_index, process_count: this process and how many (default: JAX's).
       num_threads: decoding/augmentation threads (default ``min(8, cpu count)``; 0: inline).
       prefetch: examples decoded ahead (default two local batches).
+      start_step: the first batch is global batch number `start_step` of the stream (a resumed
+        run's step): the same batches an uninterrupted stream yields from there on.
 
     Returns:
       `PipelineData` whose batches are ``{"image": uint8 [L, S, S, 3], "label": int32 [L]}``,
-      L = G / process_count; ``num_batches = epochs · steps_per_epoch``.
+      L = G / process_count; ``num_batches = epochs · steps_per_epoch`` (those from
+      `start_step` on are yielded).
 
     Raises:
       TypeError: ``source`` is not an `ImageSource` or ``augment`` not an `Augment`.
@@ -300,10 +306,17 @@ def train_dataset(
         raise ValueError(
             f"global_batch {global_batch} exceeds the {n} training examples of {source.spec!r}"
         )
+    total = None if epochs is None else int(epochs) * steps
+    if isinstance(start_step, bool) or not isinstance(start_step, int | np.integer):
+        raise ValueError(f"start_step must be an int; got {start_step!r}")
+    if start_step < 0 or (total is not None and start_step > total):
+        raise ValueError(f"start_step must lie in [0, {total}]; got {start_step}")
+    first = int(start_step) * local_batch
     example = _TrainExample(
-        source, augment, int(seed), steps * global_batch, global_batch, local_batch, process_index
-    )
-    positions = grain.MapDataset.range(steps * local_batch).repeat(epochs)
+        source, augment, int(seed), steps * global_batch, global_batch, local_batch,
+        process_index, first,
+    )  # fmt: skip
+    positions = grain.MapDataset.range(steps * local_batch).repeat(epochs)[first:]
     dataset = (
         positions.map_with_index(example)
         .to_iter_dataset(_read_options(num_threads, prefetch, local_batch))
@@ -311,7 +324,7 @@ def train_dataset(
     )
     return PipelineData(
         dataset=dataset,
-        num_batches=None if epochs is None else int(epochs) * steps,
+        num_batches=total,
         global_batch=int(global_batch),
         local_batch=local_batch,
         steps_per_epoch=steps,

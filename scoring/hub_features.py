@@ -7,6 +7,10 @@ package uses) or folds them into `scoring.ScoreStats` inside the extraction step
 (`jaxmodels.stream_reduce`). Results are cached under a key of the weights' content hash (or the
 random-init seed) and the data's fingerprint; the key is computed without building the model, so a
 second ranking of the same (model, data) compiles and extracts nothing.
+
+Multi-process, every process extracts together and writes its own copy of the cache (hosts often
+cache on local disks); the cache is used only when every process has it, so no process extracts
+alone and waits forever for the others.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmodels
+from jaxmodels import sharding
 from jaxmodels.atomic_files import write_atomic
 from scoring import stats as stats_lib
 
@@ -56,6 +61,11 @@ def _cache_path(ref, data, seed, cache_dir, kind: str) -> pathlib.Path:
     return cache_dir / f"{ref.name}-{digest}{'' if kind == 'features' else '-stats'}.npz"
 
 
+def _cached(path: pathlib.Path) -> bool:
+    """Whether every process has `path` (a collective with several processes)."""
+    return not sharding.any_process(not path.exists())
+
+
 def _build(ref, seed):
     built = jaxmodels.build(ref, init_seed=seed, random_init_classes=_RANDOM_INIT_CLASSES)
     return built.model, built.variables
@@ -86,7 +96,7 @@ def features_for(ref, data, cache_dir, batch_size, seed, log, progress=True):
         jaxmodels.ModelRefError: the checkpoint cannot be loaded.
     """
     path = _cache_path(ref, data, seed, cache_dir, "features")
-    if path.exists():
+    if _cached(path):
         log(f"  cached features: {path}")
         with np.load(path) as cached:
             return cached["features"], cached["logits"], True
@@ -129,7 +139,7 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log, progress
     """
     # "stream-qr": the statistics hold a running R factor (older caches held sums).
     path = _cache_path(ref, data, seed, cache_dir, "stream-qr:" + ",".join(sorted(scores)))
-    if path.exists():
+    if _cached(path):
         log(f"  cached statistics: {path}")
         with np.load(path) as saved:
             return (
@@ -147,7 +157,7 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log, progress
     head = (kernel_DK, bias_K) if with_head else ()
 
     def source_probs(head, feats_BD):
-        return jax.nn.softmax(feats_BD @ head[0] + head[1], axis=-1)
+        return jax.nn.softmax(feats_BD @ head[0] + head[1][None, :], axis=-1)
 
     def update(carry, feats_BD, labels_B, valid_B):
         head, acc = carry
@@ -175,6 +185,8 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log, progress
         batch_size=batch_size,
         progress=progress,
     )
+    # host copies: global arrays of a multi-process run cannot mix with local ones below
+    acc = sharding.host_copy(acc)
     second = None
     if "leep" in scores:  # LEEP's second pass needs P̂(y | z) from the first
         _, second = jaxmodels.stream_reduce(
@@ -186,6 +198,7 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log, progress
             batch_size=batch_size,
             progress=progress,
         )
+        second = sharding.host_copy(second)
     _save_tuples(path, stats=acc, leep=second)
     log(f"  streamed {int(acc.num_samples)} images into statistics → {path}")
     return acc, second, False

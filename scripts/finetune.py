@@ -10,7 +10,7 @@ import sys
 
 import jax
 
-from jaxmodels import ModelRefError
+from jaxmodels import ModelRefError, distributed
 from jaxmodels.data import DataError
 from training import run as run_lib
 from training import sweep
@@ -60,10 +60,13 @@ data: tfds:NAME[:SPLIT] (read with tfds.data_source, needs the dataset already p
   own normalisation and resize (jaxmodels.spec); training adds random-resized-crop + flip.
 
 devices: the batch is split over every visible device (data parallel); --batch-size is the
-  global batch and must be divisible by the device count. On several hosts, start the same
-  command on every host with --distributed (jax.distributed.initialize: automatic on Cloud TPU
-  and SLURM, else set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID); each host
-  then reads only its share of every batch.
+  global batch and must be divisible by the device count. --shard-params splits parameters,
+  gradients and optimizer state over the devices too (each holds about 1/n). On several hosts
+  (a TPU VM pod slice, a SLURM job), start the same command on every host with --distributed
+  (jax.distributed.initialize() with JAX's cluster detection); each host then reads only its
+  share of every batch, and process 0 writes the JSON files (docs/multihost.md). On one
+  machine, python -m training.launch --processes 2 --devices-per-process 4 -- scripts/finetune.py
+  ... runs the same multi-process program on CPU devices.
 """
 
 
@@ -207,7 +210,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--distributed",
         action="store_true",
-        help="multi-host: call jax.distributed.initialize() first",
+        help="multi-host: join the other hosts' processes first (jax.distributed.initialize() "
+        "with JAX's cluster detection: Cloud TPU, SLURM, ...); start the same command on every "
+        "host",
     )
     return parser.parse_args(argv)
 
@@ -216,9 +221,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     # orbax and absl log every retry of a broken checkpoint; hubtune reports them in one line
     logging.getLogger("absl").setLevel(logging.ERROR)
+    distributed.initialize(args.distributed)
     try:
-        if args.distributed:
-            jax.distributed.initialize()
+        distributed.check_same_config(vars(args), "arguments")
         base = RunConfig(
             model=args.model,
             train_data=args.data,
@@ -263,7 +268,7 @@ def main(argv=None) -> int:
             configs = sweep.expand_grid(base, grid)
             results = sweep.run_sweep(configs, grid, args.out, progress=progress)
             folders = [c.out_dir for c in configs]
-    except (RunError, DataError, ModelRefError) as err:
+    except (RunError, DataError, ModelRefError, distributed.DistributedError) as err:
         print(f"finetune.py: error: {err}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

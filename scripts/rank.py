@@ -26,6 +26,11 @@ features: statistics are summed inside the extraction step (LogME, H-score, LEEP
 the default scores then). A user error prints one line and exits with status 2; a score that
 fails keeps the scores that finished in ranking.json.
 
+Several hosts (a TPU VM pod slice, a SLURM job): start the same command on every host with
+--distributed; each host extracts its share of every batch and process 0 writes DIR. On one
+machine, `python -m training.launch --processes 2 --devices-per-process 4 -- scripts/rank.py ...`
+runs it as two processes of four CPU devices (docs/multihost.md).
+
 Example:
     python scripts/rank.py --models resnet_tiny vit_tiny --data tiny.npz --scores logme,hscore \\
         --out runs/rank
@@ -35,11 +40,19 @@ import argparse
 import pathlib
 import sys
 
+import jax
+
 import jaxmodels
+from jaxmodels import distributed
 from scoring import hub_ranking
 from scoring.hub_features import default_cache_dir
 
-USER_ERRORS = (hub_ranking.SpecError, jaxmodels.DataError, jaxmodels.ModelRefError)
+USER_ERRORS = (
+    hub_ranking.SpecError,
+    jaxmodels.DataError,
+    jaxmodels.ModelRefError,
+    distributed.DistributedError,
+)
 
 
 def main(argv=None) -> int:
@@ -66,7 +79,15 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, help="global batch (default 32 per device)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random-init models")
     parser.add_argument("--tfds-data-dir", help="TFDS data directory")
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: join the other hosts' processes first (jax.distributed.initialize() "
+        "with JAX's cluster detection: Cloud TPU, SLURM, ...); start the same command on every "
+        "host",
+    )
     args = parser.parse_args(argv)
+    distributed.initialize(args.distributed)
 
     def fail(message: str) -> int:
         print(f"rank.py: error: {message}", file=sys.stderr)
@@ -75,7 +96,9 @@ def main(argv=None) -> int:
     out = pathlib.Path(args.out)
     if out.exists() and not out.is_dir():
         return fail(f"--out {str(out)!r} is a file; give a folder")
+    lead = jax.process_index() == 0  # one table, one writer
     try:
+        distributed.check_same_config(vars(args), "arguments")
         ranking = hub_ranking.rank_hub(
             args.models,
             args.data,
@@ -86,13 +109,15 @@ def main(argv=None) -> int:
             stream=args.stream,
             seed=args.seed,
             data_dir=args.tfds_data_dir,
+            log=print if lead else lambda _: None,
         )
     except USER_ERRORS as err:
         return fail(str(err))
-    print()
-    print(hub_ranking.format_table(ranking))
-    for path in hub_ranking.write_outputs(ranking, out):
-        print(f"wrote {path}")
+    if lead:
+        print()
+        print(hub_ranking.format_table(ranking))
+        for path in hub_ranking.write_outputs(ranking, out):
+            print(f"wrote {path}")
     if ranking.error:
         return fail(f"{ranking.error} (the scores that finished are in {out / 'ranking.json'})")
     return 0

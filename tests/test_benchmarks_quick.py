@@ -41,3 +41,16 @@ def test_bench_scores_quick_agrees_in_float32(tmp_path):
     (line,) = [ln for ln in stdout.splitlines() if ln.startswith("float32 vs float64 agreement")]
     assert line.endswith(": OK"), line
     assert "overhead" in stdout
+
+
+def test_bench_scale_quick_memory_part_checks_itself(tmp_path):
+    """ViT-B/16 full fine-tuning on 8 fake devices, from abstract arrays (never materialised)."""
+    import json
+
+    run_script("bench_scale", tmp_path, "--skip-steps")
+    memory = json.loads((tmp_path / "bench_scale.json").read_text())["memory"]
+    assert memory["model"] == "vit_b16" and memory["devices"] == 8
+    replicated = memory["replicated"]["params_and_optimizer_bytes_per_device"]
+    # ViT-B/16 with 10 classes: 86.2 M float32 parameters, twice that in AdamW moments
+    assert 3 * 4 * 85.0e6 < replicated < 3 * 4 * 86.5e6
+    assert 0.125 <= memory["sharded_over_replicated"] < 0.127

@@ -151,5 +151,5 @@ def test_resume_into_a_different_run_is_refused(runs, change, match):
 
 def test_restore_from_an_empty_directory_gives_none(tmp_path):
     manager = checkpoints.make_manager(str(tmp_path / "empty"))
-    assert checkpoints.restore_latest(manager, None, None, {}) is None
+    assert checkpoints.restore_latest(manager, None, {}) is None
     manager.close()

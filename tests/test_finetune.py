@@ -342,7 +342,7 @@ def test_seed_sweep_shares_its_start_writes_sweep_json_and_loads_anywhere(
 def test_finetune_script_help_answers_newcomers():
     out = subprocess.run(
         [sys.executable, str(REPO / "scripts/finetune.py"), "--help"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     ).stdout  # fmt: skip
     for needle in ["--mode", "ssf", "sweep", "result.json", "tfds:NAME", "--init-seed",
                    "load_run", "never retrained"]:  # fmt: skip

@@ -5,11 +5,11 @@ augmentation leaves alone; pixels are compared exactly between runs that must ag
 """
 
 import collections
+import itertools
 
 import grain
 import numpy as np
 import pytest
-from etils import epath
 from PIL import Image
 
 import jaxmodels
@@ -115,16 +115,27 @@ def test_restoring_the_state_gives_the_same_next_batches(epochs):
         np.testing.assert_array_equal(got["label"], want["label"])
 
 
-def test_grain_checkpoint_handler_round_trip(tmp_path):
+@pytest.mark.parametrize("epochs", [3, None])
+def test_a_stream_started_at_a_step_is_the_rest_of_the_stream_under_any_process_count(epochs):
+    """What a resumed run reads: from the step alone, for 1 or 2 processes (checkpoints hold no
+    per-process iterator state)."""
     source = _source(13)
-    iterator = iter(_train(source))
-    next(iterator), next(iterator)
-    handler = grain.checkpoint.CheckpointHandler()
-    handler.save(epath.Path(tmp_path), args=grain.checkpoint.CheckpointSave(iterator))
-    want = next(iterator)
-    fresh = iter(_train(source))
-    handler.restore(epath.Path(tmp_path), args=grain.checkpoint.CheckpointRestore(fresh))
-    np.testing.assert_array_equal(next(fresh)["image"], want["image"])
+    whole = list(itertools.islice(iter(_train(source, epochs=epochs)), 9))  # 3 batches per epoch
+    rest = list(_train(source, epochs=epochs, start_step=4)) if epochs else None
+    if epochs:
+        assert len(rest) == 5
+    for process_count in (1, 2):
+        slices = [
+            iter(_train(source, p, process_count, epochs=epochs, start_step=4))
+            for p in range(process_count)
+        ]
+        for want in whole[4:]:
+            parts = [next(s) for s in slices]
+            got = {k: np.concatenate([part[k] for part in parts]) for k in ("image", "label")}
+            np.testing.assert_array_equal(got["image"], want["image"])
+            np.testing.assert_array_equal(got["label"], want["label"])
+    with pytest.raises(ValueError, match=r"start_step must lie in \[0, 9\]; got 10"):
+        _train(source, epochs=3, start_step=10)
 
 
 def test_augment_crop_recipe():

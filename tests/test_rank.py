@@ -4,6 +4,7 @@ direct computations, the cache, streamed statistics, labels, and every user erro
 import importlib.util
 import itertools
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -237,9 +238,13 @@ def test_a_failing_score_keeps_the_finished_ones(hub, tmp_path, monkeypatch, cap
     assert [sorted(m["scores"]) for m in report["models"]] == [["logme"], ["logme"]]
 
 
+# a script run as a file imports the packages of this tree, not those installed from another
+_THIS_TREE = {**os.environ, "PYTHONPATH": str(SCRIPT.parents[1])}
+
+
 def test_help_lists_models_and_the_cache(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--help"], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path)  # fmt: skip
+                          text=True, timeout=120, cwd=tmp_path, env=_THIS_TREE)  # fmt: skip
     assert proc.returncode == 0
     assert "resnet50" in proc.stdout and "vit_b16" in proc.stdout
     assert str(jaxmodels.cache_root() / "features") in proc.stdout
@@ -248,7 +253,7 @@ def test_help_lists_models_and_the_cache(tmp_path):
 def test_script_exits_2_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--models", "resnet_nope", "--data", "x.npz", "--out", "o"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_THIS_TREE,
     )  # fmt: skip
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,9 +1,16 @@
-"""Orbax checkpoints of a fine-tuning run: train state, data iterator position and run identity.
+"""Orbax checkpoints of a fine-tuning run: train state and run identity.
 
 A checkpoint holds the whole :class:`training.train_step.TrainState` (trainable and frozen
-params, BatchNorm statistics, optimizer state, EMA, step), the grain data iterator's state (so a
-resumed run continues at the exact next batch), and a JSON record of what the run is (model,
-mode, trainable paths and shapes, seeds, data). Restoring:
+params, BatchNorm statistics, optimizer state, EMA, step) and a JSON record of what the run is
+(model, mode, trainable paths and shapes, seeds, data). The data position is not stored: every
+batch is a pure function of its step (`jaxmodels.pipeline.train_dataset(start_step=...)`), so a
+resumed run continues at the exact next batch whatever its process count — grain's own iterator
+checkpoints are one file per process and would tie a checkpoint to the process layout.
+
+Saving and restoring are collective: every process calls them, orbax writes each shard of a
+global array once (from the process that holds it) and restores each process's shards into the
+target's sharding, so a checkpoint of a fully sharded run restores into a replicated one and
+back. Restoring:
 
 - into a run whose identity differs raises a `RunError` naming the difference, before any array
   is read, instead of silently training the wrong parameters;
@@ -19,12 +26,12 @@ import os
 import shutil
 from collections.abc import Callable, Mapping
 
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from jaxmodels import sharding
 from jaxmodels.load import quiet_orbax
 from training.run_config import RunError
 
@@ -54,15 +61,14 @@ def make_manager(directory: str, max_to_keep: int | None = 2) -> ocp.CheckpointM
     return ocp.CheckpointManager(directory, options=options)
 
 
-def save(manager, state, data_iterator, identity: Mapping, wait: bool = False) -> None:
-    """Saves ``state`` at its step with the data iterator's position and the run identity.
+def save(manager, state, identity: Mapping, wait: bool = False) -> None:
+    """Saves ``state`` at its step with the run identity.
 
     Every process calls this (orbax's save is collective); orbax writes each array once.
 
     Args:
         manager: from :func:`make_manager`.
         state: the train state (a pytree of global arrays).
-        data_iterator: the grain iterator of the training batches (its state is saved).
         identity: from :func:`run_identity`.
         wait: block until the (asynchronous) write is done.
     """
@@ -74,7 +80,6 @@ def save(manager, state, data_iterator, identity: Mapping, wait: bool = False) -
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(to_save),
-            data=grain.checkpoint.CheckpointSave(data_iterator),
             meta=ocp.args.JsonSave({"identity": dict(identity)}),
         ),
     )
@@ -82,15 +87,17 @@ def save(manager, state, data_iterator, identity: Mapping, wait: bool = False) -
         manager.wait_until_finished()
 
 
-def restore_latest(
-    manager, target_state, data_iterator, identity: Mapping, log: Callable[[str], None] = print
-):
+def restore_latest(manager, target_state, identity: Mapping, log: Callable[[str], None] = print):
     """Restores the newest readable checkpoint into the structure/sharding of ``target_state``.
+
+    Every process calls this; they agree on which checkpoint is readable (a step one process
+    cannot read is moved aside for all), so none waits in a restore the others skipped.
 
     Args:
         manager: from :func:`make_manager`.
-        target_state: a train state of this run (its arrays give shapes, dtypes and shardings).
-        data_iterator: the run's grain iterator; its position is restored in place.
+        target_state: a train state of this run (its arrays give shapes, dtypes and shardings:
+            orbax reads each process's shards into them, whatever sharding the checkpoint
+            was written from).
         identity: this run's :func:`run_identity`; must equal the saved one.
         log: where the one-line report of an unreadable checkpoint goes.
 
@@ -102,12 +109,15 @@ def restore_latest(
     """
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target_state)
     for step in sorted(manager.all_steps(), reverse=True):
+        error = None
         try:
             with quiet_orbax():
                 meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
             found = meta["meta"]["identity"]
         except Exception as err:  # orbax/tensorstore/json raise many kinds for broken files
-            _move_aside(manager, step, err, log)
+            error = err
+        if sharding.any_process(error is not None):
+            _move_aside(manager, step, error, log)
             continue
         diff = _first_difference(_jsonable(identity), found)
         if diff:
@@ -118,22 +128,23 @@ def restore_latest(
         try:
             with quiet_orbax():
                 restored = manager.restore(
-                    step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract),
-                        data=grain.checkpoint.CheckpointRestore(data_iterator),
-                    ),
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
                 )
-        except Exception as err:  # a truncated array file, a missing data state…
-            _move_aside(manager, step, err, log)
+        except Exception as err:  # a truncated array file, a missing item…
+            error = err
+        if sharding.any_process(error is not None):
+            _move_aside(manager, step, error, log)
             continue
         return restored["state"], step
     return None
 
 
-def _move_aside(manager, step: int, err: Exception, log) -> None:
+def _move_aside(manager, step: int, err: Exception | None, log) -> None:
     """Reports an unreadable checkpoint in one line and moves it out of the manager's sight."""
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if err is None:
+        reason = "another process could not read it"
+    else:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     directory = os.fspath(manager.directory)
     aside = f"{directory}-unreadable"
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

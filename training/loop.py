@@ -1,16 +1,21 @@
 """The fine-tuning loop: data-parallel steps over a device mesh, evaluation, logs, checkpoints.
 
 Parameters and optimizer state live on a 1-D ``Mesh`` of all devices (axis ``data``,
-`jaxmodels.sharding`) — replicated, or sharded with ``shard_params`` — and each global batch is
-split along it with ``NamedSharding``; XLA inserts the gradient all-reduce. Batches come from the
+`jaxmodels.sharding`): replicated (the default; XLA inserts the gradient all-reduce), or with
+``shard_params`` fully sharded — parameters, gradients, optimizer moments and EMA each split
+along their largest dimension divisible by the device count (`sharding.param_shardings`), so a
+device holds about 1/n of them; XLA all-gathers the weights for the forward and backward passes
+and reduce-scatters the gradients. The train state is built by one ``jax.jit`` whose
+``out_shardings`` place every array where it lives from then on (never a full copy per device
+first), and each global batch is split along the mesh with ``NamedSharding``. Batches come from the
 grain pipeline of `jaxmodels.pipeline` as uint8 and are normalised on the device; each process
 loads only its slice of a batch and the global array is assembled with
 ``jax.make_array_from_process_local_data``, so the same code runs on one CPU, eight fake CPU
 devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and evaluated
 after every epoch with `jaxmodels.evaluate`. A run checkpoints every N steps and at the end
-(state plus the data iterator's position), and a run started again with the same settings
-resumes from the newest readable checkpoint and ends with the same parameters as an
-uninterrupted one.
+(the data position follows from the step), and a run started again with the same settings
+resumes from the newest readable checkpoint — under any process count, replicated or sharded —
+and ends with the same parameters as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from tqdm.auto import tqdm
 
 import jaxmodels
@@ -51,6 +55,8 @@ class FitConfig:
             simulates a killed job and bounds benchmark runs. ``None`` runs to the end.
         progress: show a tqdm progress bar (process 0 only).
         num_workers: image-decoding threads per process.
+        shard_params: fully shard parameters, gradients, optimizer state and EMA over the
+            devices (FSDP) instead of replicating them; the same run to float32 rounding.
     """
 
     epochs: int = 1
@@ -66,6 +72,7 @@ class FitConfig:
     stop_after_steps: int | None = None
     progress: bool = True
     num_workers: int = 0
+    shard_params: bool = False
 
     def __post_init__(self):
         if self.mode not in masks.MODES:
@@ -100,14 +107,8 @@ class FitResult:
     resumed_from: int | None = None
 
 
-def host_copy(tree):
-    """NumPy copy of a pytree of replicated arrays, on every process.
-
-    ``jax.device_get`` refuses arrays that span several hosts; a replicated array's local
-    shard is the whole value, so read that instead.
-    """
-    to_host = lambda x: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x)
-    return jax.tree.map(to_host, tree)
+# NumPy copy of global arrays on every process (``jax.device_get`` refuses multi-host arrays).
+host_copy = sharding.host_copy
 
 
 class _MetricsLog:
@@ -210,16 +211,26 @@ def fit(
     trainable_mask = masks.trainable_mask(variables["params"], config.mode, config.head_name)
     decay_mask = paths.flatten(masks.weight_decay_mask(variables["params"]))
     trainable, _ = masks.split_params(variables["params"], trainable_mask)
-    optimizer, _ = optim.init_optimizer(optim_config, trainable, decay_mask)
+    optimizer = optim.make_optimizer(optim_config, {k: bool(decay_mask[k]) for k in trainable})
 
     replicated = sharding.replicated_sharding(mesh)
-    state = step_lib.init_train_state(
-        variables, trainable_mask, optimizer, ema=step_config.ema_decay is not None,
-        schedule=optim.schedule_state(optim_config),
+    ema = step_config.ema_decay is not None
+    schedule = optim.schedule_state(optim_config)
+    decay_trainable = {k: bool(decay_mask[k]) for k in trainable}
+    # one compiled initialiser and one compiled step per (model, optimizer shape, step options,
+    # preprocessing, mesh, placement): the runs of a sweep differ in rates, seeds and lengths
+    # only, which both read as data
+    key_fields = (model, config.mode, config.head_name,
+                  optim.compile_key(optim_config, decay_trainable), step_config, augment.prep,
+                  mesh, config.shard_params)  # fmt: skip
+    init, variable_shardings, state_shardings = jit_cache.cached(
+        ("train_state_init", *key_fields),
+        lambda: state_initializer(
+            variables, schedule, trainable_mask, optimizer, ema=ema, mesh=mesh,
+            shard_params=config.shard_params,
+        ),
     )  # fmt: skip
-    # fresh buffers: the train step donates its state, and the caller's variables must survive
-    # (device_put may hand back the caller's buffer as the device-0 shard, may_alias or not)
-    state = jax.tree.map(jnp.copy, jax.device_put(state, replicated))
+    state = init(sharding.put(variables, variable_shardings), sharding.put(schedule, replicated))
     run_id = checkpoints.run_identity(
         state,
         **{
@@ -230,30 +241,32 @@ def fit(
             "num_train_examples": len(train_source),
         },
     )
-    batches = iter(train)
     manager = checkpoints.make_manager(config.checkpoint_dir) if config.checkpoint_dir else None
     resumed_from = None
     if manager is not None:
-        restored = checkpoints.restore_latest(manager, state, batches, run_id, say)
+        restored = checkpoints.restore_latest(manager, state, run_id, say)
         if restored is not None:
             state, resumed_from = restored
             say(f"resumed from step {resumed_from} of {total} ({config.checkpoint_dir})")
+            train = pipeline.train_dataset(
+                train_source, augment, global_batch=config.global_batch, seed=config.seed,
+                epochs=config.epochs, num_threads=config.num_workers, start_step=resumed_from,
+            )  # fmt: skip
+    batches = iter(train)
     metrics_log = _MetricsLog(config.log_path)
     evals = metrics_log.resume(resumed_from)
 
-    # one compiled step per (model, optimizer shape, step options, preprocessing, mesh): the
-    # runs of a sweep differ in rates, seeds and lengths only, which the step reads as data
-    decay_trainable = {k: bool(decay_mask[k]) for k in trainable}
-    key_fields = (model, optim.compile_key(optim_config, decay_trainable), step_config,
-                  augment.prep, mesh)  # fmt: skip
     train_fn = jit_cache.cached(
         ("train_step", *key_fields),
         lambda: jax.jit(
-            step_lib.make_train_step(model.apply, optimizer, step_config, augment.prep),
-            out_shardings=(replicated, replicated),
+            step_lib.make_train_step(
+                model.apply, optimizer, step_config, augment.prep,
+                grad_shardings=state_shardings.trainable if config.shard_params else None,
+            ),
+            out_shardings=(state_shardings, replicated),
             donate_argnums=0,
         ),
-    )
+    )  # fmt: skip
     prepared = None
     if eval_data is not None:
         prepared = jaxmodels.prepare(
@@ -261,7 +274,8 @@ def fit(
         )
     eval_dtype = None if step_config.compute_dtype == "float32" else jnp.bfloat16
     use_ema = config.eval_with_ema and step_config.ema_decay is not None
-    key = jax.device_put(jax.random.key(config.seed), replicated)
+    # made on the mesh: a key array on one local device cannot be put on other hosts' devices
+    key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
     metrics: dict = {}
     step = int(host_copy(state.step))
     end = total if config.stop_after_steps is None else min(total, config.stop_after_steps)
@@ -287,7 +301,7 @@ def fit(
                 metrics_log.write({**record, "elapsed_s": time.perf_counter() - tick})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
             if manager is not None and (step % config.checkpoint_every == 0 or step == total):
-                checkpoints.save(manager, state, batches, run_id)
+                checkpoints.save(manager, state, run_id)
             if prepared is not None and (step % per_epoch == 0 or step == total):
                 variables_now = {"params": state.params(use_ema=use_ema)}
                 if state.batch_stats:
@@ -310,6 +324,47 @@ def fit(
             manager.close()
     metrics = {k: float(v) for k, v in host_copy(metrics).items()}
     return FitResult(state, evals, metrics, step == total, resumed_from)
+
+
+def state_initializer(
+    variables, schedule, trainable_mask, optimizer, *, ema: bool, mesh, shard_params: bool
+):
+    """How the step-0 `TrainState` is built: one jit straight into its shardings on `mesh`.
+
+    Args:
+        variables: the model's variables (arrays or `jax.ShapeDtypeStruct`s: only shapes are
+            read here).
+        schedule: `optim.schedule_state(...)` (or its shapes).
+        trainable_mask: from `training.masks.trainable_mask`.
+        optimizer: `optim.make_optimizer` over the trainable flat dict.
+        ema: keep an EMA of the trainable leaves.
+        mesh: the data mesh.
+        shard_params: fully shard every leaf (`sharding.param_shardings`), else replicate.
+
+    Returns:
+        ``(init, variable_shardings, state_shardings)``: ``init(variables, schedule)`` is jitted
+        with ``out_shardings=state_shardings``; give it the variables placed with
+        ``sharding.put(variables, variable_shardings)`` (each device then receives only its
+        shard of them, never a full copy first) and the schedule replicated. The rates are data,
+        so one compiled ``init`` serves every run of a sweep.
+    """
+
+    def init(variables, schedule):
+        # copies: an output that is an unchanged input would be handed back as the input's
+        # buffer, which the train step then donates (the caller's variables must survive)
+        variables = jax.tree.map(jnp.copy, variables)
+        state = step_lib.init_train_state(
+            variables, trainable_mask, optimizer, ema=ema, schedule=schedule
+        )
+        # the optimizer's starting rate is the run's peak (as `make_optimizer` builds it), read
+        # from data rather than from the first run that compiled this function
+        opt_state = optim.with_learning_rate(state.opt_state, schedule["peak_lr"])
+        return state.replace(opt_state=opt_state)
+
+    abstract = jax.eval_shape(init, variables, schedule)
+    state_shardings = sharding.param_shardings(abstract, mesh, shard=shard_params)
+    variable_shardings = sharding.param_shardings(variables, mesh, shard=shard_params)
+    return jax.jit(init, out_shardings=state_shardings), variable_shardings, state_shardings
 
 
 def total_steps(num_examples: int, global_batch: int, epochs: int) -> int:

@@ -12,6 +12,11 @@ This is what ``scripts/finetune.py`` calls, in two phases:
   model built from ``init_seed``, fitted (resuming from the newest readable checkpoint), and its
   weights (SSF folded into the plain architecture, EMA weights when EMA is on) and results
   written.
+
+Multi-process (one process per host, `jaxmodels.distributed`): every process plans and runs the
+same config; process 0 alone takes the folder's lock and writes JSON, and tells the others
+whether it got the lock; every process takes part in the collective writes (checkpoints, the
+final weights), which orbax does shard by shard.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from jax.experimental import multihost_utils
 
 import jaxmodels
 from jaxmodels import data as data_lib
-from jaxmodels import paths, pipeline, registry
+from jaxmodels import paths, pipeline, registry, sharding
 from training import loop, masks, optim
 from training import run_folder as folder_lib
 from training import train_step as step_lib
@@ -187,12 +192,12 @@ def run(
         try:
             folder.mkdir(parents=True, exist_ok=True)
             lock.acquire()
-        except RunError as err:
-            error = err
+        except (RunError, OSError) as err:
+            error = err if isinstance(err, RunError) else RunError(f"cannot lock {folder}: {err}")
     if jax.process_count() > 1:  # every process learns whether process 0 holds the folder
         held = bool(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
         if not held and error is None:
-            error = RunError(f"{folder} is in use by another command (see process 0)")
+            error = RunError(f"{folder} is in use by another command (process 0 could not lock it)")
     if error is not None:
         raise error
     try:
@@ -246,6 +251,7 @@ def _execute(run_plan: Plan, progress: bool, log) -> dict:
         stop_after_steps=config.stop_after_steps,
         progress=progress,
         num_workers=config.num_workers,
+        shard_params=config.shard_params,
     )
     start = time.perf_counter()
     fitted = loop.fit(
@@ -257,10 +263,10 @@ def _execute(run_plan: Plan, progress: bool, log) -> dict:
     state = fitted.state
     model_dir = folder / folder_lib.MODEL_DIR
     if fitted.finished:
-        final = {"params": state.params(use_ema=bool(state.ema))}
+        # global arrays, replicated or sharded: saved shard by shard, never gathered on a host
+        weights = {"params": state.params(use_ema=bool(state.ema))}
         if state.batch_stats:
-            final["batch_stats"] = state.batch_stats
-        weights = loop.host_copy(final)
+            weights["batch_stats"] = state.batch_stats
         weights = jaxmodels.ssf.fold(weights) if config.mode == "ssf" else weights
         plain = model.clone(ssf=False) if config.mode == "ssf" else model
         info = {
@@ -301,14 +307,16 @@ def _execute(run_plan: Plan, progress: bool, log) -> dict:
 
 def _save_model(model_dir: pathlib.Path, name: str, model, weights: dict, info: dict) -> None:
     """Writes the final weights; every process takes part (orbax's save is collective)."""
-    if model_dir.exists():  # written by an earlier attempt that died before result.json
+    # decided together: a process that looked after process 0 moved the folder would skip the
+    # barrier below and wait in another collective
+    if sharding.any_process(model_dir.exists()):  # an earlier attempt died before result.json
         if jax.process_index() == 0:
             aside = model_dir.with_name(f"{model_dir.name}-incomplete-{int(time.time())}")
             model_dir.rename(aside)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("model folder moved aside")
     overrides = registry.overrides_of(name, model)
-    jaxmodels.save(model_dir, name, jax.device_get(weights), info=info, **overrides)
+    jaxmodels.save(model_dir, name, weights, info=info, **overrides)
 
 
 def _stored_config(config: RunConfig) -> dict:

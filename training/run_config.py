@@ -34,6 +34,7 @@ OPERATIONAL_FIELDS = (
     "tfds_data_dir",
     "num_workers",
     "stop_after_steps",
+    "shard_params",  # where the state lives, not what it holds: a run may resume either way
 )
 
 

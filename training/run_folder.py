@@ -230,17 +230,15 @@ def trained_variables(folder: str | os.PathLike):
     Raises:
       RunError: not a finished run, or no checkpoint.
     """
-    import orbax.checkpoint as ocp
-
     from jaxmodels import paths
+    from jaxmodels.load import restore_as_numpy
 
     run = _load_one(pathlib.Path(folder).resolve(), weights=True)  # orbax wants absolute paths
     steps = [int(p.name) for p in (run.folder / CHECKPOINT_DIR).glob("*") if p.name.isdigit()]
     if not steps:
         raise RunError(f"run {str(run.folder)!r} has no checkpoint")
-    state = ocp.StandardCheckpointer().restore(
-        run.folder / CHECKPOINT_DIR / str(max(steps)) / "state"
-    )
+    # as NumPy: the checkpoint may come from a sharded or multi-process run
+    state = restore_as_numpy((run.folder / CHECKPOINT_DIR / str(max(steps)) / "state").absolute())
     trained = state["ema"] or state["trainable"]
     variables = {"params": paths.unflatten({**state["frozen"], **trained})}
     if state["batch_stats"]:
