@@ -88,8 +88,10 @@ def _fixed_point(eig_K, proj_K, res_out, log_scale2, num_samples, eps, tol, max_
     log_eig_K = jnp.log(jnp.where(kept_K, eig_K, 1))
     log_p2_K = 2 * jnp.log(jnp.abs(proj_K))  # −inf where y has no coordinate
     log_res_out = jnp.log(res_out)
-    # N − K directions beyond the spectrum (N > D) have λ = 0: each adds 1 to N − γ.
-    log_extra = jnp.log(jnp.asarray(num_samples - eig_K.shape[0], dtype))
+    # The N − (number kept) directions with λ = 0, inside the spectrum or beyond it (N > D),
+    # each add 1 to N − γ. (Counting them by K instead fails when a spectrum of K > N holds
+    # zeros: a streamed R factor of N < D rows.)
+    log_extra = jnp.log(num_samples - jnp.sum(kept_K).astype(dtype))
     log_eps = jnp.log(jnp.asarray(eps, dtype))
     log_eps_alpha = log_eps + log_scale2  # eps in α's update, in the scaled units
 
@@ -97,9 +99,12 @@ def _fixed_point(eig_K, proj_K, res_out, log_scale2, num_samples, eps, tol, max_
         """log γ, log(N − γ), log ‖m'‖², log ‖F m − y‖² at t' = exp(log_t)."""
         x_K = jnp.where(kept_K, log_eig_K - log_t, -jnp.inf)  # log(λ / t)
         log_fit_K = -jax.nn.softplus(-x_K)  # log λ/(λ + t)
-        log_shrink_K = -jax.nn.softplus(x_K)  # log t/(λ + t)
+        log_shrink_K = -jax.nn.softplus(x_K)  # log t/(λ + t); 0 where λ = 0
         log_gamma = jax.nn.logsumexp(log_fit_K)
-        log_rest = jnp.logaddexp(jax.nn.logsumexp(log_shrink_K), log_extra)
+        # λ = 0 directions are counted once, in log_extra
+        log_rest = jnp.logaddexp(
+            jax.nn.logsumexp(jnp.where(kept_K, log_shrink_K, -jnp.inf)), log_extra
+        )
         # ‖m'‖² = Σ λ p² / (λ + t)²
         log_m2 = jax.nn.logsumexp(
             jnp.where(kept_K, log_p2_K + log_eig_K - 2 * jnp.logaddexp(log_t, log_eig_K), -jnp.inf)
@@ -399,6 +404,21 @@ def _from_factor(r_factor, num_samples, eps, tol, max_iter, *, dim):
     scaled_feats, scale_exp = power_of_two_scale(r_factor[:, :dim])
     scaled = jnp.linalg.qr(jnp.concatenate([scaled_feats, r_factor[:, dim:]], axis=1), mode="r")
     spectrum = factor_spectrum_from_r(scaled, dim)._replace(scale_exp=scale_exp)
+    # F has N rows, so at most N directions carry anything: in an R factor of N < D rows (zero
+    # rows included) the others are rounding noise, as is anything under the numerical-rank
+    # tolerance (max(M, D)·eps·σ_max on σ). The SVD lists σ in descending order.
+    eig_K = spectrum.eig_K
+    rank_tol = jnp.max(eig_K) * (max(r_factor.shape) * jnp.finfo(eig_K.dtype).eps) ** 2
+    index_K = jnp.arange(eig_K.shape[0])
+    signal_K = (index_K < num_samples) & (eig_K > rank_tol)
+    # a dropped direction's target coordinates move to the residual outside span(F)
+    dropped_p2_C = jnp.sum(jnp.where(signal_K[:, None], 0, spectrum.proj_KC**2), axis=0)
+    spectrum = spectrum._replace(
+        eig_K=jnp.where(signal_K, eig_K, 0),
+        lift_DK=jnp.where(signal_K[None, :], spectrum.lift_DK, 0),
+        proj_KC=jnp.where(signal_K[:, None], spectrum.proj_KC, 0),
+        res_out_C=spectrum.res_out_C + dropped_p2_C,
+    )
     return _from_spectrum(spectrum, num_samples, eps, tol, max_iter)
 
 

@@ -351,3 +351,23 @@ def test_predict_rejects_mismatched_dimensions():
     result = scoring.logme(GOOD_FEATS, GOOD_LABELS)
     with pytest.raises(ValueError, match="D=4 dimensions but the result was fit on D=5"):
         scoring.logme_predict(result, GOOD_FEATS[:, :4])
+
+
+@pytest.mark.parametrize("num_samples", [20, 36])
+def test_from_an_r_factor_with_fewer_rows_than_features(num_samples):
+    # A streamed R factor has D + C rows, most of them zero when N < D: at most N directions
+    # carry anything, and counting the spectrum's size instead gave log(N − D) = NaN.
+    rng = np.random.default_rng(5)
+    dim, classes = 64, 3
+    decay_D = np.logspace(0, -3, dim)  # a deep-feature spectrum, not a flat one
+    feats_ND = (rng.standard_normal((num_samples, dim)) * decay_D).astype(np.float32)
+    labels_N = np.arange(num_samples) % classes
+    targets_NC = np.eye(classes, dtype=np.float32)[labels_N]
+    r_factor = np.linalg.qr(np.concatenate([feats_ND, targets_NC], axis=1), mode="r")
+    padded = np.zeros((dim + classes, dim + classes), np.float32)
+    padded[: r_factor.shape[0]] = r_factor
+    from_factor = scoring.logme_from_factor(jnp.asarray(padded), dim, num_samples)
+    with jax.enable_x64(True):
+        exact = float(scoring.logme(feats_ND.astype(np.float64), labels_N).score)
+    assert np.isfinite(float(from_factor.score))
+    assert float(from_factor.score) == pytest.approx(exact, rel=1e-4, abs=1e-5)
