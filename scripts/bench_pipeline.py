@@ -161,6 +161,8 @@ def main():
     prep = Preprocessing.from_crop_pct(
         args.image_size, 0.875, IMAGENET_MEAN, IMAGENET_STD, "bilinear"
     )
+    if args.workdir:
+        pathlib.Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as work:
         work = pathlib.Path(work)
         start = time.perf_counter()
