@@ -470,7 +470,10 @@ def _whole_set_sums(step, mesh):
             hit_B = (jnp.argmax(logits_BK, axis=1) == y_B) & ok_B
             loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BK, y_B)
             correct, loss = carry
-            return (correct + hit_B.sum(), loss + jnp.where(ok_B, loss_B, 0).sum()), classes
+            # explicit dtypes: the carry keeps its type also when 64-bit mode is on
+            correct_sum = hit_B.sum(dtype=jnp.int32)
+            loss_sum = jnp.where(ok_B, loss_B, 0).sum(dtype=jnp.float32)
+            return (correct + correct_sum, loss + loss_sum), classes
 
         zero = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
         (correct, loss), classes_T = jax.lax.scan(one, zero, (images_TB, labels_TB, valid_TB))
