@@ -22,17 +22,7 @@ from training import run_folder as folder_lib
 from training import sweep as sweep_lib
 from training.run_config import RunConfig
 
-SCORES = (
-    "logme",
-    "leep",
-    "nce",
-    "hscore",
-    "regularized_hscore",
-    "transrate",
-    "gbc",
-    "sfda",
-    "nleep",
-)
+SCORES = tuple(hub_ranking.SCORES)  # every score the hub ranking knows
 CLASSES = 5
 
 

@@ -10,9 +10,9 @@ exact optimum. Three and four: a fine grid of all thresholds jointly; the fit mu
 import itertools
 import warnings
 
+import cascade_reference
 import numpy as np
 import pytest
-import scipy.special
 
 from jaxmodels import cascade_rules
 from jaxmodels.cascade_fit import fit_cascade, search_cascades
@@ -39,18 +39,8 @@ def synthetic(num_members, n=300, c=6, seed=0):
 
 def reference_stages(logits_MNC, labels_N, rule, confidence):
     """float64 conf_MN and correct_MN from the definitions."""
-    x = logits_MNC.astype(np.float64)
-    if rule == "ensemble":
-        x = np.cumsum(x, axis=0) / np.arange(1, len(x) + 1)[:, None, None]
-    probs = scipy.special.softmax(x, axis=-1)
-    if confidence == "max_prob":
-        conf = probs.max(-1)
-    elif confidence == "margin":
-        top = np.sort(probs, axis=-1)
-        conf = top[..., -1] - top[..., -2]
-    else:
-        conf = scipy.special.xlogy(probs, probs).sum(-1)
-    return conf, x.argmax(-1) == labels_N
+    combined_MNC, conf_MN = cascade_reference.reference_stages(logits_MNC, rule, confidence)
+    return conf_MN, combined_MNC.argmax(-1) == labels_N
 
 
 def outcomes(conf_MN, correct_MN, costs_M, thresholds_GK):

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
+from cascade_reference import reference_stages
 from tiny_classifier import random_variables
 
 import jaxmodels
@@ -41,24 +42,6 @@ def reference_logits(member: Member, images: np.ndarray) -> np.ndarray:
     if images.dtype == np.uint8:
         x = jaxmodels.preprocess.normalize(images, member.preprocessing)
     return np.asarray(_reference_apply(member.model)(member.variables, jnp.asarray(x)))
-
-
-def reference_stages(logits_MNK, rule, confidence):
-    """float64 combined logits [M, N, K] and confidences [M, N], written from the definitions."""
-    x = np.asarray(logits_MNK, np.float64)
-    if rule == "ensemble":
-        x = np.cumsum(x, axis=0) / np.arange(1, len(x) + 1)[:, None, None]
-    probs = scipy.special.softmax(x, axis=-1)
-    if confidence == "max_prob":
-        conf = probs.max(-1)
-    elif confidence == "margin":
-        top = np.sort(probs, axis=-1)
-        conf = top[..., -1] - top[..., -2]
-    elif confidence == "neg_entropy":
-        conf = np.sum(scipy.special.xlogy(probs, probs), axis=-1)
-    else:
-        conf = np.asarray(confidence(jnp.asarray(probs, jnp.float32)), np.float64)
-    return x, conf
 
 
 def reference_exits(conf_MN, thresholds):
