@@ -1,9 +1,17 @@
-"""jaxmodels: what a model is and how it runs — architectures, SSF, weight import, the data layer
-(specs → sources → grain pipelines), inference, ensembles and cascades."""
+"""jaxmodels: what a model is and how it runs, in layers (each imports only those below it):
 
-from jaxmodels import committees, data, paths, pipeline, preprocess, ssf
-from jaxmodels.array_source import ArraySource
-from jaxmodels.committees import (
+- `jaxmodels.data`: data specs → sources of uint8 images → evaluation preprocessing, grain pipelines;
+- `jaxmodels.models`: architectures (ResNet, ViT), the registry, SSF, parameter paths;
+- `jaxmodels.weights`: checkpoint import and export, model references;
+- `jaxmodels.inference`: prepared sets, evaluate/predict, features, device feeding, the artefact cache;
+- `jaxmodels.committees`: ensembles and cascades (Wang et al., ICLR 2022), their fitting and timing;
+
+with the basics every layer may use at the root: `sharding`, `distributed`, `atomic_files`,
+`jit_cache`. This module curates the names most callers need.
+"""
+
+from jaxmodels import committees, data, inference, models, weights
+from jaxmodels.committees.executors import (
     Cascade,
     CascadeFit,
     CascadeOutput,
@@ -14,20 +22,29 @@ from jaxmodels.committees import (
     search_cascades,
     simulate_cascade,
 )
-from jaxmodels.data import (
+from jaxmodels.data.array_source import ArraySource
+from jaxmodels.data.pipeline import Augment, eval_dataset, train_dataset
+from jaxmodels.data.preprocess import Preprocessing, prepare_for_eval, preprocess_for_eval
+from jaxmodels.data.sources import (
     DataError,
     ImageSource,
     cache_root,
     check_classes_within,
     open_source,
 )
-from jaxmodels.features import extract_features, stream_reduce
-from jaxmodels.inference import EvalResult, Prepared, evaluate, evaluate_logits, predict, prepare
-from jaxmodels.load import content_digest, load, model_info, save
-from jaxmodels.model_refs import BuiltModel, ModelRef, ModelRefError, build, parse_model_ref
-from jaxmodels.pipeline import Augment, eval_dataset, train_dataset
-from jaxmodels.preprocess import Preprocessing, prepare_for_eval, preprocess_for_eval
-from jaxmodels.registry import MODEL_NAMES, ModelSpec, create, spec, spec_of
+from jaxmodels.inference.evaluate import (
+    EvalResult,
+    Prepared,
+    evaluate,
+    evaluate_logits,
+    predict,
+    prepare,
+)
+from jaxmodels.inference.features import extract_features, stream_reduce
+from jaxmodels.models import paths, ssf
+from jaxmodels.models.registry import MODEL_NAMES, ModelSpec, create, spec, spec_of
+from jaxmodels.weights.checkpoint_io import content_digest, load, model_info, save
+from jaxmodels.weights.model_refs import BuiltModel, ModelRef, ModelRefError, build, parse_model_ref
 
 __all__ = [
     "MODEL_NAMES",
@@ -60,16 +77,16 @@ __all__ = [
     "evaluate_logits",
     "extract_features",
     "fit_cascade",
+    "inference",
     "load",
     "model_info",
+    "models",
     "open_source",
     "parse_model_ref",
     "paths",
-    "pipeline",
     "predict",
     "prepare",
     "prepare_for_eval",
-    "preprocess",
     "preprocess_for_eval",
     "save",
     "search_cascades",
@@ -79,4 +96,5 @@ __all__ = [
     "ssf",
     "stream_reduce",
     "train_dataset",
+    "weights",
 ]

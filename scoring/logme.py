@@ -228,7 +228,7 @@ def logme(
       block (N ≥ D), or an SVD of F (N < D). σ is resolved to about eps·σ_max, so the score is
       within ~1e-5 relative of float64 up to Gram condition numbers κ(FᵀF) ≈ 1e8 and within
       1e-3 well beyond (tested on decaying, flat and low-rank spectra at κ up to 1e8 and on
-      `scripts/bench_logme.py`'s tasks); about 1.5–2× the time of one FᵀF plus `eigh`.
+      `scripts/benchmarks/logme.py`'s tasks); about 1.5–2× the time of one FᵀF plus `eigh`.
     * "gram" (default for float64): `eigh` of FᵀF (N ≥ D) or FFᵀ (N < D), the reference's own
       route and the fastest. λ is resolved to about max(N, D)·eps·λ_max and smaller eigenvalues
       are dropped as noise: exact to ~1e-12 in float64 for κ(FᵀF) up to ~1e8 (the fixtures of

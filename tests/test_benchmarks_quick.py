@@ -17,7 +17,7 @@ def run_script(name, tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     out = tmp_path / f"{name}.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / f"{name}.py"), "--quick", "--out", str(out), *args],
+        [sys.executable, str(ROOT / "scripts" / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out), *args],
         capture_output=True,
         text=True,
         timeout=600,
@@ -30,14 +30,14 @@ def run_script(name, tmp_path, *args):
 
 
 def test_bench_logme_quick_agrees_in_float32(tmp_path):
-    stdout = run_script("bench_logme", tmp_path, "--repeats", "1")
+    stdout = run_script("logme", tmp_path, "--repeats", "1")
     assert "| 2000 | 256 | 10 |" in stdout
     (line,) = [ln for ln in stdout.splitlines() if ln.startswith("float32 vs float64 LogME")]
     assert line.endswith(": OK"), line
 
 
 def test_bench_scores_quick_agrees_in_float32(tmp_path):
-    stdout = run_script("bench_scores", tmp_path, "--repeats", "1")
+    stdout = run_script("scores", tmp_path, "--repeats", "1")
     (line,) = [ln for ln in stdout.splitlines() if ln.startswith("float32 vs float64 agreement")]
     assert line.endswith(": OK"), line
     assert "overhead" in stdout
@@ -47,8 +47,8 @@ def test_bench_scale_quick_memory_part_checks_itself(tmp_path):
     """ViT-B/16 full fine-tuning on 8 fake devices, from abstract arrays (never materialised)."""
     import json
 
-    run_script("bench_scale", tmp_path, "--skip-steps")
-    memory = json.loads((tmp_path / "bench_scale.json").read_text())["memory"]
+    run_script("scale", tmp_path, "--skip-steps")
+    memory = json.loads((tmp_path / "scale.json").read_text())["memory"]
     assert memory["model"] == "vit_b16" and memory["devices"] == 8
     replicated = memory["replicated"]["params_and_optimizer_bytes_per_device"]
     # ViT-B/16 with 10 classes: 86.2 M float32 parameters, twice that in AdamW moments

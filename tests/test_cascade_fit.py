@@ -1,4 +1,4 @@
-"""Cascade threshold fitting and the Pareto search (jaxmodels.cascade_fit) against brute force.
+"""Cascade threshold fitting and the Pareto search (jaxmodels.committees.fit) against brute force.
 
 The brute force is written here from the definitions, in float64 NumPy: stage k's prediction is
 the mean of members 0..k's logits (or member k's), its confidence a function of the softmax, an
@@ -14,9 +14,9 @@ import cascade_reference
 import numpy as np
 import pytest
 
-from jaxmodels import cascade_rules
-from jaxmodels.cascade_fit import fit_cascade, search_cascades
-from jaxmodels.committees import simulate_cascade
+from jaxmodels.committees import rules as cascade_rules
+from jaxmodels.committees.executors import simulate_cascade
+from jaxmodels.committees.fit import fit_cascade, search_cascades
 
 CONFIDENCES = ("max_prob", "margin", "neg_entropy")
 

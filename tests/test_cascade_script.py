@@ -1,4 +1,4 @@
-"""scripts/cascade.py and jaxmodels.cascade_report end to end on tiny saved models and tiny data:
+"""scripts/cascade.py and hubtune.serve.report end to end on tiny saved models and tiny data:
 the report against recomputations from the cached logits, the cache, the plot, the choice of
 cascade against brute force, shared inputs, sweeps, and every user error."""
 
@@ -20,8 +20,12 @@ import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
 import jaxmodels
-from jaxmodels import cascade_members, cascade_output, inference, model_refs, registry
-from jaxmodels.logits_cache import LogitsCache, MemberFacts
+from hubtune.serve import members as cascade_members
+from hubtune.serve import output as cascade_output
+from jaxmodels.inference import evaluate as inference
+from jaxmodels.inference.artefact_cache import LogitsCache, MemberFacts
+from jaxmodels.models import registry
+from jaxmodels.weights import model_refs
 
 SCRIPT = pathlib.Path(__file__).parent.parent / "scripts" / "cascade.py"
 # label, name, overrides, feature dims the head reads: cheapest first (0.42, 0.51, 3.2 MFLOPs),
@@ -32,10 +36,7 @@ NUM_CLASSES, NUM_IMAGES, BATCH = 3, 64, 64
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("cascade_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("hubtune.serve.cli")
 
 
 def _images(n, seed, classes=NUM_CLASSES):

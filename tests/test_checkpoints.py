@@ -13,8 +13,8 @@ from tiny_classifier import init_tiny
 
 import jaxmodels
 from training import checkpoints, loop, optim
-from training import train_step as step_lib
-from training.run_config import RunError
+from training import step as step_lib
+from training.config import RunError
 
 NUM_CLASSES = 3
 BATCH = 16

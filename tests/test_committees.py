@@ -1,4 +1,4 @@
-"""Ensembles and the adaptive cascade executor (jaxmodels.committees) on 8 fake CPU devices.
+"""Ensembles and the adaptive cascade executor (jaxmodels.committees.executors) on 8 fake CPU devices.
 
 References are independent of the code under test: each member's logits come from a plain
 `jax.jit(model.apply)` on host-normalised images (no mesh, no buckets, no vmap), and the
@@ -19,8 +19,8 @@ from cascade_reference import reference_stages
 from tiny_classifier import random_variables
 
 import jaxmodels
-from jaxmodels import cascade_rules
-from jaxmodels.committees import Cascade, Ensemble, Member, simulate_cascade
+from jaxmodels.committees import rules as cascade_rules
+from jaxmodels.committees.executors import Cascade, Ensemble, Member, simulate_cascade
 
 NUM_CLASSES = 5
 NUM_IMAGES = 37  # divisible by neither the 8 devices nor any bucket
@@ -40,7 +40,7 @@ def reference_logits(member: Member, images: np.ndarray) -> np.ndarray:
     """logits_NK of one member: host normalisation, one plain jitted apply."""
     x = images
     if images.dtype == np.uint8:
-        x = jaxmodels.preprocess.normalize(images, member.preprocessing)
+        x = jaxmodels.data.preprocess.normalize(images, member.preprocessing)
     return np.asarray(_reference_apply(member.model)(member.variables, jnp.asarray(x)))
 
 
@@ -104,7 +104,7 @@ def images():
     rng = np.random.default_rng(0)
     u8_32 = rng.integers(0, 256, (NUM_IMAGES, 32, 32, 3), dtype=np.uint8)
     vit_prep = jaxmodels.spec("vit_tiny", image_size=16).preprocessing
-    f_16 = jaxmodels.preprocess.normalize(u8_32[:, ::2, ::2], vit_prep)  # float: used as given
+    f_16 = jaxmodels.data.preprocess.normalize(u8_32[:, ::2, ::2], vit_prep)  # float: used as given
     return {"u8_32": u8_32, "f_16": f_16}
 
 

@@ -14,9 +14,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import jaxmodels
-from jaxmodels import array_source, data, preprocess
-from jaxmodels.array_source import ArraySource
-from jaxmodels.data import DataError, check_classes_within, open_source
+from jaxmodels.data import array_source, preprocess
+from jaxmodels.data import sources as data
+from jaxmodels.data.array_source import ArraySource
+from jaxmodels.data.sources import DataError, check_classes_within, open_source
 
 
 @pytest.fixture(autouse=True)

@@ -15,12 +15,7 @@ SCRIPTS = pathlib.Path(__file__).resolve().parents[1] / "scripts"
 
 
 def _demo():
-    sys.path.insert(0, str(SCRIPTS))  # the demo's sibling modules
-    spec = importlib.util.spec_from_file_location("demo", SCRIPTS / "demo.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["demo"] = module  # dataclasses look their module up while the class is built
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("hubtune.demo.workflow")
 
 
 # The quick recipe's structure (a hub of two families, a weak member, an SSF sweep) at the
@@ -96,8 +91,7 @@ def test_tune_folds_ssf_exactly_and_counts_parameters(demo_run):
 
 def test_the_fold_check_fails_on_weights_that_are_not_the_trained_ones(demo_run):
     _, root, _, _, _ = demo_run
-    import demo_steps  # importable once the demo put scripts/ on the path
-
+    from hubtune.demo import steps as demo_steps
     from training import load_run
 
     run = load_run(root / "out" / "tune" / "ssf-sweep")[0]

@@ -1,4 +1,4 @@
-"""Tests for jaxmodels.features: sharded, padded, prefetched extraction on 8 fake CPU devices.
+"""Tests for jaxmodels.inference.features: sharded, padded, prefetched extraction on 8 fake CPU devices.
 
 The reference is a plain loop of `model.apply` on one device, one image at a time, so batching,
 padding, sharding, prefetch and re-cutting of batches are all checked against code that has
@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 import jaxmodels
-from jaxmodels import features as features_lib
-from jaxmodels import inference, sharding
+from jaxmodels import sharding
+from jaxmodels.inference import evaluate as inference
+from jaxmodels.inference import features as features_lib
 
 NUM_CLASSES = 3
 

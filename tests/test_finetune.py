@@ -16,10 +16,10 @@ import pytest
 from tiny_classifier import init_tiny, random_variables
 
 import jaxmodels
-from jaxmodels import paths
+from jaxmodels.models import paths
 from training import load_run, loop, optim, sweep
-from training import train_step as step_lib
-from training.run_config import RunConfig, RunError
+from training import step as step_lib
+from training.config import RunConfig, RunError
 
 NUM_CLASSES = 3
 REPO = pathlib.Path(__file__).parents[1]
@@ -126,10 +126,7 @@ def test_run_config_differences_name_only_result_changing_fields():
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("finetune_script", REPO / "scripts/finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("hubtune.tune")
 
 
 def _task_npz(path, n=24, classes=2, size=32, seed=0, labels=None):

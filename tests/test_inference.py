@@ -1,4 +1,4 @@
-"""Tests for jaxmodels.inference (predict, evaluate, prepare) on 8 fake devices, and for the one
+"""Tests for jaxmodels.inference.evaluate (predict, evaluate, prepare) on 8 fake devices, and for the one
 evaluation preprocessing every path shares.
 
 References are plain `model.apply` calls on one device, one image at a time, over images
@@ -13,7 +13,8 @@ import pytest
 from tiny_classifier import random_variables
 
 import jaxmodels
-from jaxmodels import jit_cache, pipeline
+from jaxmodels import jit_cache
+from jaxmodels.data import pipeline
 
 N = 37  # divisible neither by the batch (16) nor by the 8 devices
 NUM_CLASSES = 3

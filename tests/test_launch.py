@@ -21,7 +21,7 @@ import pytest
 
 import jaxmodels
 from jaxmodels import distributed
-from scoring import hub_ranking
+from scoring.hub import ranking as hub_ranking
 from training import launch
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -138,7 +138,7 @@ def test_rank_scores_equal_one_process_in_memory_and_streamed(two_processes, dat
 
 def _weights(folder: pathlib.Path) -> dict:
     _, variables = jaxmodels.load(folder)
-    return jaxmodels.paths.flatten(variables)
+    return jaxmodels.models.paths.flatten(variables)
 
 
 def _finetune(args: list[str]) -> int:
@@ -192,7 +192,7 @@ def test_finetuning_equals_one_process_and_a_killed_sharded_run_resumes_exactly(
     assert sorted(os.listdir(out / "resumed" / "checkpoints")) == ["4", "6"]
     # process 0 wrote the JSON and released the lock; every process read the weights back
     digests = {r["loaded_sha256"] for r in two_processes["reports"]}
-    assert digests == {jaxmodels.paths.tree_digest(jaxmodels.load(out / "resumed")[1])}
+    assert digests == {jaxmodels.models.paths.tree_digest(jaxmodels.load(out / "resumed")[1])}
     assert [p.parent.name for p in out.glob("*/lock")] == ["locked"]
     assert not [p for p in out.rglob("*.tmp")]
 

@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import jaxmodels
-from jaxmodels.load import load, resize_position_embedding, save
+from jaxmodels.weights.checkpoint_io import load, resize_position_embedding, save
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 PARITY = ["parity_vit_tiny", "parity_resnet_basic", "parity_resnet_bottleneck"]

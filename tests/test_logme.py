@@ -122,10 +122,10 @@ def test_float32_matches_float64_on_flat_decaying_and_low_rank_spectra(kind, n, 
 
 
 def test_float32_matches_float64_on_the_benchmark_task():
-    # scripts/bench_logme.py's make_task at a small size: class means plus noise whose spread
+    # scripts/benchmarks/logme.py's make_task at a small size: class means plus noise whose spread
     # decays over the dimensions (Gram condition number ~5e6 at this size).
-    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "scripts"))
-    from bench_logme import make_task
+    sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "scripts" / "benchmarks"))
+    from logme import make_task  # scripts/benchmarks/logme.py
 
     feats, labels = make_task(600, 64, 6)
     with jax.enable_x64(True):

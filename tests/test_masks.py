@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from tiny_classifier import init_tiny
 
-from jaxmodels import paths
+from jaxmodels.models import paths
 from training import masks
 
 ALL_SSF_BN = {

@@ -1,4 +1,4 @@
-"""Tests for model references (jaxmodels.model_refs), self-describing model folders
+"""Tests for model references (jaxmodels.weights.model_refs), self-describing model folders
 (jaxmodels.load / save / model_info), parameter paths and the registry's spec_of."""
 
 import jax
@@ -8,7 +8,7 @@ import pytest
 from tiny_classifier import random_variables
 
 import jaxmodels
-from jaxmodels import paths, registry
+from jaxmodels.models import paths, registry
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from tiny_classifier import init_tiny
 
-from jaxmodels import paths
+from jaxmodels.models import paths
 from training import masks, optim
 
 
@@ -112,7 +112,7 @@ def test_a_sweep_shares_one_compiled_step():
     # rates and lengths are data in the state, so two configs trace to the same program
     from tiny_classifier import init_tiny
 
-    from training import train_step as step_lib
+    from training import step as step_lib
 
     model, variables = init_tiny(num_classes=3)
     mask = masks.trainable_mask(variables["params"], "full")

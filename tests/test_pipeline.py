@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 import jaxmodels
-from jaxmodels import pipeline
-from jaxmodels.array_source import ArraySource
-from jaxmodels.preprocess import Preprocessing
+from jaxmodels.data import pipeline
+from jaxmodels.data.array_source import ArraySource
+from jaxmodels.data.preprocess import Preprocessing
 
 PREP = Preprocessing(6, 7, (0.5,) * 3, (0.5,) * 3, "bilinear")
 

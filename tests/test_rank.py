@@ -1,4 +1,4 @@
-"""scripts/rank.py and scoring.hub_ranking end to end on tiny data and tiny models: scores against
+"""scripts/rank.py and scoring.hub.ranking end to end on tiny data and tiny models: scores against
 direct computations, the cache, streamed statistics, labels, and every user error."""
 
 import importlib.util
@@ -16,7 +16,8 @@ import pytest
 
 import jaxmodels
 import scoring
-from scoring import hub_features, hub_ranking
+from scoring.hub import features as hub_features
+from scoring.hub import ranking as hub_ranking
 
 SCRIPT = pathlib.Path(__file__).parent.parent / "scripts" / "rank.py"
 SCORES = "logme,hscore,leep,nce"
@@ -141,10 +142,7 @@ def test_stream_without_scores_uses_the_streamable_ones(hub):
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("rank_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("hubtune.rank")
 
 
 def test_script_prints_the_table_with_labels(hub, tmp_path, capsys):

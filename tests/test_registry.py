@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 import jaxmodels
-from jaxmodels.preprocess import center_crop, normalize, resize_shorter_side
-from jaxmodels.resnet import ResNet, resnet_macs
-from jaxmodels.vit import VisionTransformer
+from jaxmodels.data.preprocess import center_crop, normalize, resize_shorter_side
+from jaxmodels.models.resnet import ResNet, resnet_macs
+from jaxmodels.models.vit import VisionTransformer
 
 FULL_NAMES = (
     "resnet18",

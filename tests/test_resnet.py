@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxmodels
-from jaxmodels.resnet import ResidualBlock
+from jaxmodels.models.resnet import ResidualBlock
 
 # Published parameter counts of torchvision.models.resnet*(weights=...) with 1000 classes.
 TORCHVISION_PARAMS = {

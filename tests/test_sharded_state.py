@@ -12,9 +12,9 @@ from jax.sharding import PartitionSpec
 
 import jaxmodels
 from jaxmodels import sharding
-from jaxmodels.load import restore_as_numpy
+from jaxmodels.weights.checkpoint_io import restore_as_numpy
 from training import loop, optim
-from training import train_step as step_lib
+from training import step as step_lib
 
 NUM_CLASSES = 8
 BATCH = 16

@@ -39,10 +39,7 @@ OTHER = len(RUNS)  # the run from another start, after the sweep's in Reference.
 
 
 def _script(name="soup"):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", REPO / f"scripts/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module({"soup": "hubtune.soup.cli", "finetune": "hubtune.tune"}[name])
 
 
 def _task(path, n, seed):

@@ -12,8 +12,9 @@ import pytest
 from tiny_classifier import init_tiny, random_variables
 
 import jaxmodels
-from jaxmodels.ssf import fold, is_ssf_path
-from training import check_ingredients, greedy, learned, merges, recompute_batch_stats, uniform
+from jaxmodels.models.ssf import fold, is_ssf_path
+from training import check_ingredients, greedy, learned, recompute_batch_stats, uniform
+from training.soups import merges
 
 
 def _ingredients(n=5, seed=0):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxmodels
-from jaxmodels.ssf import ScaleShift, fold, is_ssf_path, ssf_mask
+from jaxmodels.models.ssf import ScaleShift, fold, is_ssf_path, ssf_mask
 
 
 def _shapes(model, size):

@@ -1,4 +1,4 @@
-"""Tests for training.train_step: what one step changes, its options, and its sharded form."""
+"""Tests for training.step: what one step changes, its options, and its sharded form."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +9,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny_classifier import init_tiny, random_variables
 
-from jaxmodels import paths, sharding
+from jaxmodels import sharding
+from jaxmodels.models import paths
 from training import masks, optim
-from training import train_step as step_lib
+from training import step as step_lib
 
 NUM_CLASSES = 3
 

@@ -2,7 +2,7 @@
 
 It follows the conventions ``training.masks`` relies on: a top-level ``head`` Dense, biases
 named ``bias``, norm gains named ``scale``, and SSF modules ``ssf_<target>`` from
-``jaxmodels.ssf.maybe_ssf``. Small enough that a step takes milliseconds on a CPU.
+``jaxmodels.models.ssf.maybe_ssf``. Small enough that a step takes milliseconds on a CPU.
 """
 
 import functools
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels.ssf import maybe_ssf
+from jaxmodels.models.ssf import maybe_ssf
 
 
 class TinyClassifier(nn.Module):

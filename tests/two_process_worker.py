@@ -47,10 +47,10 @@ def rank_models(data: pathlib.Path) -> list[str]:
 
 
 def script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The command-line tool behind ``scripts/NAME.py``."""
+    modules = {"rank": "hubtune.rank", "finetune": "hubtune.tune", "cascade": "hubtune.serve.cli",
+               "soup": "hubtune.soup.cli"}
+    return importlib.import_module(modules[name])
 
 
 def run_quietly(main, args: list[str]) -> tuple[int, str]:
@@ -128,7 +128,7 @@ def main(out: pathlib.Path, data: pathlib.Path) -> None:
 
     # every process reads the saved weights back (orbax restores into NumPy, not global arrays)
     _, variables = jaxmodels.load(out / "resumed")
-    report["loaded_sha256"] = jaxmodels.paths.tree_digest(variables)
+    report["loaded_sha256"] = jaxmodels.models.paths.tree_digest(variables)
     report["seconds"]["done"] = time.perf_counter() - START
     np.savez(out / f"p{index}.npz", **arrays)
     (out / f"p{index}.json").write_text(json.dumps(report, indent=2))

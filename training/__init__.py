@@ -1,19 +1,23 @@
 """training: producing new weights — fine-tuning (full, linear, BitFit, SSF), masks, optimisers,
 checkpoints, run folders, sweeps, soups and merges, and the multi-process launcher."""
 
-from training.batch_stats import recompute_batch_stats
-from training.ingredients import check_ingredients
-from training.merges import (
+from training.config import RunConfig, RunError
+from training.run_folder import Run, load_run
+from training.soups import (
+    GreedyReport,
     InterpolationSweep,
+    LearnedReport,
+    check_ingredients,
     dare,
+    greedy,
     interpolate,
+    learned,
+    recompute_batch_stats,
     sweep_interpolation,
     task_arithmetic,
     ties,
+    uniform,
 )
-from training.run_config import RunConfig, RunError
-from training.run_folder import Run, load_run
-from training.soups import GreedyReport, LearnedReport, greedy, learned, uniform
 
 __all__ = [
     "GreedyReport",

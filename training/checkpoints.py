@@ -1,9 +1,9 @@
 """Orbax checkpoints of a fine-tuning run: train state and run identity.
 
-A checkpoint holds the whole :class:`training.train_step.TrainState` (trainable and frozen
+A checkpoint holds the whole :class:`training.step.TrainState` (trainable and frozen
 params, BatchNorm statistics, optimizer state, EMA, step) and a JSON record of what the run is
 (model, mode, trainable paths and shapes, seeds, data). The data position is not stored: every
-batch is a pure function of its step (`jaxmodels.pipeline.train_dataset(start_step=...)`), so a
+batch is a pure function of its step (`jaxmodels.data.pipeline.train_dataset(start_step=...)`), so a
 resumed run continues at the exact next batch whatever its process count — grain's own iterator
 checkpoints are one file per process and would tie a checkpoint to the process layout.
 
@@ -32,8 +32,8 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxmodels import sharding
-from jaxmodels.load import quiet_orbax
-from training.run_config import RunError
+from jaxmodels.weights.checkpoint_io import quiet_orbax
+from training.config import RunError
 
 
 def run_identity(state, **fields) -> dict:

@@ -8,7 +8,7 @@ device holds about 1/n of them; XLA all-gathers the weights for the forward and 
 and reduce-scatters the gradients. The train state is built by one ``jax.jit`` whose
 ``out_shardings`` place every array where it lives from then on (never a full copy per device
 first), and each global batch is split along the mesh with ``NamedSharding``. Batches come from the
-grain pipeline of `jaxmodels.pipeline` as uint8 and are normalised on the device; each process
+grain pipeline of `jaxmodels.data.pipeline` as uint8 and are normalised on the device; each process
 loads only its slice of a batch and the global array is assembled with
 ``jax.make_array_from_process_local_data``, so the same code runs on one CPU, eight fake CPU
 devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and evaluated
@@ -31,9 +31,11 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 import jaxmodels
-from jaxmodels import jit_cache, paths, pipeline, sharding
+from jaxmodels import jit_cache, sharding
+from jaxmodels.data import pipeline
+from jaxmodels.models import paths
 from training import checkpoints, masks, optim
-from training import train_step as step_lib
+from training import step as step_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,7 +174,7 @@ def fit(
         model: a Flax Linen classifier taking ``(variables, images, train=)``; the classifier
             is its top-level module ``config.head_name``.
         variables: initial ``{"params": ..., ["batch_stats": ...]}``.
-        train_source: an `ImageSource` (`jaxmodels.data`) of training examples.
+        train_source: an `ImageSource` (`jaxmodels.data.sources`) of training examples.
         augment: the training augmentation; its ``prep`` is the model's preprocessing, also used
             to normalise on the device and to prepare the evaluation set.
         optim_config: optimizer settings; its ``total_steps`` should equal
@@ -190,7 +192,7 @@ def fit(
     Raises:
         ValueError: bad mode, a mask that selects nothing, a batch not divisible by the
             device count, a schedule length other than the run's.
-        training.run_config.RunError: a checkpoint from a different run.
+        training.config.RunError: a checkpoint from a different run.
     """
     log = log or print
     say = lambda text: log(text) if jax.process_index() == 0 else None

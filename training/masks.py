@@ -7,7 +7,7 @@ every architecture that follows the naming conventions below:
 - the classifier is a top-level module, ``head`` by default (ViT; ResNet names it ``fc``, see
   :func:`head_name_for`);
 - a bias is a leaf named ``bias``; a normalisation scale is a leaf named ``scale``;
-- SSF scale/shift parameters are recognised by ``jaxmodels.ssf.is_ssf_path`` (a module whose
+- SSF scale/shift parameters are recognised by ``jaxmodels.models.ssf.is_ssf_path`` (a module whose
   name starts with ``ssf_``, holding ``scale`` and ``shift``).
 
 Modes (the baselines of the SSF paper, Lian et al., 2022, Table 1):
@@ -29,8 +29,8 @@ from collections.abc import Callable, Mapping
 import jax
 
 import jaxmodels
-from jaxmodels import paths
-from jaxmodels import ssf as ssf_lib
+from jaxmodels.models import paths
+from jaxmodels.models import ssf as ssf_lib
 
 MODES = ("full", "linear", "bitfit", "ssf")
 HEAD_NAME = "head"
@@ -66,7 +66,7 @@ def is_norm_scale_path(path: tuple[str, ...] | str) -> bool:
 
 
 def is_ssf_path(path: tuple[str, ...] | str) -> bool:
-    """True for SSF scale/shift leaves, as defined by ``jaxmodels.ssf``."""
+    """True for SSF scale/shift leaves, as defined by ``jaxmodels.models.ssf``."""
     return bool(ssf_lib.is_ssf_path(path_names(path)))
 
 

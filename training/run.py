@@ -1,6 +1,6 @@
 """One fine-tuning run from a `RunConfig`: check everything, build the model, fit, write the folder.
 
-This is what ``scripts/finetune.py`` calls, in two phases:
+This is what ``hubtune tune`` calls, in two phases:
 
 - `plan(config)` does every cheap check before anything heavy: settings, the output folder (a
   file, a folder holding another run, a finished run), the model reference and its checkpoint's
@@ -32,12 +32,14 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 import jaxmodels
-from jaxmodels import data as data_lib
-from jaxmodels import paths, pipeline, registry, sharding
+from jaxmodels import sharding
+from jaxmodels.data import pipeline
+from jaxmodels.data import sources as data_lib
+from jaxmodels.models import paths, registry
 from training import loop, masks, optim
 from training import run_folder as folder_lib
-from training import train_step as step_lib
-from training.run_config import AUGMENTATIONS, RunConfig, RunError
+from training import step as step_lib
+from training.config import AUGMENTATIONS, RunConfig, RunError
 
 
 @dataclasses.dataclass
@@ -99,7 +101,7 @@ def plan(config: RunConfig) -> Plan:
     """Checks a run before any heavy work (module docstring).
 
     Raises:
-        RunError, jaxmodels.data.DataError, jaxmodels.ModelRefError: one line, naming the problem.
+        RunError, jaxmodels.data.sources.DataError, jaxmodels.ModelRefError: one line, naming the problem.
     """
     config = resolve_paths(config)
     folder = pathlib.Path(config.out_dir)
@@ -267,7 +269,7 @@ def _execute(run_plan: Plan, progress: bool, log) -> dict:
         weights = {"params": state.params(use_ema=bool(state.ema))}
         if state.batch_stats:
             weights["batch_stats"] = state.batch_stats
-        weights = jaxmodels.ssf.fold(weights) if config.mode == "ssf" else weights
+        weights = jaxmodels.models.ssf.fold(weights) if config.mode == "ssf" else weights
         plain = model.clone(ssf=False) if config.mode == "ssf" else model
         info = {
             "mode": config.mode,

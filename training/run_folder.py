@@ -28,7 +28,7 @@ import warnings
 from typing import Any
 
 import jaxmodels
-from training.run_config import RunConfig, RunError
+from training.config import RunConfig, RunError
 
 CONFIG_JSON = "config.json"
 RESULT_JSON = "result.json"
@@ -230,8 +230,8 @@ def trained_variables(folder: str | os.PathLike):
     Raises:
       RunError: not a finished run, or no checkpoint.
     """
-    from jaxmodels import paths
-    from jaxmodels.load import restore_as_numpy
+    from jaxmodels.models import paths
+    from jaxmodels.weights.checkpoint_io import restore_as_numpy
 
     run = _load_one(pathlib.Path(folder).resolve(), weights=True)  # orbax wants absolute paths
     steps = [int(p.name) for p in (run.folder / CHECKPOINT_DIR).glob("*") if p.name.isdigit()]

@@ -24,7 +24,7 @@ import jax
 
 from training import run as run_lib
 from training import run_folder as folder_lib
-from training.run_config import RunConfig, RunError
+from training.config import RunConfig, RunError
 
 SWEEP_FIELDS = ("lr", "seed", "augmentation", "label_smoothing")
 _SHORT = {"lr": "lr", "seed": "seed", "augmentation": "aug", "label_smoothing": "ls"}
@@ -88,7 +88,7 @@ def run_sweep(
         The result dicts in order (the stored ones for finished runs).
 
     Raises:
-        RunError, jaxmodels.data.DataError, jaxmodels.ModelRefError: any run fails its checks;
+        RunError, jaxmodels.data.sources.DataError, jaxmodels.ModelRefError: any run fails its checks;
             raised before anything trains.
     """
     log = log or print

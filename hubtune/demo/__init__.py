@@ -1,0 +1,1 @@
+"""The demo: the whole workflow on scikit-learn's digits (`hubtune demo`, `hubtune demo`)."""

@@ -1,0 +1,1 @@
+"""Serve: fit, compare and measure cascades and ensembles of a hub's models (`hubtune serve`)."""

@@ -1,0 +1,324 @@
+"""The members of a committee named on a command line, checked, and their logits on the data.
+
+For `hubtune.serve.report` (`hubtune serve`). A cascade or an ensemble is fitted on
+every member's logits over a held-out set and judged on a test set (Wang et al., ICLR 2022).
+Here the member references are read and checked before any heavy work, and the logits are
+computed once per (member, data set) with `jaxmodels.predict` or read from the
+`jaxmodels.inference.artefact_cache`:
+
+  * references: ``[LABEL:]NAME[=CHECKPOINT]``, a model folder, a fine-tuning run folder, or a
+    sweep folder (its ``sweep.json``), which stands for all its runs, labelled by run folder
+    (``LABEL/RUN`` under a label). A run that has not finished, a sweep listing one, and two
+    members with one label are user errors. (The run and sweep folder layout is
+    `training.run_folder`'s; jaxmodels reads its JSON files and never imports training.)
+  * checks: the members agree on their class count and every label of the held-out and test
+    data is one of their classes — from the references alone where they tell (names, model
+    folders), again from the logits; logits must be finite.
+  * data: each set is decoded and prepared once per distinct preprocessing (`PreparedSets`);
+    members of equal preprocessing share the prepared arrays, in the logits passes and in the
+    adaptive executor, which takes one array per member.
+
+Shapes: N examples, K classes, S image side.
+
+References:
+  Wang, Kondratyuk, Christiansen, Kitani, Alon, Eban. "Wisdom of Committees: An Overlooked
+  Approach to Faster and More Accurate Models." ICLR 2022. https://arxiv.org/abs/2012.01988
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from jaxmodels.data import sources as data_lib
+from jaxmodels.data.preprocess import Preprocessing
+from jaxmodels.inference import evaluate as inference
+from jaxmodels.inference.artefact_cache import LogitsCache, MemberFacts
+from jaxmodels.weights import model_refs
+from jaxmodels.weights.model_refs import ModelRef
+
+# A fine-tuning run folder and a sweep folder, as `training.run_folder` writes them.
+RUN_CONFIG_JSON = "config.json"
+RUN_RESULT_JSON = "result.json"
+RUN_MODEL_JSON = "model/model.json"
+SWEEP_JSON = "sweep.json"
+
+
+class CascadeInputError(ValueError):
+    """A bad model list, data or option for a cascade report (a one-line user error)."""
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def _unfinished(folder: pathlib.Path) -> bool:
+    """Whether `folder` is a fine-tuning run folder without its final model and result."""
+    if not (folder / RUN_CONFIG_JSON).is_file():
+        return False
+    if not (folder / RUN_MODEL_JSON).is_file():
+        return True
+    try:
+        result = json.loads((folder / RUN_RESULT_JSON).read_text())
+    except (OSError, ValueError):
+        return True
+    return not (isinstance(result, dict) and result.get("finished"))
+
+
+def _sweep_runs(folder: pathlib.Path, label: str | None) -> list[ModelRef]:
+    """The runs a sweep folder lists, each a reference labelled by its run folder."""
+    try:
+        sweep = json.loads((folder / SWEEP_JSON).read_text())
+        entries = sweep["runs"]
+        names = [str(entry["folder"]) for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CascadeInputError(f"sweep {str(folder)!r} has no readable run list ({err})") from err
+    if not names:
+        raise CascadeInputError(f"sweep {str(folder)!r} lists no runs in {SWEEP_JSON}")
+    refs = []
+    for name, entry in zip(names, entries, strict=True):
+        run = folder / name
+        if not entry.get("finished") or _unfinished(run) or not run.is_dir():
+            raise CascadeInputError(
+                f"run {str(run)!r} of sweep {str(folder)!r} has not finished; wait for the "
+                "sweep, or list its finished runs one by one"
+            )
+        ref = model_refs.parse_model_ref(str(run))
+        refs.append(dataclasses.replace(ref, label=f"{label}/{name}" if label else name))
+    return refs
+
+
+def parse_members(texts: Sequence[str]) -> list[ModelRef]:
+    """Parses and checks the member references (module docstring); reads no weights.
+
+    Raises:
+      CascadeInputError: fewer than two members, an unfinished run, a bad sweep, a label
+        used twice.
+      jaxmodels.ModelRefError: a reference naming nothing loadable.
+    """
+    refs = []
+    for text in texts:
+        label, body = model_refs._split_label(text)
+        path = pathlib.Path(body.partition("=")[2] if "=" in body else body)
+        if "=" not in body and (path / SWEEP_JSON).is_file():
+            refs.extend(_sweep_runs(path, label))
+            continue
+        if _unfinished(path):
+            raise CascadeInputError(
+                f"run {str(path)!r} has not finished (no final model in it yet); wait for it or "
+                "resume it with hubtune tune"
+            )
+        refs.append(model_refs.parse_model_ref(text))
+    if len(refs) < 2:
+        raise CascadeInputError(
+            f"a committee needs at least two models; got {len(refs)} ({', '.join(texts)})"
+        )
+    seen: dict[str, str] = {}
+    for ref in refs:
+        if ref.label in seen:
+            raise CascadeInputError(
+                f"two models are labelled {ref.label!r} ({seen[ref.label]!r} and {ref.text!r}); "
+                "name them apart with LABEL:MODEL"
+            )
+        seen[ref.label] = ref.text
+    return refs
+
+
+def check_classes(labels: Sequence[str], num_classes: Sequence[int], sources: dict) -> int:
+    """The members' common class count K, with every label of every source below it.
+
+    Args:
+      labels: the members' labels.
+      num_classes: their class counts (logit widths).
+      sources: {role: `ImageSource`}, e.g. {"held-out": ..., "test": ...}.
+
+    Raises:
+      CascadeInputError: the members disagree on K.
+      jaxmodels.DataError: a source has labels ≥ K.
+    """
+    if len(set(num_classes)) > 1:
+        listing = ", ".join(f"{lab}: {k}" for lab, k in zip(labels, num_classes, strict=True))
+        raise CascadeInputError(
+            f"the models must share one set of classes to be combined; their class counts "
+            f"differ ({listing})"
+        )
+    for role, source in sources.items():
+        data_lib.check_classes_within(source, num_classes[0], role)
+    return int(num_classes[0])
+
+
+def check_logits_finite(label: str, role: str, logits_NK: np.ndarray) -> None:
+    """Raises `CascadeInputError` when a member's logits hold NaN or inf (never used silently)."""
+    bad = ~np.isfinite(logits_NK)
+    if bad.any():
+        rows = int(bad.any(axis=1).sum())
+        raise CascadeInputError(
+            f"model {label!r} gives NaN or infinite logits on {rows} of {len(logits_NK)} "
+            f"{role} images; its weights are broken (retrain it, or leave it out)"
+        )
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class PreparedSets:
+    """Each data set decoded and prepared once per distinct preprocessing, on demand.
+
+    Args:
+      sources: {role: `ImageSource`}.
+      batch_size: global batch of the logits passes (None: `jaxmodels.predict`'s default).
+      log: progress printer.
+    """
+
+    def __init__(self, sources: dict, batch_size: int | None, log: Callable[[str], None]):
+        self.sources, self.batch_size, self.log = sources, batch_size, log
+        self._prepared: dict[tuple[str, Preprocessing], inference.Prepared] = {}
+        self._host: dict[tuple[str, Preprocessing], np.ndarray] = {}
+
+    def get(self, role: str, prep: Preprocessing) -> inference.Prepared:
+        """The `role` set prepared with `prep` (made the first time it is asked for)."""
+        key = (role, prep)
+        if key not in self._prepared:
+            source = self.sources[role]
+            self.log(
+                f"  preparing {role} data {source.spec!r} ({len(source)} images) at "
+                f"{prep.image_size} px, {prep.interpolation}"
+            )
+            self._prepared[key] = inference.prepare(source, prep, batch_size=self.batch_size)
+        return self._prepared[key]
+
+    def host_images(self, role: str, prep: Preprocessing) -> np.ndarray:
+        """The prepared images as one host array uint8 [N, S, S, 3] in input order (one object
+        per (role, preprocessing), so members of equal preprocessing share it)."""
+        key = (role, prep)
+        if key not in self._host:
+            prepared = self.get(role, prep)
+            images = np.asarray(prepared.images)  # [T, B, S, S, 3]: rows t·B + b, in order
+            self._host[key] = images.reshape((-1, *images.shape[2:]))[: prepared.num_examples]
+        return self._host[key]
+
+    def member_inputs(self, role: str, preps: Sequence[Preprocessing]) -> list[np.ndarray]:
+        """One array per member, shared between members of equal preprocessing."""
+        return [self.host_images(role, prep) for prep in preps]
+
+
+# ----------------------------------------------------------------------------- logits
+
+
+@dataclasses.dataclass
+class MemberLogits:
+    """One member with its logits on every data set.
+
+    Attributes:
+      ref: its reference.
+      facts: class count, cost, preprocessing.
+      logits: {role: logits_NK float32}.
+      cache_files: {role: the cache file of those logits}.
+      from_cache: {role: whether they were read from the cache}.
+      weights_key: its weights' content hash (or random-init seed).
+    """
+
+    ref: ModelRef
+    facts: MemberFacts
+    logits: dict[str, np.ndarray]
+    cache_files: dict[str, pathlib.Path]
+    from_cache: dict[str, bool]
+    weights_key: str
+
+
+def random_init_classes(facts: Sequence[MemberFacts | None], heldout) -> int:
+    """The head size of a random initialisation: the other members' class count, else the
+    held-out data's."""
+    known = [f.num_classes for f in facts if f is not None]
+    return known[0] if known else int(heldout.num_classes)
+
+
+def member_logits(
+    refs: Sequence[ModelRef],
+    prepared: PreparedSets,
+    cache: LogitsCache,
+    *,
+    seed: int,
+    log: Callable[[str], None],
+) -> list[MemberLogits]:
+    """Every member's logits on every set of `prepared`, from the cache or computed.
+
+    A member whose facts and logits are all cached is not built. Checks are made as early as
+    the facts allow: class counts and data labels before the first forward pass wherever the
+    references tell them, and again on the logits; logits must be finite.
+
+    Args:
+      refs: the members (`parse_members`).
+      prepared: the data sets (`PreparedSets`; "held-out" is the first role).
+      cache: where logits are kept.
+      seed: seed of random initialisations (bare ``NAME`` references).
+      log: progress printer.
+
+    Returns:
+      One `MemberLogits` per reference, in order.
+
+    Raises:
+      CascadeInputError / jaxmodels.DataError: members of different class counts, data with
+        labels beyond them, non-finite logits.
+      jaxmodels.ModelRefError: a checkpoint that does not load.
+    """
+    roles = list(prepared.sources)
+    sources = prepared.sources
+    # A bare NAME is a random initialisation with the others' class count (else the held-out
+    # data's); checkpoints' facts do not depend on it.
+    checkpoint_facts = [
+        cache.facts(
+            r, cache.weights_key(r, seed=seed, random_init_classes=1), random_init_classes=1
+        )
+        for r in refs
+        if r.checkpoint is not None
+    ]
+    classes = random_init_classes(checkpoint_facts, sources[roles[0]])
+    keys = [cache.weights_key(ref, seed=seed, random_init_classes=classes) for ref in refs]
+    facts = [
+        cache.facts(r, k, random_init_classes=classes) for r, k in zip(refs, keys, strict=True)
+    ]
+    known = [(r.label, f.num_classes) for r, f in zip(refs, facts, strict=True) if f is not None]
+    if known:
+        check_classes([lab for lab, _ in known], [k for _, k in known], sources)
+
+    results = []
+    for i, (ref, key, fact) in enumerate(zip(refs, keys, facts, strict=True), 1):
+        tag = f"[{i}/{len(refs)}] {ref.label}"
+        files = {role: cache.path(ref, key, fact, sources[role]) for role in roles} if fact else {}
+        cached = {role: cache.read(files[role], sources[role]) for role in files}
+        if fact is not None and all(x is not None for x in cached.values()):
+            log(f"{tag}: logits from the cache")
+            results.append(MemberLogits(ref, fact, cached, files, dict.fromkeys(roles, True), key))
+            continue
+        log(f"{tag}: building {ref.name} from {ref.checkpoint or f'random init (seed {seed})'}")
+        built = model_refs.build(ref, init_seed=seed, random_init_classes=classes)
+        fact = MemberFacts.of_model(built.model)
+        cache.note_facts(ref, key, fact)
+        files = {role: cache.path(ref, key, fact, sources[role]) for role in roles}
+        logits, hits = {}, {}
+        for role in roles:
+            found = cache.read(files[role], sources[role])
+            hits[role] = found is not None
+            if found is None:
+                log(f"{tag}: logits on {role} data ({len(sources[role])} images)")
+                found = inference.predict(
+                    built.model, built.variables, prepared.get(role, fact.preprocessing)
+                )
+                cache.write(files[role], found, sources[role])
+            logits[role] = found
+        results.append(MemberLogits(ref, fact, logits, files, hits, key))
+        del built  # one member's weights at a time
+    check_classes([m.ref.label for m in results], [m.facts.num_classes for m in results], sources)
+    for member in results:
+        for role in roles:
+            if member.logits[role].shape != (len(sources[role]), member.facts.num_classes):
+                raise CascadeInputError(
+                    f"cached logits of {member.ref.label!r} on {role} data have shape "
+                    f"{member.logits[role].shape}; delete {member.cache_files[role]}"
+                )
+            check_logits_finite(member.ref.label, role, member.logits[role])
+    return results

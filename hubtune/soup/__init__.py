@@ -1,0 +1,1 @@
+"""Combine: model soups from fine-tuned run folders, checked, cooked, written (`hubtune soup`)."""

@@ -1,0 +1,326 @@
+"""Feature extraction that keeps accelerators busy: sharded, prefetched, never recompiling.
+
+`extract_features` runs a model's `features` method (the penultimate representation that
+LogME and its peers score) over many images and returns NumPy arrays; `stream_reduce` folds
+the features into a running statistic inside the same jitted step, so that features of huge
+datasets never leave the device. Both run on `jaxmodels.inference.evaluate`'s engine (the one `predict`
+uses): batches sharded over the 'data' axis of a `Mesh`, variables replicated, the last batch
+padded so the step compiles once, the next batch transferred while the current one computes, and,
+multi-host, every process feeding its own rows.
+
+Inputs come in two kinds:
+  * data the data layer reads — a spec string, an `ImageSource`, `(images uint8 [N, H, W, 3],
+    labels [N])`, or a `Prepared`/`Streamed` set: prepared with the model's own evaluation
+    preprocessing (`jaxmodels.spec_of(model)`, or `preprocessing=`) exactly as `predict` does;
+  * preprocessed float images — an array [N, H, W, C] or an iterable of batches (arrays, dicts
+    with 'image'/'label', or (images, labels) tuples), re-cut to `batch_size`.
+
+Shapes: B = global batch size, N = number of images, D = feature width, K = number of classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxmodels import jit_cache, sharding
+from jaxmodels.inference import evaluate as inference
+from jaxmodels.inference import image_batches
+
+PyTree = Any
+
+
+def extract_features(
+    model,
+    variables: PyTree,
+    images,
+    *,
+    batch_size: int | None = None,
+    mesh: Mesh | None = None,
+    dtype=None,
+    preprocessing=None,
+    return_logits: bool = False,
+    return_labels: bool = False,
+    progress: bool = True,
+):
+    """Runs `model`'s `features` method over all images; returns NumPy features.
+
+    Args:
+      model: a Flax Linen module with a `features` method, `model.apply(variables, x,
+        method="features") -> [B, D]`, and, for logits, `model.apply(variables, x,
+        train=False) -> [B, K]`. Logits come from the same forward pass when `__call__`
+        computes them from the same backbone (XLA merges the two traced passes).
+      variables: the model's variables, e.g. `{'params': ..., 'batch_stats': ...}`.
+      images: data the data layer reads (a spec string, an `ImageSource`, `(images uint8,
+        labels)`, a `Prepared` or `Streamed` set), or preprocessed float images: an array
+        [N, H, W, C] or an iterable of batches, each an array [b, H, W, C], a dict with key
+        'image' (and optionally 'label' [b]), or a tuple (images [b, H, W, C], labels [b]) — e.g.
+        `tfds.as_numpy(ds.batch(256))`; such batches may have any sizes and are re-cut to
+        `batch_size`. Multi-host, float input is this process's images.
+      batch_size: global number of images per step; a positive multiple of the number of
+        devices on the mesh's 'data' axis. Default 32 per device (a `Prepared` set keeps its own).
+      mesh: a `Mesh` with a 'data' axis; default: all devices (`sharding.data_mesh()`).
+      dtype: compute dtype, e.g. `jnp.bfloat16`; floating variables and the images are cast to
+        it, and a model with a `dtype` field is cloned with it (Flax layers with an explicit
+        float32 dtype would otherwise compute in float32). Default: float32 images, the model
+        and variables as given. Outputs are always float32.
+      preprocessing: for data-layer input, overrides the model's own evaluation preprocessing.
+      return_logits: also return the logits [N, K].
+      return_labels: also return the labels [N] int32 (from the data, or for float batches from
+        a dict 'label' or a tuple's second item).
+      progress: show a tqdm bar (images/s) on process 0.
+
+    Returns:
+      features [N, D] float32 NumPy array; or a tuple `(features, logits)`, `(features,
+      labels)` or `(features, logits, labels)` depending on the flags. Data-layer input comes
+      back in input order on every process; multi-host float input as all processes' rows,
+      concatenated in process order.
+
+    Raises:
+      TypeError: `model` has no `features` method, or `images`/`batch_size` has the wrong type.
+      ValueError: bad `batch_size`, `dtype`, mesh or image shapes; empty input; labels asked for
+        but absent.
+    """
+    _check_model(model)
+    inference._check_dtype(dtype)
+    run_model = inference._with_compute_dtype(model, dtype)
+    variables = inference._cast_floating(variables, dtype)
+    if _is_dataset(images):
+        data = inference.as_dataset(model, images, preprocessing, batch_size, mesh)
+        step = _extract_step(run_model, data.preprocessing, dtype, data.mesh, return_logits)
+        variables = sharding.replicate(variables, data.mesh)
+        if data.on_host:
+            outs, _ = inference.run_batches(
+                step, variables, data.host_batches(), data.mesh, progress, "features"
+            )
+            results = [inference._gather_steps(o, data.num_examples) for o in outs]
+        else:
+            whole = inference.whole_set(step, data.mesh)
+            results = [
+                inference._all_rows(o, data.num_examples) for o in whole(variables, data.images)
+            ]
+        if return_labels:
+            results.append(data.labels)
+        return results[0] if len(results) == 1 else tuple(results)
+
+    mesh, local_batch, compute_dtype = _check_args(batch_size, mesh, dtype)
+    batches = image_batches.fixed_batches(images, None, local_batch, compute_dtype)
+    variables = sharding.replicate(variables, mesh)
+    step = _extract_step(run_model, None, dtype, mesh, return_logits)
+    labels = []
+
+    def checked(batches):
+        for batch in batches:
+            if return_labels and not batch.has_labels:
+                raise ValueError(
+                    "return_labels=True needs labels in the batches (dict 'label' or "
+                    "(images, labels) tuples)"
+                )
+            labels.append(batch.labels[: batch.count])
+            yield batch
+
+    # (multi-host: a process that ran out feeds padding steps, which hold no rows)
+
+    outs, counts = inference.run_batches(
+        step, variables, checked(batches), mesh, progress, "features"
+    )
+    results = [
+        sharding.gather_rows(np.concatenate([x[:n] for x, n in zip(o, counts, strict=True)]))
+        for o in outs
+    ]
+    if return_labels:
+        results.append(sharding.gather_rows(np.concatenate(labels)))
+    return results[0] if len(results) == 1 else tuple(results)
+
+
+def stream_reduce(
+    model,
+    variables: PyTree,
+    images,
+    *,
+    init: PyTree,
+    update: Callable[[PyTree, jax.Array, jax.Array, jax.Array], PyTree],
+    batch_size: int | None = None,
+    labels=None,
+    mesh: Mesh | None = None,
+    dtype=None,
+    preprocessing=None,
+    progress: bool = True,
+) -> PyTree:
+    """Folds features into a carry on the device, batch by batch, without copying them back.
+
+    Each step computes `feats_BD = model.apply(variables, x, method="features")` (float32) and
+    then `carry = update(carry, feats_BD, labels_B, valid_B)` inside the same jitted function;
+    the carry is replicated and XLA inserts the cross-device reductions. Padded rows have
+    `valid_B == False` and zero images, so `update` must mask them out, e.g.
+    `f = jnp.where(valid[:, None], feats, 0); return carry + f.T @ f`.
+
+    Args:
+      model: a Flax Linen module with a `features` method (see `extract_features`).
+      variables: the model's variables.
+      images: data the data layer reads or float images/batches, as in `extract_features`
+        (a `Prepared` set is streamed from the host or sliced from the devices batch by batch).
+      init: the initial carry, a pytree of arrays (identical on every process).
+      update: `update(carry, feats_BD float32, labels_B int32, valid_B bool) -> carry` with
+        the same structure, shapes and dtypes as `init`; traced once, must be jittable.
+      batch_size: global number of images per step (multiple of the mesh's 'data' size);
+        default 32 per device.
+      labels: labels [N] (integers) for a float array `images`; other inputs carry their own.
+        Rows without labels get label -1.
+      mesh: a `Mesh` with a 'data' axis; default: all devices.
+      dtype: compute dtype for the forward pass, e.g. `jnp.bfloat16` (features are float32).
+      preprocessing: for data-layer input, overrides the model's own evaluation preprocessing.
+      progress: show a tqdm bar on process 0.
+
+    Returns:
+      The final carry as replicated `jax.Array`s (use `np.asarray` to get NumPy).
+
+    Raises:
+      TypeError: wrong argument types, or `update` is not callable.
+      ValueError: bad shapes or sizes, or `update` changes the carry's structure/shapes/dtypes.
+    """
+    _check_model(model)
+    if not callable(update):
+        raise TypeError(f"update must be callable; got {type(update).__name__}")
+    if _is_dataset(images):
+        if labels is not None:
+            raise ValueError("labels come with the data here; pass labels only with float arrays")
+        data = inference.as_dataset(model, images, preprocessing, batch_size, mesh)
+        mesh, prep = data.mesh, data.preprocessing
+        pairs = (
+            image_batches.prefetch_to_device(data.host_batches(), mesh, False)
+            if data.on_host
+            else _device_batches(data)
+        )
+    else:
+        if labels is not None and not isinstance(images, np.ndarray | jax.Array):
+            raise ValueError(
+                "labels may only be given with an array of images; iterables of "
+                "batches carry their labels in a dict 'label' or tuple item"
+            )
+        mesh, local_batch, compute_dtype = _check_args(batch_size, mesh, dtype)
+        batches = image_batches.fixed_batches(images, labels, local_batch, compute_dtype)
+        pairs = image_batches.prefetch_to_device(batches, mesh, False)
+        prep = None
+    variables = sharding.replicate(inference._cast_floating(variables, dtype), mesh)
+    carry = sharding.replicate(init, mesh)
+    expected = _shapes(carry)
+    step = _stream_step(inference._with_compute_dtype(model, dtype), prep, dtype, mesh, update)
+
+    with inference._bar(None, progress, "features") as bar:
+        for device_batch, batch in pairs:
+            args = (device_batch["images"], device_batch["labels"], device_batch["valid"])
+            if expected is not None:  # checked by tracing only, before anything compiles
+                returned = _shapes(jax.eval_shape(step, carry, variables, *args))
+                if returned != expected:
+                    raise ValueError(
+                        "update must return a carry with the structure, shapes and dtypes of "
+                        f"init; init has {expected}, update returned {returned}"
+                    )
+                expected = None
+            carry = step(carry, variables, *args)
+            bar.update(batch.count * jax.process_count())
+    return carry
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _features_and_logits(forward_feats, forward_logits, variables, images_BHWC):
+    """Forward pass returning (feats_BD, logits_BK or None).
+
+    The two `apply` calls trace the backbone twice, but on identical inputs inside one jitted
+    function, so XLA's common-subexpression elimination runs it once (the tests check the
+    compiled FLOPs). This works for any module with `features` and `__call__`.
+    """
+    feats_BD = forward_feats(variables, images_BHWC)
+    if forward_logits is None:
+        return (feats_BD,)
+    return feats_BD, forward_logits(variables, images_BHWC)
+
+
+class _ExtractStep:
+    """Jitted per-batch extraction, plus its un-jitted form for whole-set passes."""
+
+    def __init__(self, model, prep, dtype, mesh, with_logits):
+        feats = inference.forward_fn(model, "features", prep, dtype)
+        logits = inference.forward_fn(model, None, prep, dtype) if with_logits else None
+        self.forward = lambda v, x: _features_and_logits(feats, logits, v, x)
+        self.jitted = jax.jit(self.forward, out_shardings=sharding.batch_sharding(mesh))
+
+    def __call__(self, variables, images):
+        return self.jitted(variables, images)
+
+
+def _extract_step(model, prep, dtype, mesh, with_logits: bool):
+    key = ("extract", model, prep, inference._dtype_key(dtype), mesh, with_logits)
+    return jit_cache.cached(key, lambda: _ExtractStep(model, prep, dtype, mesh, with_logits))
+
+
+def _stream_step(model, prep, dtype, mesh: Mesh, update):
+    def build():
+        forward = inference.forward_fn(model, "features", prep, dtype)
+
+        def step(carry, variables, images_BHWC, labels_B, valid_B):
+            return update(carry, forward(variables, images_BHWC), labels_B, valid_B)
+
+        # Donating the carry lets XLA update it in place; CPU does not support donation.
+        donate = () if mesh.devices.flat[0].platform == "cpu" else (0,)
+        return jax.jit(
+            step, out_shardings=sharding.replicated_sharding(mesh), donate_argnums=donate
+        )
+
+    key = ("stream", model, prep, inference._dtype_key(dtype), mesh, update)
+    return jit_cache.cached(key, build)
+
+
+# ----------------------------------------------------------------------------- input
+
+
+def _is_dataset(images) -> bool:
+    """Data the data layer reads (as opposed to preprocessed float images or batches)."""
+    from jaxmodels.data import sources as data_lib
+
+    return isinstance(
+        images, str | inference.Prepared | inference.Streamed | data_lib.ImageSource
+    ) or (isinstance(images, tuple) and len(images) == 2 and _is_uint8_array(images[0]))
+
+
+def _is_uint8_array(x) -> bool:
+    return isinstance(x, np.ndarray | jax.Array) and x.dtype == np.uint8 and x.ndim == 4
+
+
+def _device_batches(data: inference.Prepared):
+    """Batch t of a device-resident set, as (device arrays, host batch) pairs."""
+    labels_TL, valid_TL = inference._local_layout(
+        data.labels, data.images.shape[0], data.images.shape[1] // jax.process_count()
+    )
+    for t in range(data.images.shape[0]):
+        arrays = {"images": data.images[t], "labels": data.labels_TB[t], "valid": data.valid[t]}
+        host = image_batches.HostBatch(
+            None, labels_TL[t], valid_TL[t], int(valid_TL[t].sum()), True
+        )
+        yield arrays, host
+
+
+def _check_model(model) -> None:
+    if not callable(getattr(model, "features", None)) or not hasattr(model, "apply"):
+        raise TypeError(
+            f"model must be a Flax module with a `features` method; got {type(model).__name__}"
+        )
+
+
+def _check_args(batch_size, mesh, dtype):
+    """Validates the common arguments; returns (mesh, per-process batch, image dtype)."""
+    mesh, batch_size = inference._mesh_and_batch(mesh, batch_size)
+    local_batch = batch_size // jax.process_count()
+    inference._check_dtype(dtype)
+    return mesh, local_batch, np.dtype(np.float32 if dtype is None else dtype)
+
+
+def _shapes(tree):
+    return jax.tree.structure(tree), [(x.shape, x.dtype) for x in jax.tree.leaves(tree)]

@@ -1,0 +1,294 @@
+"""Benchmark scaling out: per-device memory of fully sharded training state, multi-process steps.
+
+1. Memory. ViT-B/16 full fine-tuning (AdamW: weights, first and second moments; EMA optional) on
+   8 fake CPU devices: the bytes one device holds of the parameters and optimizer state,
+   replicated (the default) and fully sharded (``--shard-params``). The train-state initializer
+   of `training.loop.state_initializer` — the very jit a run uses — is lowered and compiled on
+   abstract inputs and never run (ViT-B/16 replicated 8 times with Adam would take 11 GB here):
+   the bytes are the shard shapes its outputs' shardings give (`Sharding.shard_shape` per
+   leaf, `jaxmodels.sharding.bytes_per_device`), checked against XLA's own memory analysis of
+   the compiled initializer (output bytes per device).
+2. Step time. One train step of a small ViT (it has to run on this CPU), the same global batch,
+   as 1 process × 8 CPU devices and as 2 processes × 4 CPU devices joined by gloo
+   (`training.launch`): median step time of each and the ratio (target ≤ 1.3).
+3. GPU, when one is visible: the ViT-B/16 full fine-tuning step's time on one GPU (bfloat16) and
+   the fraction of the device's matmul rate it reaches (XLA's FLOP count of the compiled step /
+   step time / the rate of a large bfloat16 matmul timed on the same device).
+
+Prints one JSON object on stdout (and writes it to --out), then a line on stderr: "memory check: OK",
+or what disagrees (exit status 1) — the bytes from the shardings against XLA's, or a sharded share
+above 1.05/n.
+
+Examples:
+    python scripts/benchmarks/scale.py                 # all parts; 20 timed steps each
+    python scripts/benchmarks/scale.py --quick         # 5 timed steps, smaller step model
+    python scripts/benchmarks/scale.py --skip-steps    # memory (and GPU) only
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from jaxmodels import distributed  # noqa: E402
+
+MEMORY_MODEL = "vit_b16"
+STEP_MODEL = dict(image_size=32, patch_size=4, width=64, depth=4, num_heads=4, mlp_dim=128)
+QUICK_STEP_MODEL = dict(image_size=32, patch_size=8, width=32, depth=2, num_heads=2, mlp_dim=64)
+NUM_CLASSES = 10
+
+
+def _state_setup(name: str, overrides: dict, mesh, shard_params: bool, ema: bool):
+    """(jitted initializer, abstract variables placed like a run places them, model, mask)."""
+    import jax
+    import jax.numpy as jnp
+
+    import jaxmodels
+    from jaxmodels import sharding
+    from jaxmodels.models import paths
+    from training import loop, masks, optim
+
+    model = jaxmodels.create(name, num_classes=NUM_CLASSES, **overrides)
+    size = model.image_size
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
+    variables = dict(variables)
+    mask = masks.trainable_mask(variables["params"], "full", masks.head_name_for(name))
+    decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
+    trainable, _ = masks.split_params(variables["params"], mask)
+    config = optim.OptimConfig(total_steps=1000, warmup_steps=10)
+    optimizer = optim.make_optimizer(config, {k: bool(decay[k]) for k in trainable})
+    schedule = optim.schedule_state(config)
+    init, variable_shardings, _ = loop.state_initializer(
+        variables, schedule, mask, optimizer, ema=ema, mesh=mesh, shard_params=shard_params
+    )
+    placed = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        variables,
+        variable_shardings,
+    )
+    schedule = sharding.put(schedule, sharding.replicated_sharding(mesh))
+    return init, placed, schedule, model, optimizer
+
+
+def memory(ema: bool) -> dict:
+    """Part 1: per-device bytes of ViT-B/16's train state, replicated vs fully sharded."""
+    import jax
+
+    from jaxmodels import sharding
+
+    mesh = sharding.data_mesh(jax.devices("cpu")[:8])
+    out = {"model": MEMORY_MODEL, "devices": int(mesh.size), "ema": ema}
+    for layout, shard in (("replicated", False), ("sharded", True)):
+        init, placed, schedule, _, _ = _state_setup(MEMORY_MODEL, {}, mesh, shard, ema)
+        start = time.perf_counter()
+        compiled = init.lower(placed, schedule).compile()
+        state = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            jax.eval_shape(init, placed, schedule),
+            compiled.output_shardings,
+        )
+        held = {"trainable": state.trainable, "opt_state": state.opt_state, "ema": state.ema}
+        analysis = compiled.memory_analysis()
+        out[layout] = {
+            "params_and_optimizer_bytes_per_device": sharding.bytes_per_device(held),
+            "params_bytes_per_device": sharding.bytes_per_device(state.trainable),
+            "optimizer_bytes_per_device": sharding.bytes_per_device(state.opt_state),
+            "whole_state_bytes_per_device": sharding.bytes_per_device(state),
+            "xla_output_bytes_per_device": None if analysis is None
+            else int(analysis.output_size_in_bytes),
+            "compile_s": round(time.perf_counter() - start, 2),
+        }  # fmt: skip
+        if shard:
+            out["sharded_leaves"] = sum(
+                not s.is_fully_replicated for s in jax.tree.leaves(compiled.output_shardings)
+            )
+            out["leaves"] = len(jax.tree.leaves(compiled.output_shardings))
+    key = "params_and_optimizer_bytes_per_device"
+    out["sharded_over_replicated"] = out["sharded"][key] / out["replicated"][key]
+    return out
+
+
+def memory_problems(memory: dict) -> list[str]:
+    """Disagreements of part 1 with XLA's memory analysis or with the 1/n the sharding promises."""
+    problems = []
+    for layout in ("replicated", "sharded"):
+        ours = memory[layout]["whole_state_bytes_per_device"]
+        xla = memory[layout]["xla_output_bytes_per_device"]
+        if xla is not None and abs(xla - ours) > 1e-3 * ours:
+            problems.append(f"{layout}: {ours} bytes from the shardings, {xla} from XLA")
+    if memory["sharded_over_replicated"] > 1.05 / memory["devices"]:
+        problems.append(
+            f"sharded holds {memory['sharded_over_replicated']:.4f} of replicated, "
+            f"not about 1/{memory['devices']}"
+        )
+    return problems
+
+
+def time_steps(overrides: dict, global_batch: int, steps: int, mesh=None, dtype="float32") -> dict:
+    """Median time of the full fine-tuning train step (every process calls this together)."""
+    import jax
+    import numpy as np
+
+    import jaxmodels
+    from jaxmodels import sharding
+    from training import step as step_lib
+
+    mesh = sharding.data_mesh() if mesh is None else mesh
+    name = "vit_tiny" if overrides else MEMORY_MODEL
+    init, placed, schedule, model, optimizer = _state_setup(name, overrides, mesh, False, False)
+    variables = jax.tree.map(
+        lambda a: np.asarray(np.random.default_rng(0).normal(0, 0.02, a.shape), a.dtype), placed
+    )
+    state = init(sharding.put(variables, jax.tree.map(lambda a: a.sharding, placed)), schedule)
+    step = jax.jit(
+        step_lib.make_train_step(
+            model.apply, optimizer,
+            step_lib.StepConfig(num_classes=NUM_CLASSES, compute_dtype=dtype),
+            jaxmodels.spec_of(model).preprocessing,
+        ),
+        donate_argnums=0,
+    )  # fmt: skip
+    local = sharding.check_batch_size(global_batch, mesh)
+    rng = np.random.default_rng(jax.process_index())
+    size = model.image_size
+    batch = sharding.shard_local_batch(
+        {
+            "image": rng.integers(0, 256, (local, size, size, 3), dtype=np.uint8),
+            "label": rng.integers(0, NUM_CLASSES, local).astype(np.int32),
+        },
+        mesh,
+    )
+    key = jax.jit(lambda: jax.random.key(0), out_shardings=sharding.replicated_sharding(mesh))()
+    compiled = step.lower(state, batch, key).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    for _ in range(2):  # warm-up
+        state, metrics = step(state, batch, key)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = step(state, batch, key)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    return {
+        "median_step_s": statistics.median(times),
+        "min_step_s": min(times),
+        "flops_per_step": None if not cost else float(cost.get("flops", 0.0)) or None,
+        "loss": float(sharding.host_copy(metrics)["loss"]),
+    }
+
+
+def _worker(args) -> None:
+    """Run by `training.launch` in each process of part 2; process 0 writes the timing."""
+    distributed.initialize()
+    import jax
+
+    overrides = QUICK_STEP_MODEL if args.quick else STEP_MODEL
+    result = time_steps(overrides, args.batch_size, args.steps)
+    if jax.process_index() == 0:
+        result |= {"processes": jax.process_count(), "devices": jax.device_count()}
+        pathlib.Path(args.worker).write_text(json.dumps(result))
+
+
+def steps_part(args) -> dict:
+    """Part 2: the step as 1 process × 8 devices and as 2 processes × 4 devices."""
+    from training import launch
+
+    out = {"model": "vit_tiny", "overrides": QUICK_STEP_MODEL if args.quick else STEP_MODEL,
+           "global_batch": args.batch_size, "timed_steps": args.steps}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, processes, devices in (("1x8", 1, 8), ("2x4", 2, 4)):
+            target = os.path.join(tmp, f"{label}.json")
+            command = [__file__, "--worker", target, "--batch-size", str(args.batch_size),
+                       "--steps", str(args.steps)] + (["--quick"] if args.quick else [])  # fmt: skip
+            with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON result alone
+                status = launch.launch(command, processes, devices)
+            if status != 0:
+                raise SystemExit(f"bench_scale.py: the {label} run failed with status {status}")
+            out[label] = json.loads(pathlib.Path(target).read_text())
+    out["ratio_2x4_over_1x8"] = out["2x4"]["median_step_s"] / out["1x8"]["median_step_s"]
+    out["target_met"] = out["ratio_2x4_over_1x8"] <= 1.3
+    return out
+
+
+def gpu_part(args) -> dict:
+    """Part 3: ViT-B/16 full fine-tuning step on one GPU, and its fraction of the matmul rate."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmodels import sharding
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+        return {"skipped": "no GPU visible"}
+    mesh = sharding.data_mesh(gpus[:1])
+    timing = time_steps({}, args.gpu_batch_size, args.steps, mesh=mesh, dtype="bfloat16")
+    n = 8192
+    a = jax.device_put(jnp.ones((n, n), jnp.bfloat16), gpus[0])
+    matmul = jax.jit(lambda x: x @ x)
+    matmul(a).block_until_ready()
+    times = []
+    for _ in range(10):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    peak = 2 * n**3 / min(times)
+    achieved = (timing["flops_per_step"] or 0) / timing["median_step_s"]
+    return {
+        "device": gpus[0].device_kind,
+        "model": MEMORY_MODEL,
+        "batch": args.gpu_batch_size,
+        "dtype": "bfloat16",
+        **timing,
+        "matmul_flops_per_s": peak,
+        "step_flops_per_s": achieved,
+        "fraction_of_matmul_rate": achieved / peak,
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="5 timed steps, a smaller model")
+    parser.add_argument("--steps", type=int, help="timed steps (default 20, quick 5)")
+    parser.add_argument("--batch-size", type=int, default=64, help="global batch of part 2")
+    parser.add_argument("--gpu-batch-size", type=int, default=64, help="batch of part 3")
+    parser.add_argument("--ema", action="store_true", help="count an EMA copy in part 1")
+    parser.add_argument("--skip-steps", action="store_true", help="skip part 2")
+    parser.add_argument("--out", help="also write the JSON result here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # part 2's processes
+    args = parser.parse_args(argv)
+    args.steps = args.steps or (5 if args.quick else 20)
+    if args.worker:
+        _worker(args)
+        return 0
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)  # before any backend starts
+    result = {"memory": memory(args.ema)}
+    if not args.skip_steps:
+        result["steps"] = steps_part(args)
+    result["gpu"] = gpu_part(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).write_text(text + "\n")
+    problems = memory_problems(result["memory"])
+    print(f"memory check: {'; '.join(problems) or 'OK'}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
