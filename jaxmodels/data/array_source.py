@@ -26,7 +26,7 @@ import pathlib
 
 import numpy as np
 
-from jaxmodels.data.sources import DataError, ImageSource, checked_labels
+from jaxmodels.data.image_source import DataError, ImageSource, checked_labels
 
 _CHECK_ROWS = 1024  # rows per chunk when checking/converting big image arrays (bounds memory)
 

@@ -20,8 +20,8 @@ import re
 import numpy as np
 
 from jaxmodels.atomic_files import write_atomic
-from jaxmodels.data import sources as data
-from jaxmodels.data.sources import DataError
+from jaxmodels.data import image_source as data
+from jaxmodels.data.image_source import DataError
 
 _VERSION = re.compile(r"^(\d+\.\d+\.\d+)(?::(.*))?$")
 _NAME = re.compile(r"^[A-Za-z0-9_./-]+$")
