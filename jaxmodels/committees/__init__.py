@@ -1,8 +1,9 @@
 """Committees of models (Wisdom of Committees, Wang et al., ICLR 2022): ensembles and adaptive
 cascades on a device mesh (`executors`), their members (`members`), the decision rules
-(`rules`), fitting thresholds on held-out logits (`fit`) and measured wall time (`timing`)."""
+(`rules`), fitting thresholds on held-out logits (`fit`), measured wall time (`timing`) and the choice of
+what to deploy by that time (`deploy`)."""
 
-from jaxmodels.committees import executors, fit, members, rules, timing
+from jaxmodels.committees import deploy, executors, fit, members, rules, timing
 from jaxmodels.committees.executors import (
     Cascade,
     CascadeFit,
@@ -22,6 +23,7 @@ __all__ = [
     "Ensemble",
     "FrontierPoint",
     "Member",
+    "deploy",
     "executors",
     "fit",
     "fit_cascade",
