@@ -10,6 +10,7 @@ import pytest
 import scipy.stats
 
 import scoring
+from scoring.logme import REFERENCE_STOP
 
 FIXTURES = np.load(pathlib.Path(__file__).parent / "fixtures" / "logme_reference.npz")
 CASES = sorted({k.split("/")[0] for k in FIXTURES.files if not k.startswith("src")})
@@ -41,7 +42,7 @@ def test_fixture_has_the_documented_cases():
 @pytest.mark.parametrize("name", CASES)
 def test_score_matches_reference_in_float64(x64, name, method):
     feats, targets, regression = case(name)
-    result = scoring.logme(feats, targets, regression=regression, method=method)
+    result = scoring.logme(feats, targets, regression=regression, method=method, **REFERENCE_STOP)
     assert result.score.dtype == jnp.float64
     np.testing.assert_allclose(float(result.score), FIXTURES[f"{name}/score"], rtol=0, atol=1e-8)
 
@@ -50,7 +51,7 @@ def test_score_matches_reference_in_float64(x64, name, method):
 @pytest.mark.parametrize("name", TALL_CASES)
 def test_parameters_and_predictions_match_reference_in_float64(x64, name, method):
     feats, targets, regression = case(name)
-    result = scoring.logme(feats, targets, regression=regression, method=method)
+    result = scoring.logme(feats, targets, regression=regression, method=method, **REFERENCE_STOP)
     np.testing.assert_allclose(result.alpha, FIXTURES[f"{name}/alpha"], rtol=1e-6)
     np.testing.assert_allclose(result.beta, FIXTURES[f"{name}/beta"], rtol=1e-6)
     np.testing.assert_allclose(result.weights, FIXTURES[f"{name}/weights"], rtol=1e-6, atol=0)
@@ -71,7 +72,9 @@ def test_wide_case_differs_from_reference_default_code_as_documented():
 def test_float32_score_is_close_to_float64(name):
     feats, targets, regression = case(name)
     targets = targets.astype(np.float32) if regression else targets
-    result = scoring.logme(feats.astype(np.float32), targets, regression=regression)
+    result = scoring.logme(
+        feats.astype(np.float32), targets, regression=regression, **REFERENCE_STOP
+    )
     assert result.score.dtype == jnp.float32
     assert np.all(np.isfinite(result.evidence))
     np.testing.assert_allclose(float(result.score), FIXTURES[f"{name}/score"], rtol=2e-5)
@@ -205,7 +208,7 @@ def test_labels_need_not_be_contiguous_but_get_a_warning(x64):
     feats, labels, _ = case("cls_tall")
     relabelled = np.array([3, 7, 9, 20, 21])[labels]
     with pytest.warns(scoring.LabelWarning, match=r"\{3: 78, 7: 100, 9: 85, 20: 77, 21: 100\}"):
-        result = scoring.logme(feats, relabelled)
+        result = scoring.logme(feats, relabelled, **REFERENCE_STOP)
     np.testing.assert_allclose(result.score, FIXTURES["cls_tall/score"], atol=1e-8)
 
 
@@ -218,6 +221,7 @@ def test_jit_matches_no_jit(name):
         kwargs = dict(regression=True)
     else:
         kwargs = dict(num_classes=int(targets.max()) + 1)
+    kwargs.update(REFERENCE_STOP)  # compared with the reference's outputs below
     with jax.disable_jit():  # the inner jit too: every op runs eagerly
         eager = scoring.logme(feats, targets, **kwargs)
     jitted = jax.jit(scoring.logme, static_argnames=("regression", "num_classes"))(
@@ -371,3 +375,68 @@ def test_from_an_r_factor_with_fewer_rows_than_features(num_samples):
         exact = float(scoring.logme(feats_ND.astype(np.float64), labels_N).score)
     assert np.isfinite(float(from_factor.score))
     assert float(from_factor.score) == pytest.approx(exact, rel=1e-4, abs=1e-5)
+
+
+def exact_evidence(feats_ND, labels_N, num_classes, eps=1e-5):
+    """The exact LogME score: float64 SVD of F, every direction kept, the reference's fixed point
+    (α = β = 1 start, eps in both denominators) iterated until t = α/β stops changing."""
+    n, d = feats_ND.shape
+    u_NK, sigma_K, _ = np.linalg.svd(feats_ND, full_matrices=False)
+    lam_K = sigma_K**2
+    evidence = []
+    for c in range(num_classes):
+        y_N = (labels_N == c).astype(np.float64)
+        p_K = u_NK.T @ y_N
+        res_out = y_N @ y_N - p_K @ p_K
+        alpha, beta = 1.0, 1.0
+        for _ in range(100_000):
+            gamma = np.sum(beta * lam_K / (alpha + beta * lam_K))
+            m2 = np.sum(beta**2 * lam_K * p_K**2 / (alpha + beta * lam_K) ** 2)
+            res2 = np.sum((alpha * p_K / (alpha + beta * lam_K)) ** 2) + res_out
+            t = alpha / beta
+            alpha, beta = gamma / (m2 + eps), (n - gamma) / (res2 + eps)
+            if abs(alpha / beta - t) <= 1e-15 * t:
+                break
+        m2 = np.sum(beta**2 * lam_K * p_K**2 / (alpha + beta * lam_K) ** 2)
+        res2 = np.sum((alpha * p_K / (alpha + beta * lam_K)) ** 2) + res_out
+        log_p = (
+            d / 2 * np.log(alpha)
+            + n / 2 * np.log(beta)
+            - np.sum(np.log(alpha + beta * lam_K)) / 2
+            - (d - len(lam_K)) / 2 * np.log(alpha)
+            - beta / 2 * res2
+            - alpha / 2 * m2
+            - n / 2 * np.log(2 * np.pi)
+        )
+        evidence.append(log_p / n)
+    return float(np.mean(evidence))
+
+
+def signal_features(span, everywhere, n=2000, d=64, c=4, seed=1):
+    """Features whose singular values fall log-evenly from 1 to `span`, with class means in
+    every direction at the same signal-to-noise (`everywhere`) or decaying with the spectrum."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, c, n)
+    means_CD = 1.5 * rng.normal(size=(c, d))
+    if not everywhere:
+        means_CD = means_CD * np.logspace(0, -6, d)
+    z_ND = rng.normal(size=(n, d)) + means_CD[labels]
+    return z_ND / z_ND.std(0) * np.logspace(0, np.log10(span), d), labels, c
+
+
+@pytest.mark.parametrize("everywhere", [True, False], ids=["signal-everywhere", "signal-decays"])
+@pytest.mark.parametrize("span", [1e-3, 1e-4, 1e-5, 1e-6])
+def test_exact_when_small_directions_carry_signal(span, everywhere):
+    """The defaults reach the maximum evidence: float64 within 1e-6 of the exact one for σ down
+    to 1e-6 of σ_max; float32 within 1e-6 down to 1e-4, 1e-3 at 1e-5, 1e-2 at 1e-6. The reference's
+    stopping rule (tol 1e-3, 11 steps) is 1e-2 off once σ spans 1e-5 with signal everywhere."""
+    feats, labels, c = signal_features(span, everywhere)
+    exact = exact_evidence(feats, labels, c)
+    with jax.enable_x64(True):
+        got64 = float(scoring.logme(feats, labels, num_classes=c).score)
+        reference_stop = float(scoring.logme(feats, labels, num_classes=c, **REFERENCE_STOP).score)
+    got32 = float(scoring.logme(feats.astype(np.float32), labels, num_classes=c).score)
+    np.testing.assert_allclose(got64, exact, rtol=1e-6)
+    np.testing.assert_allclose(got32, exact, rtol={1e-3: 1e-6, 1e-4: 1e-6, 1e-5: 1e-3}.get(span, 1e-2))
+    if everywhere and span <= 1e-5:  # what the defaults fix
+        assert abs(reference_stop / exact - 1) > 1e-3
