@@ -256,3 +256,19 @@ def test_script_exits_2_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.startswith("rank.py: error: model 'resnet_nope' is neither a known name")
+
+
+def test_float64_scores_run_pinned_to_the_host_cpu(hub, monkeypatch):
+    """On an accelerator host the default device is the accelerator: scoring must name the CPU
+    itself (here every device is a CPU, so the pin is what is checked)."""
+    seen = []
+
+    def spy(f, y, p):
+        seen.append((jax.config.jax_default_device, jnp.zeros(1).dtype))
+        return 0.0
+
+    monkeypatch.setitem(hub_ranking.SCORES, "gbc", spy)
+    kwargs = dict(scores=["gbc"], cache_dir=hub["root"] / "cache", log=lambda _: None)
+    hub_ranking.rank_hub(hub["models"][:1], hub["data"], **kwargs)
+    (device, dtype), = seen
+    assert device is not None and device.platform == "cpu" and dtype == jnp.float64

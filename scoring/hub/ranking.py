@@ -13,7 +13,8 @@ With `stream=True` features never leave the device: `jaxmodels.stream_reduce` fo
 `scoring.ScoreStats` inside the extraction step (LEEP takes a second pass), so only the scores that
 streamed statistics determine are available (logme, hscore, leep, nce); the statistics are cached.
 
-Scores are computed in float64 on the host from the float32 features.
+Scores are computed in float64 on the host CPU (pinned, also on accelerator hosts) from the
+float32 features.
 """
 
 from __future__ import annotations
@@ -208,6 +209,8 @@ def rank_hub(
             acc, second, cached[ref.label] = statistics_for(
                 ref, data, names, cache_dir, batch_size, seed, log, progress
             )
+            # small statistics, fetched once: the float64 scores below run on the host CPU
+            acc, second = jax.device_get((acc, second))
             compute = {
                 n: lambda n=n, a=acc, b=second: scores_from_statistics(a, b, [n])[n] for n in wanted
             }
@@ -219,7 +222,9 @@ def rank_hub(
             compute = {
                 n: lambda n=n, f=feats64, p=probs64: SCORES[n](f, data.labels, p) for n in wanted
             }
-        with jax.enable_x64(True):
+        # float64 on the host CPU: on an accelerator host the default device would be a GPU
+        # (slow or emulated float64) or a TPU (none).
+        with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
             for name, score in compute.items():
                 try:
                     values[ref.label][name] = float(score())
