@@ -164,3 +164,25 @@ def test_build_draws_every_fresh_parameter_from_init_seed(saved):
     assert abs(scales.mean() - 1) < 0.01 and 0.01 < scales.std() < 0.03
     logits = a.model.apply(a.variables, jnp.zeros((1, 64, 64, 3)))
     assert logits.shape == (1, 3)
+
+
+def test_a_truncated_checkpoint_leaves_no_event_loop_noise(saved, tmp_path):
+    """The one-line error is all a user sees: orbax's in-flight reads used to print 7–43 lines
+    of "RuntimeError: Event loop is closed" after it, at exit."""
+    import shutil
+    import subprocess
+    import sys
+
+    shutil.copytree(saved["root"] / "run" / "model", tmp_path / "cut")
+    for file in (tmp_path / "cut" / "variables").rglob("*"):
+        if file.is_file() and file.stat().st_size > 1024 and "_METADATA" not in file.name:
+            with open(file, "r+b") as f:
+                f.truncate(100)
+    code = (
+        "import sys, jaxmodels\n"
+        f"try:\n    jaxmodels.load({str(tmp_path / 'cut')!r})\n"
+        "except ValueError as err:\n    print(err, file=sys.stderr)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot be read" in lines[0], done.stderr[-2000:]

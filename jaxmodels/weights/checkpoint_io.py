@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import pathlib
+import sys
 from typing import Any
 
 import flax
@@ -251,11 +252,12 @@ def save(
     # arrays this process holds whole go as NumPy (no per-shape device copy in orbax); global
     # arrays spanning other processes go as they are, each shard written by its holder
     local = lambda x: not isinstance(x, jax.Array) or x.is_fully_addressable
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(
-        path / _VARIABLES_DIR, jax.tree.map(lambda x: np.asarray(x) if local(x) else x, variables)
-    )
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:  # closed: no async machinery left behind
+        checkpointer.save(
+            path / _VARIABLES_DIR,
+            jax.tree.map(lambda x: np.asarray(x) if local(x) else x, variables),
+        )
+        checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         (path / MODEL_JSON).write_text(text)
     if jax.process_count() > 1:  # no process returns before model.json exists
@@ -264,11 +266,52 @@ def save(
         multihost_utils.sync_global_devices(f"jaxmodels.save {path}")
 
 
+def _closed_loop_noise(exc: BaseException | None) -> bool:
+    """Whether `exc` is only "Event loop is closed" errors (alone or in an exception group)."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_closed_loop_noise(e) for e in exc.exceptions)
+    return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _drop_closed_loop_noise(previous):
+    """An unraisable-exception hook that drops orbax's late callbacks, passing on the rest.
+
+    When one read of a broken checkpoint fails, orbax ends its event loop while tensorstore's
+    other reads are still in flight; their completion callbacks later find the loop closed and
+    Python prints each as "Exception ignored ... RuntimeError: Event loop is closed" (7–43
+    lines after the caller's one-line error). They carry nothing: the failure was reported.
+    """
+
+    def hook(unraisable):
+        if not _closed_loop_noise(unraisable.exc_value):
+            previous(unraisable)
+
+    hook.drops_closed_loop_noise = True
+    return hook
+
+
+class _DropLostReads(logging.Filter):
+    """Drops asyncio's "... exception was never retrieved" reports of tensorstore reads that orbax
+    abandoned when another read of the same broken checkpoint failed first (already reported)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        lost = "exception was never retrieved" in str(record.msg)
+        return not (lost and exc is not None and "tensorstore" in str(exc))
+
+
 class quiet_orbax:
-    """Silences orbax/absl logging while a possibly broken checkpoint is read: the caller reports
-    the failure in one line instead of pages of retries."""
+    """Silences orbax/absl logging while a possibly broken checkpoint is read, and from then on
+    the noise its abandoned in-flight reads leave behind (`_drop_closed_loop_noise`,
+    `_DropLostReads`):
+    the caller reports the failure in one line instead of pages of retries and tracebacks."""
 
     def __enter__(self):
+        if not getattr(sys.unraisablehook, "drops_closed_loop_noise", False):
+            sys.unraisablehook = _drop_closed_loop_noise(sys.unraisablehook)
+        asyncio_logger = logging.getLogger("asyncio")
+        if not any(isinstance(f, _DropLostReads) for f in asyncio_logger.filters):
+            asyncio_logger.addFilter(_DropLostReads())
         self.loggers = [logging.getLogger(n) for n in ("absl", "orbax", "jax._src.distributed")]
         self.levels = [lg.level for lg in self.loggers]
         for lg in self.loggers:
@@ -402,12 +445,14 @@ def restore_as_numpy(directory: pathlib.Path):
     """
     import orbax.checkpoint as ocp
 
-    metadata = ocp.StandardCheckpointer().metadata(directory).item_metadata
+    # Both checkpointers are closed on the way out, also when the files are broken: an open
+    # one leaves orbax's event loop to fail at exit ("RuntimeError: Event loop is closed").
+    with ocp.StandardCheckpointer() as checkpointer:
+        metadata = checkpointer.metadata(directory).item_metadata
     metadata = getattr(metadata, "tree", metadata)
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    return ocp.PyTreeCheckpointer().restore(
-        directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy)
-    )
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
 # ----------------------------------------------------------------------------- checking
