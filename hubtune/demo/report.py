@@ -10,14 +10,49 @@ import pathlib
 
 
 def write(out: pathlib.Path, report: dict) -> list[pathlib.Path]:
-    """Writes report.json, report.md, soup.png and cascade.png into `out`; returns their paths."""
+    """Writes report.json, report.md, soup.png, cascade.png and excerpt.md into `out`; returns
+    their paths and the ranking plot's."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "report.json", out / "report.md", out / "soup.png", out / "cascade.png"]
     paths[0].write_text(json.dumps(report, indent=2) + "\n")
     paths[1].write_text(markdown(report))
     plot_soup(report["combine"], paths[2])
     plot_cascade(report["serve"], paths[3])
-    return [*paths, out / report["select"]["plot"]]
+    (out / "excerpt.md").write_text(excerpt(report))
+    return [*paths, out / report["select"]["plot"], out / "excerpt.md"]
+
+
+def excerpt(report: dict) -> str:
+    """What the README quotes: each step's verdict, as a Markdown quote, with nothing that
+    depends on this machine's speed (so a fixed seed on a CPU reproduces it word for word)."""
+    verdicts = [
+        ("Select", _verdict(_select(report["select"]))),
+        ("Tune", _verdict(_tune(report["tune"]))),
+        ("Combine", _verdict(_combine(report["combine"]))),
+        ("Serve", _serve_excerpt(report["serve"])),
+    ]
+    return "\n>\n".join(f"> **{step}:** {text}" for step, text in verdicts) + "\n"
+
+
+def _verdict(section: str) -> str:
+    return section.split("**Verdict:** ", 1)[1].split("\n\n", 1)[0]
+
+
+def _serve_excerpt(serve: dict) -> str:
+    """The serve step without its measured times: which single models meet the goal (a cascade
+    is deployed only where it is predicted faster than the fastest of them, on your machine)."""
+    goal = serve["target_heldout_accuracy"]
+    meeting = [
+        f"{name} (test {single['test_accuracy']:.3f})"
+        for name, single in serve["singles"].items()
+        if single["heldout_accuracy"] >= goal
+    ]
+    return (
+        f"{len(meeting)} of {len(serve['singles'])} fine-tuned members meet the costliest "
+        f"member's held-out accuracy ({goal:.3f}): {', '.join(meeting)}. A cascade is deployed "
+        "only when the stage times measured on the machine running it predict at least 1.1× "
+        "the speed of the fastest of these; the report says which was served and how fast."
+    )
 
 
 def _table(header: list[str], rows: list[list]) -> str:

@@ -1,6 +1,6 @@
 """The whole workflow on real data, offline, in minutes: select, tune, combine, serve.
 
-    hubtune demo --quick          # 80 s on 2 CPU cores with the hub cached, ~3 min first
+    hubtune demo --quick          # ~1.5 min on 2 CPU cores
     hubtune demo                  # the full run: more members, epochs and runs
 
 Data: scikit-learn's handwritten digits (1,797 8×8 images, shipped with the package), upsampled to
