@@ -1,0 +1,192 @@
+"""Every benchmark in one command: results with their provenance, and the docs' tables from them.
+
+    python scripts/benchmarks/run_all.py --out bench-quick            # every quick form
+    python scripts/benchmarks/run_all.py --full --only logme,cascade  # some, in full
+    python scripts/benchmarks/run_all.py --out bench-quick --docs docs/benchmarks.md
+    python scripts/benchmarks/run_all.py --tables bench-quick/results.json --docs docs/benchmarks.md
+
+Each benchmark runs as its own process, one after another (they time themselves against a
+baseline in the same process; running two at once would load both). `results.json` records, per
+benchmark, its command, exit status, wall time, the load average before and after, the Markdown
+tables and ratio lines it printed and its own JSON; and, once, the commit (and whether the tree
+was dirty), date, machine, core count, backend and devices. `--docs FILE` rewrites the block
+between ``<!-- bench:generated:start -->`` and ``<!-- bench:generated:end -->`` in FILE from
+those results (`--tables` does it from an earlier results.json, e.g. one made on a GPU host).
+A benchmark that ran with a load average above the core count is flagged "measured under load":
+its ratios are noisier, its seconds not comparable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+HERE = pathlib.Path(__file__).resolve().parent
+START, END = "<!-- bench:generated:start -->", "<!-- bench:generated:end -->"
+
+# name → (quick arguments, full arguments, the flag that names its JSON output)
+BENCHMARKS = {
+    "logme": (["--quick", "--repeats", "3"], ["--repeats", "5"], "--out"),
+    "scores": (["--quick"], [], "--out"),
+    "features": (["--quick", "--no-torch"], ["--no-torch"], "--json"),
+    "eval": (["--quick"], [], "--json"),
+    "pipeline": (["--quick"], [], "--json"),
+    "finetune": (["--model", "vit_tiny", "--image-size", "32", "--steps", "3"], [], "--json"),
+    "soups": (["--quick"], [], "--json"),
+    "cascade": (["--quick"], [], "--json"),
+    "scale": (["--quick"], [], "--out"),
+}
+# scripts that are baselines or fixture makers, run by the benchmarks above, not on their own
+HELPERS = {"run_all", "logme_numpy_baseline", "pipeline_baseline"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default="bench-results", help="folder for results.json")
+    parser.add_argument("--full", action="store_true", help="the full forms (hours on a CPU)")
+    parser.add_argument("--only", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
+    parser.add_argument("--docs", help="rewrite this Markdown file's generated block")
+    parser.add_argument("--tables", help="with --docs: build the block from this results.json")
+    args = parser.parse_args(argv)
+    names = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = sorted(set(names) - set(BENCHMARKS))
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(BENCHMARKS)}")
+    if args.tables and not args.docs:
+        parser.error("--tables needs --docs FILE")
+    args.names = names
+    return args
+
+
+def _git(*args) -> str:
+    done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip()
+
+
+def provenance() -> dict:
+    """Where and when: commit, dirty tree, date, machine, cores, backend and devices."""
+    import jax
+
+    return {
+        "commit": _git("rev-parse", "--short", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": f"{platform.machine()} {platform.processor() or platform.platform()}",
+        "cores": os.cpu_count(),
+        "backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "jax": jax.__version__,
+    }
+
+
+def run_one(name: str, full: bool, out: pathlib.Path) -> dict:
+    quick_args, full_args, json_flag = BENCHMARKS[name]
+    json_path = out / f"{name}.json"
+    command = [sys.executable, str(HERE / f"{name}.py"), *(full_args if full else quick_args)]
+    command += [json_flag, str(json_path)]
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=out, env=env)
+    lines = done.stdout.splitlines()
+    shown = " ".join(["python", f"scripts/benchmarks/{name}.py", *command[2:-2]])
+    return {
+        "command": shown,
+        "returncode": done.returncode,
+        "seconds": time.perf_counter() - start,
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "tables": _tables(lines),
+        "ratios": [ln.strip() for ln in lines if "×" in ln and not ln.startswith("|")],
+        "stderr_tail": done.stderr[-2000:] if done.returncode else "",
+        "json": json.loads(json_path.read_text()) if json_path.exists() else None,
+    }
+
+
+def _tables(lines: list[str]) -> list[str]:
+    """The Markdown tables a benchmark printed, each as one string."""
+    tables, current = [], []
+    for line in [*lines, ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            tables.append("\n".join(current))
+            current = []
+    return tables
+
+
+def markdown(results: dict) -> str:
+    """The docs' generated block: per benchmark, its command, provenance, tables and ratios."""
+    meta = results["meta"]
+    parts = [
+        f"Generated by `python scripts/benchmarks/run_all.py{' --full' if results['full'] else ''}`"
+        f" on commit {meta['commit']}{' (dirty tree)' if meta['dirty'] else ''}, {meta['date']}, "
+        f"{meta['machine']}, {meta['cores']} cores, JAX {meta['jax']} on {meta['backend']} "
+        f"({len(meta['devices'])} device(s)). Ratios are taken within one process; seconds are "
+        "this machine's."
+    ]
+    for name, bench in results["benchmarks"].items():
+        load = max(bench["load_before"], bench["load_after"])
+        under_load = load > meta["cores"]
+        head = f"### {name}\n\n    {bench['command']}\n\n"
+        head += f"load average {bench['load_before']:.1f} → {bench['load_after']:.1f}"
+        head += (
+            f" — **measured under load** (above {meta['cores']} cores)"
+            if under_load
+            else " (quiet)"
+        )
+        head += f"; {bench['seconds']:.0f} s."
+        if bench["returncode"]:
+            head += f" **Failed** (exit {bench['returncode']}):\n\n```\n{bench['stderr_tail']}\n```"
+        body = [*bench["tables"]]
+        if bench["ratios"]:
+            body.append("\n".join(f"- {line}" for line in bench["ratios"]))
+        parts.append("\n\n".join([head, *body]))
+    return "\n\n".join(parts)
+
+
+def write_docs(docs: pathlib.Path, results: dict) -> None:
+    text = docs.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"run_all.py: error: {docs} has no {START} … {END} block")
+    before, rest = text.split(START, 1)
+    after = rest.split(END, 1)[1]
+    docs.write_text(f"{before}{START}\n{markdown(results)}\n{END}{after}")
+    print(f"wrote the generated block of {docs}")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.tables:
+        write_docs(pathlib.Path(args.docs), json.loads(pathlib.Path(args.tables).read_text()))
+        return 0
+    out = pathlib.Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    results = {"meta": provenance(), "full": args.full, "benchmarks": {}}
+    for i, name in enumerate(args.names, 1):
+        print(f"[{i}/{len(args.names)}] {name} ...", flush=True)
+        bench = run_one(name, args.full, out)
+        results["benchmarks"][name] = bench
+        status = "ok" if bench["returncode"] == 0 else f"FAILED (exit {bench['returncode']})"
+        print(f"    {status} in {bench['seconds']:.0f} s, load {bench['load_before']:.1f}")
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out / 'results.json'}")
+    if args.docs:
+        write_docs(pathlib.Path(args.docs), results)
+    return 1 if any(b["returncode"] for b in results["benchmarks"].values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
