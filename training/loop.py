@@ -34,7 +34,7 @@ import jaxmodels
 from jaxmodels import jit_cache, sharding
 from jaxmodels.data import pipeline
 from jaxmodels.models import paths
-from training import checkpoints, masks, optim
+from training import checkpoints, flat_reduce, masks, optim
 from training import step as step_lib
 
 
@@ -258,12 +258,14 @@ def fit(
     metrics_log = _MetricsLog(config.log_path)
     evals = metrics_log.resume(resumed_from)
 
+    flat = flat_reduce.flat_reduce_pays(mesh)
     train_fn = jit_cache.cached(
-        ("train_step", *key_fields),
+        ("train_step", *key_fields, flat),
         lambda: jax.jit(
             step_lib.make_train_step(
                 model.apply, optimizer, step_config, augment.prep,
                 grad_shardings=state_shardings.trainable if config.shard_params else None,
+                flat_reduce_mesh=mesh if flat else None,
             ),
             out_shardings=(state_shardings, replicated),
             donate_argnums=0,

@@ -26,7 +26,7 @@ import optax
 from flax import struct
 
 from jaxmodels.data import preprocess
-from training import masks, optim
+from training import flat_reduce, masks, optim
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -194,6 +194,7 @@ def make_train_step(
     config: StepConfig,
     preprocessing: preprocess.Preprocessing | None = None,
     grad_shardings: dict | None = None,
+    flat_reduce_mesh=None,
 ) -> Callable:
     """Builds ``train_step(state, batch, key) -> (state, metrics)``; pure, so ``jax.jit`` it.
 
@@ -206,6 +207,9 @@ def make_train_step(
         grad_shardings: ``{path: Sharding}`` over the trainable leaves: the gradients are
             constrained to it (fully sharded training: each device keeps only its slice of
             every gradient, a reduce-scatter instead of an all-reduce). ``None``: XLA chooses.
+        flat_reduce_mesh: the data mesh, to average gradients and loss in one flat all-reduce
+            (`training.flat_reduce`; where `flat_reduce.flat_reduce_pays`). Steps that update
+            BatchNorm statistics keep XLA's path: they need the global batch's moments.
 
     Returns:
         A function of ``state``, ``batch`` = ``{"image": [B, H, W, C] uint8 or float32,
@@ -249,7 +253,11 @@ def make_train_step(
                 raise ValueError("uint8 batches need the model's preprocessing to be normalised")
             images = preprocess.normalize(images, preprocessing)
         images, targets = _mix(config, images, targets, key_mix)
-        (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+        updates_stats = bool(state.batch_stats) and config.update_batch_stats
+        if flat_reduce_mesh is not None and grad_shardings is None and not updates_stats:
+            value_and_grad = flat_reduce.value_and_mean_grad(loss_fn, flat_reduce_mesh)
+        (loss, (logits, batch_stats)), grads = value_and_grad(
             state.trainable, state.frozen, state.batch_stats, images, targets, key_model
         )
         if grad_shardings is not None:
