@@ -109,7 +109,11 @@ def run_one(name: str, full: bool, out: pathlib.Path) -> dict:
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "tables": _tables(lines),
-        "ratios": [ln.strip() for ln in lines if "×" in ln and not ln.startswith("|")],
+        "ratios": [
+            ln.strip()
+            for ln in [*lines, *done.stderr.splitlines()]
+            if "×" in ln and not ln.startswith("|")
+        ],
         "stderr_tail": done.stderr[-2000:] if done.returncode else "",
         "json": json.loads(json_path.read_text()) if json_path.exists() else None,
     }

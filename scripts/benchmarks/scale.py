@@ -139,6 +139,7 @@ def time_steps(overrides: dict, global_batch: int, steps: int, mesh=None, dtype=
 
     import jaxmodels
     from jaxmodels import sharding
+    from training import flat_reduce
     from training import step as step_lib
 
     mesh = sharding.data_mesh() if mesh is None else mesh
@@ -153,6 +154,7 @@ def time_steps(overrides: dict, global_batch: int, steps: int, mesh=None, dtype=
             model.apply, optimizer,
             step_lib.StepConfig(num_classes=NUM_CLASSES, compute_dtype=dtype),
             jaxmodels.spec_of(model).preprocessing,
+            flat_reduce_mesh=mesh if flat_reduce.flat_reduce_pays(mesh) else None,
         ),
         donate_argnums=0,
     )  # fmt: skip
@@ -205,18 +207,37 @@ def steps_part(args) -> dict:
 
     out = {"model": "vit_tiny", "overrides": QUICK_STEP_MODEL if args.quick else STEP_MODEL,
            "global_batch": args.batch_size, "timed_steps": args.steps}  # fmt: skip
+    # 2x4: the default (the flat all-reduce of training.flat_reduce on CPU); 2x4_xla: XLA's
+    # per-leaf all-reduce, the path before it (HUBTUNE_FLAT_REDUCE=0)
+    runs = (("1x8", 1, 8, None), ("2x4", 2, 4, None), ("2x4_xla", 2, 4, "0"))
     with tempfile.TemporaryDirectory() as tmp:
-        for label, processes, devices in (("1x8", 1, 8), ("2x4", 2, 4)):
+        for label, processes, devices, forced in runs:
             target = os.path.join(tmp, f"{label}.json")
             command = [__file__, "--worker", target, "--batch-size", str(args.batch_size),
                        "--steps", str(args.steps)] + (["--quick"] if args.quick else [])  # fmt: skip
-            with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON result alone
-                status = launch.launch(command, processes, devices)
+            previous = os.environ.pop("HUBTUNE_FLAT_REDUCE", None)
+            if forced is not None:
+                os.environ["HUBTUNE_FLAT_REDUCE"] = forced
+            try:
+                with contextlib.redirect_stdout(sys.stderr):  # stdout: the JSON result alone
+                    status = launch.launch(command, processes, devices)
+            finally:
+                os.environ.pop("HUBTUNE_FLAT_REDUCE", None)
+                if previous is not None:
+                    os.environ["HUBTUNE_FLAT_REDUCE"] = previous
             if status != 0:
                 raise SystemExit(f"bench_scale.py: the {label} run failed with status {status}")
             out[label] = json.loads(pathlib.Path(target).read_text())
     out["ratio_2x4_over_1x8"] = out["2x4"]["median_step_s"] / out["1x8"]["median_step_s"]
+    out["ratio_2x4_xla_over_1x8"] = out["2x4_xla"]["median_step_s"] / out["1x8"]["median_step_s"]
+    out["flat_speedup_over_xla_2x4"] = out["2x4_xla"]["median_step_s"] / out["2x4"]["median_step_s"]
     out["target_met"] = out["ratio_2x4_over_1x8"] <= 1.3
+    print(
+        f"2x4 / 1x8 step time: flat {out['ratio_2x4_over_1x8']:.2f}×, XLA per-leaf "
+        f"{out['ratio_2x4_xla_over_1x8']:.2f}× (flat is {out['flat_speedup_over_xla_2x4']:.2f}× "
+        f"faster; target ≤ 1.3×: {'met' if out['target_met'] else 'NOT met'})",
+        file=sys.stderr,
+    )
     return out
 
 
