@@ -43,6 +43,7 @@ import sys
 import jax
 
 import jaxmodels
+from hubtune.parsing import Parser
 from jaxmodels import distributed
 from scoring.hub import ranking as hub_ranking
 from scoring.hub.features import default_cache_dir
@@ -57,7 +58,7 @@ USER_ERRORS = (
 
 def main(argv=None) -> int:
     doc = __doc__.format(names=", ".join(jaxmodels.MODEL_NAMES), cache=default_cache_dir())
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=doc.split("\n\n")[0],
         epilog="\n\n".join(doc.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -10,6 +10,7 @@ import sys
 
 import jax
 
+from hubtune.parsing import Parser
 from jaxmodels import ModelRefError, distributed
 from jaxmodels.data.sources import DataError
 from training import run as run_lib
@@ -93,7 +94,7 @@ def _words(text: str) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=(
             "Fine-tune an image classifier from jaxmodels on your data with one of four "
             "methods (full, linear, bitfit, ssf). Comma-separated values for --lr, --seed, "

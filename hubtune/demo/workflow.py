@@ -43,6 +43,7 @@ import jaxmodels
 from hubtune.demo import combine_serve as demo_combine_serve
 from hubtune.demo import report as demo_report
 from hubtune.demo import steps as demo_steps
+from hubtune.parsing import Parser
 from jaxmodels.models import registry
 
 SIZE = 32  # the hub's input side; the 8×8 digits are upsampled ×4
@@ -180,7 +181,7 @@ def _out_folder(requested: pathlib.Path) -> pathlib.Path:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__.split("\n\n")[0],
         epilog="\n\n".join(__doc__.split("\n\n")[1:]),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -63,6 +63,7 @@ import argparse
 import sys
 
 import jaxmodels
+from hubtune.parsing import Parser
 from hubtune.serve import output as cascade_output
 from hubtune.serve import report as cascade_report
 from hubtune.serve.members import CascadeInputError
@@ -73,16 +74,9 @@ from jaxmodels.inference.artefact_cache import default_cache_dir
 USER_ERRORS = (CascadeInputError, jaxmodels.DataError, jaxmodels.ModelRefError)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """Bad options are one line on stderr and exit status 2, like every other user error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     doc = __doc__.format(names=", ".join(jaxmodels.MODEL_NAMES), cache=default_cache_dir())
-    parser = OneLineParser(
+    parser = Parser(
         prog="cascade.py",
         description=doc.split("\n\n")[0],
         epilog="\n\n".join(doc.split("\n\n")[1:]),

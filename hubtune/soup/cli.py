@@ -61,6 +61,7 @@ from training.soups import ingredients
 ingredients.fix_mmap_threshold()
 
 import jaxmodels  # noqa: E402
+from hubtune.parsing import Parser  # noqa: E402
 from hubtune.soup import cook as soup_cook  # noqa: E402
 from hubtune.soup import output as soup_output  # noqa: E402
 from hubtune.soup import plan as soup_plan  # noqa: E402
@@ -72,7 +73,7 @@ USER_ERRORS = (RunError, jaxmodels.DataError, jaxmodels.ModelRefError)
 
 def parse_args(argv=None) -> argparse.Namespace:
     summary, _, details = __doc__.partition("\n\n")
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=summary,
         epilog=details,
         formatter_class=argparse.RawDescriptionHelpFormatter,

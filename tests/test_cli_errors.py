@@ -1,0 +1,42 @@
+"""Every hubtune command answers a bad option in one line and exit 2, and takes negative numbers
+as values (so the command itself can say what is wrong with them)."""
+
+import sys
+
+import pytest
+
+from hubtune import cli
+
+
+def run(capsys, argv):
+    saved = sys.argv[0]
+    try:
+        with pytest.raises(SystemExit) as stop:
+            status = cli.main(argv)
+            raise SystemExit(status)
+    finally:
+        sys.argv[0] = saved
+    return stop.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize("step", list(cli.STEPS))
+def test_an_unknown_option_is_one_line_and_exit_2(capsys, step):
+    code, err = run(capsys, [step, "--no-such-option", "1"])
+    assert code == 2 and len(err) == 1, err
+    assert ": error: " in err[0] and err[0].endswith("(see --help)")
+
+
+@pytest.mark.parametrize(
+    "step, argv, message",
+    [
+        ("tune", ["--model", "vit_tiny", "--data", "x.npz", "--out", "o", "--lr", "-1e-3"],
+         "lr must be > 0.0; got -0.001"),
+        ("serve", ["--models", "a", "b", "--heldout", "h", "--test", "t", "--out", "o",
+                   "--target-accuracy", "-5E-1"], "target"),
+    ],
+)  # fmt: skip
+def test_a_negative_number_in_exponent_form_is_a_value(capsys, tmp_path, monkeypatch, step, argv, message):
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, [step, *argv])
+    assert code == 2 and len(err) == 1, err
+    assert "expected one argument" not in err[0] and message in err[0], err
