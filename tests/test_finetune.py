@@ -344,3 +344,18 @@ def test_finetune_script_help_answers_newcomers():
     for needle in ["--mode", "ssf", "sweep", "result.json", "tfds:NAME", "--init-seed",
                    "load_run", "never retrained"]:  # fmt: skip
         assert needle in out, needle
+
+
+def test_tune_says_what_it_read_and_warns_of_a_stray_class(pretrained, tmp_path, capsys):
+    # 10 classes of 12 images, and one image labelled 10: an 11-output head, said out loud
+    labels = np.concatenate([np.arange(120) % 10, [10]])
+    data = _task_npz(tmp_path / "stray.npz", n=121, labels=labels, size=16)
+    argv = [
+        "--model", f"vit_tiny={pretrained['pre']}", "--data", str(data), "--mode", "linear",
+        "--epochs", "1", "--batch-size", "8", "--lr", "0.01", "--out", str(tmp_path / "o"),
+        "--no-progress", "--num-workers", "0", "--max-steps", "1",
+    ]  # fmt: skip
+    assert _script().main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"training data: npz {str(data)!r}: 121 images, 11 classes, images 16×16" in out
+    assert "warning: class 10 (1 images) against a median of 12 per class: stray labels?" in out

@@ -150,6 +150,32 @@ def plan(config: RunConfig) -> Plan:
     return Plan(config, None, ref, train, evaluation, num_classes, per_epoch)
 
 
+def data_summary(run_plan: Plan, model_side: int) -> list[str]:
+    """What the run read, in lines for the log: images, classes, image size and source of the
+    training and evaluation data, and a warning for a class so small it looks like a stray label
+    (one image of class 10 among 10 classes of 90 would silently add an 11th output)."""
+    lines = []
+    for role, source in (("training", run_plan.train_source), ("evaluation", run_plan.eval_source)):
+        if source is None:
+            continue
+        height, width = source[0]["image"].shape[:2]
+        lines.append(
+            f"{role} data: {source.describe()}, images {height}×{width} "
+            f"(fed at {model_side}×{model_side})"
+        )
+    counts = np.bincount(run_plan.train_source.labels, minlength=run_plan.num_classes)
+    median = float(np.median(counts))
+    stray = np.flatnonzero((counts > 0) & (counts <= max(1.0, 0.02 * median)))
+    if median >= 10 and stray.size:
+        listed = ", ".join(f"class {c} ({counts[c]} images)" for c in stray[:5])
+        lines.append(
+            f"warning: {listed} against a median of {median:.0f} per class: stray labels? "
+            f"the head has {run_plan.num_classes} outputs; pass --num-classes to declare how "
+            "many there are (labels beyond it are then an error)"
+        )
+    return lines
+
+
 def _check_every_class_present(source) -> None:
     """Without --num-classes the head has max(label) + 1 outputs: a stray label (99 among 0–4)
     would silently add 95 empty classes, so every class below the largest must have examples."""
@@ -219,6 +245,9 @@ def _execute(run_plan: Plan, progress: bool, log) -> dict:
     model, variables = built.model, built.variables
     start_sha256 = paths.tree_digest(variables)
     spec = jaxmodels.spec_of(model)
+    if jax.process_index() == 0:
+        for line in data_summary(run_plan, spec.preprocessing.image_size):
+            log(line)
     augment_options = dict(AUGMENTATIONS[config.augmentation])
     mixup_alpha = augment_options.pop("mixup_alpha", 0.0)
     cutmix_alpha = augment_options.pop("cutmix_alpha", 0.0)
