@@ -43,6 +43,7 @@ import sys
 import jax
 
 import jaxmodels
+from hubtune import output
 from hubtune.parsing import Parser
 from jaxmodels import distributed
 from scoring.hub import ranking as hub_ranking
@@ -95,9 +96,19 @@ def main(argv=None) -> int:
         return 2
 
     out = pathlib.Path(args.out)
-    if out.exists() and not out.is_dir():
-        return fail(f"--out {str(out)!r} is a file; give a folder")
     lead = jax.process_index() == 0  # one table, one writer
+    settings = output.settings_of(
+        args, ignore=("cache_dir", "distributed", "tfds_data_dir", "batch_size")
+    )
+    try:
+        stored = output.check(out, "rank", settings)
+    except output.OutputError as err:
+        return fail(str(err))
+    if stored is not None:
+        if lead:
+            print(f"{out}: ranked before with these settings; nothing recomputed. Stored result:")
+            print((out / "ranking.json").read_text())
+        return 0
     try:
         distributed.check_same_config(vars(args), "arguments")
         ranking = hub_ranking.rank_hub(
@@ -119,6 +130,7 @@ def main(argv=None) -> int:
         print(hub_ranking.format_table(ranking))
         for path in hub_ranking.write_outputs(ranking, out):
             print(f"wrote {path}")
+        output.mark(out, "rank", settings, complete=ranking.error is None)
     if ranking.error:
         return fail(f"{ranking.error} (the scores that finished are in {out / 'ranking.json'})")
     return 0

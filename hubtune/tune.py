@@ -10,6 +10,7 @@ import sys
 
 import jax
 
+from hubtune import output
 from hubtune.parsing import Parser
 from jaxmodels import ModelRefError, distributed
 from jaxmodels.data.sources import DataError
@@ -225,6 +226,7 @@ def main(argv=None) -> int:
     distributed.initialize(args.distributed)
     try:
         distributed.check_same_config(vars(args), "arguments")
+        output.check(args.out, "tune", None)  # never into another tool's folder
         base = RunConfig(
             model=args.model,
             train_data=args.data,
@@ -269,10 +271,12 @@ def main(argv=None) -> int:
             configs = sweep.expand_grid(base, grid)
             results = sweep.run_sweep(configs, grid, args.out, progress=progress)
             folders = [c.out_dir for c in configs]
-    except (RunError, DataError, ModelRefError, distributed.DistributedError) as err:
+    except (RunError, DataError, ModelRefError, distributed.DistributedError,
+            output.OutputError) as err:  # fmt: skip
         print(f"finetune.py: error: {err}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:
+        output.mark(args.out, "tune", None, complete=all(r["finished"] for r in results))
         for folder, result in zip(folders, results, strict=True):
             final = result.get("final_eval") or {}
             print(

@@ -40,6 +40,7 @@ import jax
 import numpy as np
 
 import jaxmodels
+from hubtune import output
 from hubtune.demo import combine_serve as demo_combine_serve
 from hubtune.demo import report as demo_report
 from hubtune.demo import steps as demo_steps
@@ -201,8 +202,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cache = pathlib.Path(args.cache) if args.cache else jaxmodels.cache_root() / "demo"
     out = _out_folder(pathlib.Path(args.out))
-    if out.exists() and not out.is_dir():
-        print(f"demo.py: error: --out {str(out)!r} is a file", file=sys.stderr)
+    try:  # a new demo folder, never another tool's (an earlier demo's goes to OUT-2, OUT-3...)
+        output.check(out, "demo", None)
+    except output.OutputError as err:
+        print(f"demo.py: error: {err}", file=sys.stderr)
         return 2
     if out != pathlib.Path(args.out):
         print(f"{args.out} holds an earlier report; writing to {out}")
@@ -212,6 +215,7 @@ def main(argv=None) -> int:
 
     recipe = QUICK if args.quick else FULL
     report = run(out, cache, recipe, hub_members(args.quick), args.seed, quick=args.quick)
+    output.mark(out, "demo", {"quick": args.quick, "seed": args.seed})
     print()
     print((out / "report.md").read_text())
     for path in report["written"]:

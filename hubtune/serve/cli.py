@@ -60,9 +60,11 @@ Example:
 """
 
 import argparse
+import pathlib
 import sys
 
 import jaxmodels
+from hubtune import output
 from hubtune.parsing import Parser
 from hubtune.serve import output as cascade_output
 from hubtune.serve import report as cascade_report
@@ -130,7 +132,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = lambda text: print(text, file=sys.stderr, flush=True)
+    settings = output.settings_of(args, ignore=("cache_dir", "tfds_data_dir", "batch_size"))
     try:
+        stored = output.check(args.out, "serve", settings)
+        if stored is not None:
+            print(f"{args.out}: served before with these settings; nothing recomputed. "
+                  "Stored result:")  # fmt: skip
+            print((pathlib.Path(args.out) / cascade_output.OUTPUTS[0]).read_text())
+            return 0
         out = cascade_report.check_out_dir(args.out)
         report = cascade_report.run_report(
             args.models,
@@ -149,11 +158,12 @@ def main(argv=None) -> int:
             repeats=args.repeats,
             log=log,
         )
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, output.OutputError) as err:
         print(f"cascade.py: error: {err}", file=sys.stderr)
         return 2
     print(cascade_output.format_report(report))
     paths = cascade_output.write_outputs(report, out)
+    output.mark(paths[0].parent, "serve", settings)
     if paths[0].parent != out:  # never over another run's report
         where = str(paths[0].parent)
         log(f"{str(out)!r} received another run's report meanwhile; this one went to {where!r}")

@@ -53,6 +53,7 @@ Example:
 import argparse
 import json
 import logging
+import pathlib
 import sys
 
 from training.soups import ingredients
@@ -61,6 +62,7 @@ from training.soups import ingredients
 ingredients.fix_mmap_threshold()
 
 import jaxmodels  # noqa: E402
+from hubtune import output  # noqa: E402
 from hubtune.parsing import Parser  # noqa: E402
 from hubtune.soup import cook as soup_cook  # noqa: E402
 from hubtune.soup import output as soup_output  # noqa: E402
@@ -121,6 +123,16 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
     progress = not args.no_progress
+    settings = output.settings_of(args, ignore=("no_progress", "tfds_data_dir"))
+    try:
+        stored = output.check(args.out, "soup", settings)
+    except output.OutputError as err:
+        print(f"soup.py: error: {err}", file=sys.stderr)
+        return 2
+    if stored is not None:
+        print(f"{args.out}: souped before with these settings; nothing recomputed. Stored result:")
+        print((pathlib.Path(args.out) / soup_output.SOUP_JSON).read_text())
+        return 0
     try:
         plan = soup_plan.plan(
             args.runs,
@@ -143,6 +155,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as err:
         print(f"soup.py: error: {err}", file=sys.stderr)
         return 2
+    output.mark(plan.out, "soup", settings)
     print(soup_output.format_table(report))
     print(json.dumps({"out": str(plan.out), "soups": sorted(report["soups"])}))
     return 0
