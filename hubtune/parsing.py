@@ -1,17 +1,20 @@
-"""The command-line parser every hubtune command uses.
+"""The command-line conventions every hubtune command shares: its parser and Ctrl-C.
 
-Two things argparse does not do by default, the same for every command:
+Three things argparse and Python do not do by default, the same for every command:
 
 * a bad option is one line on stderr and exit status 2 (argparse prints its whole usage first);
 * a negative number is a value, also in exponent form: ``--lr -1e-3`` reaches the command,
   which then says what is wrong with it (argparse took ``-1e-3`` for an option and answered
-  "expected one argument").
+  "expected one argument");
+* Ctrl-C ends the command with one line and exit status 130, not a traceback (`interruptible`).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import re
+import sys
 
 # argparse's own pattern (``^-\d+$|^-\d*\.\d+$``) misses "-1e-3", "-1." and "-2E5"
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
@@ -26,3 +29,24 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def interruptible(prog: str):
+    """Decorates a command's ``main``: Ctrl-C prints one line and returns 130 (128 + SIGINT).
+
+    Commands clean up on their way out (`finally` blocks, staged folders), so what a user sees
+    is the line, and what is on disk is what was complete.
+    """
+
+    def decorate(main):
+        @functools.wraps(main)
+        def wrapped(*args, **kwargs):
+            try:
+                return main(*args, **kwargs)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted; nothing incomplete was kept", file=sys.stderr)
+                return 130
+
+        return wrapped
+
+    return decorate

@@ -44,7 +44,7 @@ import jax
 
 import jaxmodels
 from hubtune import output
-from hubtune.parsing import Parser
+from hubtune.parsing import Parser, interruptible
 from jaxmodels import distributed
 from scoring.hub import ranking as hub_ranking
 from scoring.hub.features import default_cache_dir
@@ -57,6 +57,7 @@ USER_ERRORS = (
 )
 
 
+@interruptible("rank.py")
 def main(argv=None) -> int:
     doc = __doc__.format(names=", ".join(jaxmodels.MODEL_NAMES), cache=default_cache_dir())
     parser = Parser(

@@ -11,11 +11,11 @@ import sys
 import jax
 
 from hubtune import output
-from hubtune.parsing import Parser
+from hubtune.parsing import Parser, interruptible
 from jaxmodels import ModelRefError, distributed
 from jaxmodels.data.sources import DataError
+from training import loop, sweep
 from training import run as run_lib
-from training import sweep
 from training.config import AUGMENTATIONS, RunConfig, RunError
 
 EXAMPLES = """
@@ -219,6 +219,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@interruptible("finetune.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
     # orbax and absl log every retry of a broken checkpoint; hubtune reports them in one line
@@ -275,6 +276,14 @@ def main(argv=None) -> int:
             output.OutputError) as err:  # fmt: skip
         print(f"finetune.py: error: {err}", file=sys.stderr)
         return 2
+    except loop.Interrupted as stop:
+        saved = "saved a checkpoint there" if stop.saved else "the newest checkpoint is earlier"
+        print(
+            f"finetune.py: interrupted at step {stop.step} ({saved}); the same command resumes "
+            "the run from its newest checkpoint",
+            file=sys.stderr,
+        )
+        return 130
     if jax.process_index() == 0:
         output.mark(args.out, "tune", None, complete=all(r["finished"] for r in results))
         for folder, result in zip(folders, results, strict=True):

@@ -359,3 +359,43 @@ def test_tune_says_what_it_read_and_warns_of_a_stray_class(pretrained, tmp_path,
     out = capsys.readouterr().out
     assert f"training data: npz {str(data)!r}: 121 images, 11 classes, images 16×16" in out
     assert "warning: class 10 (1 images) against a median of 12 per class: stray labels?" in out
+
+
+def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_same_command_resumes(
+    pretrained, tmp_path, capsys, monkeypatch
+):
+    from training import loop
+
+    calls = {"n": 0}
+    real = loop.sharding.shard_local_batch
+
+    def interrupt_third(batch, mesh):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(batch, mesh)
+
+    argv = _argv(pretrained, tmp_path / "run", "--epochs", "2")  # 3 steps per epoch
+    monkeypatch.setattr(loop.sharding, "shard_local_batch", interrupt_third)
+    assert _script().main(argv) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "finetune.py: interrupted at step 2 (saved a checkpoint there); the same command "
+        "resumes the run from its newest checkpoint"
+    ]
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    monkeypatch.setattr(loop.sharding, "shard_local_batch", real)
+    assert _script().main(argv) == 0
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["finished"] and result["resumed_from"] == 2
+
+
+def test_every_command_answers_ctrl_c_in_one_line_with_130(capsys):
+    from hubtune.parsing import interruptible
+
+    @interruptible("x.py")
+    def main(argv=None):
+        raise KeyboardInterrupt
+
+    assert main() == 130
+    assert capsys.readouterr().err == "x.py: interrupted; nothing incomplete was kept\n"

@@ -90,6 +90,20 @@ class FitConfig:
             )
 
 
+# An interrupted or crashed single-process run loses at most this much training: a checkpoint
+# is also saved once this long has passed since the last (several processes would have to agree
+# on the clock; they save at every epoch's end instead).
+CHECKPOINT_SECONDS = 120.0
+
+
+class Interrupted(Exception):
+    """Ctrl-C during `fit`: the run stopped at `step`, with a checkpoint there if `saved`."""
+
+    def __init__(self, step: int, saved: bool):
+        super().__init__(f"interrupted at step {step}")
+        self.step, self.saved = step, saved
+
+
 @dataclasses.dataclass
 class FitResult:
     """What :func:`fit` returns.
@@ -292,11 +306,20 @@ def fit(
         leave=False,
     )
     report = (lambda text: bar.write(text)) if not bar.disable else say
+    single = jax.process_count() == 1
     try:
-        tick = time.perf_counter()
+        tick = last_save = time.perf_counter()
         while step < end:
             batch = next(batches)
-            state, metrics = train_fn(state, sharding.shard_local_batch(batch, mesh), key)
+            try:
+                state, metrics = train_fn(state, sharding.shard_local_batch(batch, mesh), key)
+            except KeyboardInterrupt:
+                # state is the last completed step's (the interrupted call returned nothing);
+                # one process alone can save it (a collective save needs every process)
+                saved = manager is not None and single and step > 0
+                if saved:
+                    checkpoints.save(manager, state, run_id)
+                raise Interrupted(step, saved) from None
             step += 1
             bar.update(1)
             if step % config.log_every == 0 or step == end:
@@ -304,8 +327,14 @@ def fit(
                 record = {"split": "train", "step": step, "epoch": step / per_epoch, **metrics}
                 metrics_log.write({**record, "elapsed_s": time.perf_counter() - tick})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-            if manager is not None and (step % config.checkpoint_every == 0 or step == total):
+            due = step % config.checkpoint_every == 0 or step == total
+            if single:
+                due = due or time.perf_counter() - last_save >= CHECKPOINT_SECONDS
+            else:
+                due = due or step % per_epoch == 0
+            if manager is not None and due:
                 checkpoints.save(manager, state, run_id)
+                last_save = time.perf_counter()
             if prepared is not None and (step % per_epoch == 0 or step == total):
                 variables_now = {"params": state.params(use_ema=use_ema)}
                 if state.batch_stats:

@@ -44,7 +44,7 @@ from hubtune import output
 from hubtune.demo import combine_serve as demo_combine_serve
 from hubtune.demo import report as demo_report
 from hubtune.demo import steps as demo_steps
-from hubtune.parsing import Parser
+from hubtune.parsing import Parser, interruptible
 from jaxmodels.models import registry
 
 SIZE = 32  # the hub's input side; the 8×8 digits are upsampled ×4
@@ -181,6 +181,7 @@ def _out_folder(requested: pathlib.Path) -> pathlib.Path:
     return candidate
 
 
+@interruptible("demo.py")
 def main(argv=None) -> int:
     parser = Parser(
         description=__doc__.split("\n\n")[0],

@@ -65,7 +65,7 @@ import sys
 
 import jaxmodels
 from hubtune import output
-from hubtune.parsing import Parser
+from hubtune.parsing import Parser, interruptible
 from hubtune.serve import output as cascade_output
 from hubtune.serve import report as cascade_report
 from hubtune.serve.members import CascadeInputError
@@ -129,6 +129,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@interruptible("cascade.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = lambda text: print(text, file=sys.stderr, flush=True)

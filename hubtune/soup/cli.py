@@ -63,7 +63,7 @@ ingredients.fix_mmap_threshold()
 
 import jaxmodels  # noqa: E402
 from hubtune import output  # noqa: E402
-from hubtune.parsing import Parser  # noqa: E402
+from hubtune.parsing import Parser, interruptible  # noqa: E402
 from hubtune.soup import cook as soup_cook  # noqa: E402
 from hubtune.soup import output as soup_output  # noqa: E402
 from hubtune.soup import plan as soup_plan  # noqa: E402
@@ -119,6 +119,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@interruptible("soup.py")
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
