@@ -95,6 +95,11 @@ class Prepared:
     def on_host(self) -> bool:
         return isinstance(self.images, np.ndarray)
 
+    @property
+    def num_batches(self) -> int:
+        """T, the global steps of one pass (the same on every process)."""
+        return int(self.images.shape[0])
+
     def host_batches(self):
         """This process's batches as `image_batches.HostBatch`es (for streamed passes)."""
         if not self.on_host:
@@ -132,6 +137,11 @@ class Streamed:
     @property
     def labels(self) -> np.ndarray:
         return np.asarray(self.source.labels, np.int32)
+
+    @property
+    def num_batches(self) -> int:
+        """The global steps of one pass, ceil(N / B) (the same on every process)."""
+        return -(-len(self.source) // self.batch_size)
 
     def host_batches(self):
         """This process's slices of the global batches, as `image_batches.HostBatch`es."""
@@ -298,7 +308,10 @@ def predict(
     if not prepared.on_host:
         logits_TBK = whole_set(step, prepared.mesh)(variables, prepared.images)
         return _all_rows(logits_TBK, prepared.num_examples)
-    outs, _ = run_batches(step, variables, prepared.host_batches(), prepared.mesh, progress)
+    outs, _ = run_batches(
+        step, variables, prepared.host_batches(), prepared.mesh, progress,
+        num_batches=prepared.num_batches,
+    )  # fmt: skip
     return _gather_steps(outs[0], prepared.num_examples)
 
 
@@ -380,7 +393,13 @@ def _check_labels_within(labels_N: np.ndarray, classes: int) -> None:
 
 
 def run_batches(
-    step: Callable, variables: PyTree, batches, mesh: Mesh, progress: bool, desc: str = "predict"
+    step: Callable,
+    variables: PyTree,
+    batches,
+    mesh: Mesh,
+    progress: bool,
+    desc: str = "predict",
+    num_batches: int | None = None,
 ) -> list[list[np.ndarray]]:
     """Runs a jitted per-batch `step(variables, images) -> tuple of [B, ...]` over host batches.
 
@@ -394,6 +413,8 @@ def run_batches(
       mesh: the data mesh.
       progress: show a bar on process 0.
       desc: the bar's label.
+      num_batches: the steps of the pass when known (the same on every process): then no
+        per-step agreement between processes (`image_batches.prefetch_to_device`).
 
     Returns:
       `(outputs, counts)`: per output, the list of this process's rows per step ([L, ...] each,
@@ -411,7 +432,8 @@ def run_batches(
             store.append(x)
 
     with _bar(None, progress, desc) as bar:
-        for device_batch, batch in image_batches.prefetch_to_device(batches, mesh, False):
+        pairs = image_batches.prefetch_to_device(batches, mesh, False, num_batches)
+        for device_batch, batch in pairs:
             pending.append((step(variables, device_batch["images"]), batch))
             if len(pending) > 1:
                 fetch(pending.pop(0))

@@ -95,8 +95,9 @@ def extract_features(
         variables = sharding.replicate(variables, data.mesh)
         if data.on_host:
             outs, _ = inference.run_batches(
-                step, variables, data.host_batches(), data.mesh, progress, "features"
-            )
+                step, variables, data.host_batches(), data.mesh, progress, "features",
+                num_batches=data.num_batches,
+            )  # fmt: skip
             results = [inference._gather_steps(o, data.num_examples) for o in outs]
         else:
             whole = inference.whole_set(step, data.mesh)
@@ -192,7 +193,7 @@ def stream_reduce(
         data = inference.as_dataset(model, images, preprocessing, batch_size, mesh)
         mesh, prep = data.mesh, data.preprocessing
         pairs = (
-            image_batches.prefetch_to_device(data.host_batches(), mesh, False)
+            image_batches.prefetch_to_device(data.host_batches(), mesh, False, data.num_batches)
             if data.on_host
             else _device_batches(data)
         )

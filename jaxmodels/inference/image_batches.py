@@ -172,11 +172,17 @@ def _fixed_batches(chunks, local_batch: int, dtype: np.dtype) -> Iterator[HostBa
         yield emit(pending)
 
 
-def prefetch_to_device(batches: Iterator[HostBatch], mesh: Mesh, with_labels: bool):
+def prefetch_to_device(
+    batches: Iterator[HostBatch], mesh: Mesh, with_labels: bool, num_batches: int | None = None
+):
     """Yields (device batch dict, host batch), transferring ahead in a background thread.
 
     Multi-host: all processes step together; a process that has run out of images feeds
-    fully padded batches until every process is done.
+    fully padded batches until every process is done. With `num_batches` — the number of steps,
+    the same on every process (a prepared or streamed set knows it from its length) — that is
+    all decided here, with no collective; without it (an iterable of unknown length) the
+    processes agree after every batch whether any still has images, a blocking host round trip
+    per step.
     """
     ready: queue.Queue = queue.Queue(maxsize=_PREFETCH_DEPTH)
     stop = threading.Event()
@@ -208,6 +214,7 @@ def prefetch_to_device(batches: Iterator[HostBatch], mesh: Mesh, with_labels: bo
     thread.start()
     template = None
     local_done = False
+    steps = 0
     try:
         while True:
             if not local_done:
@@ -215,8 +222,14 @@ def prefetch_to_device(batches: Iterator[HostBatch], mesh: Mesh, with_labels: bo
                 if isinstance(item, BaseException):
                     raise item
                 local_done = item is end
-            if not sharding.any_process(not local_done):
+            if num_batches is None:
+                if not sharding.any_process(not local_done):
+                    return
+            elif steps == num_batches:
+                if not local_done:
+                    raise ValueError(f"the batches outnumber num_batches={num_batches}")
                 return
+            steps += 1
             if not local_done:
                 template = item[1]
                 yield item
