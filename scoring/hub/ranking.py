@@ -29,6 +29,7 @@ import numpy as np
 import jaxmodels
 from jaxmodels import DataError, ModelRefError
 from scoring import rank_correlation
+from scoring import stats as stats_lib
 from scoring.gbc import gbc
 from scoring.hscore import hscore
 from scoring.hub.features import (
@@ -70,6 +71,20 @@ DEFAULT_SCORES = (
     "gbc",
     "sfda",
 )
+
+
+class _OneFactor:
+    """The R factor of one feature matrix, made on first use (under the caller's x64)."""
+
+    def __init__(self, feats_ND, labels_N, num_classes: int):
+        self.feats_ND, self.labels_N, self.num_classes = feats_ND, labels_N, num_classes
+        self._stats = None
+
+    def stats(self) -> stats_lib.ScoreStats:
+        if self._stats is None:
+            empty = stats_lib.init(self.feats_ND.shape[1], self.num_classes, dtype=np.float64)
+            self._stats = stats_lib.update(empty, self.feats_ND, self.labels_N)
+        return self._stats
 
 
 def check_scores_fit_data(names: Sequence[str], counts_C: np.ndarray) -> None:
@@ -222,6 +237,12 @@ def rank_hub(
             compute = {
                 n: lambda n=n, f=feats64, p=probs64: SCORES[n](f, data.labels, p) for n in wanted
             }
+            # LogME and the H-score from one QR of [1 | F | Y] (`scoring.stats`), not one each
+            factored = [n for n in ("logme", "hscore") if n in compute]
+            if len(factored) == 2:
+                shared = _OneFactor(feats64, data.labels, data.num_classes)
+                compute["logme"] = lambda s=shared: stats_lib.logme_from_stats(s.stats()).score
+                compute["hscore"] = lambda s=shared: stats_lib.hscore_from_stats(s.stats())
         # float64 on the host CPU: on an accelerator host the default device would be a GPU
         # (slow or emulated float64) or a TPU (none).
         with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):
