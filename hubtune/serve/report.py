@@ -44,6 +44,7 @@ import numpy as np
 from hubtune.serve import members as cascade_members
 from hubtune.serve import output as cascade_output
 from hubtune.serve.members import CascadeInputError
+from jaxmodels.committees import deploy
 from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees import timing as cascade_timing
 from jaxmodels.committees.executors import Member
@@ -410,7 +411,7 @@ def run_report(
     }
     if timing:
         report["timing"] = _timing(
-            pool, chosen, thresholds, prepared, batch_size, seed, repeats, log
+            pool, chosen, thresholds, prepared, batch_size, seed, repeats, log, goal
         )
         report["timing"]["cascade_flops_speedup_over_costliest"] = (
             report["members"][-1]["gflops"] / report["cascade"]["test"]["gflops"]
@@ -446,8 +447,11 @@ def _members_json(pool: Pool, heldout_accuracy) -> list[dict]:
     ]
 
 
-def _timing(pool: Pool, chosen, thresholds, prepared, batch_size, seed, repeats, log) -> dict:
-    """Builds the members and times them, the ensemble and the chosen cascade (test images)."""
+def _timing(
+    pool: Pool, chosen, thresholds, prepared, batch_size, seed, repeats, log, goal: Goal
+) -> dict:
+    """Builds the members and times them, the ensemble and the chosen cascade (test images);
+    for an accuracy goal, also what the library deploys by measured time (`deploy.choose`)."""
     log(
         f"timing {len(pool.members)} models, their ensemble and the cascade on the test images "
         f"(best of {repeats})"
@@ -478,7 +482,12 @@ def _timing(pool: Pool, chosen, thresholds, prepared, batch_size, seed, repeats,
     )
     n, out = times.num_images, times.cascade_output
     simulated = pool.cascade(TEST, chosen, thresholds)
+    deployment = None
+    if goal.target_accuracy is not None:
+        deployment = _deployment(pool, members, prepared, goal, batch_size, repeats)
+        log(deployment["message"] or f"deploying {' → '.join(deployment['members'])}")
     return {
+        "deployment": deployment,
         "repeats": repeats,
         "images": n,
         "member_ms_per_image": [1e3 * s / n for s in times.member_seconds],
@@ -492,4 +501,34 @@ def _timing(pool: Pool, chosen, thresholds, prepared, batch_size, seed, repeats,
             "agreement_with_simulation": float(np.mean(out.predictions == simulated.predictions)),
             "same_exit_stage": float(np.mean(out.exit_stage == simulated.exit_stage)),
         },
+    }
+
+
+def _deployment(pool: Pool, members, prepared, goal: Goal, batch_size, repeats) -> dict:
+    """What `deploy.choose` deploys for the accuracy goal, by each member's time measured on the
+    held-out images through the executor (FLOPs order kept: the executor runs stages by cost)."""
+    inputs = prepared.member_inputs(HELDOUT, [m.facts.preprocessing for m in pool.members])
+    costs = deploy.measure_costs(members, inputs, batch_size=batch_size, repeats=repeats)
+    chosen = deploy.choose(
+        pool.logits[HELDOUT],
+        pool.labels[HELDOUT],
+        costs,
+        goal.target_accuracy,
+        flops_M=pool.costs,
+        rule=pool.rule,
+        confidence=pool.confidence,
+        names=pool.names,
+    )
+    return {
+        "members": [pool.names[i] for i in chosen.members],
+        "thresholds": [float(t) for t in chosen.thresholds],
+        "baseline": pool.names[chosen.single],
+        "predicted_speedup_over_baseline": chosen.predicted_speedup,
+        "best_cascade_predicted_speedup": (
+            None if chosen.best_cascade is None else chosen.best_cascade[2]
+        ),
+        "member_ms_per_image": [1e3 * s for s in costs.per_image_M],
+        "member_fixed_ms": [1e3 * s for s in costs.fixed_M],
+        "heldout_accuracy": chosen.heldout_accuracy,
+        "message": chosen.message,
     }
