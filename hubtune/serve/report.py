@@ -48,7 +48,7 @@ from jaxmodels.committees import deploy
 from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees import timing as cascade_timing
 from jaxmodels.committees.executors import Member
-from jaxmodels.committees.fit import MAX_STAGES, fit_cascade, search_cascades
+from jaxmodels.committees.fit import MAX_STAGES, Objective, fit_cascade, search_cascades
 from jaxmodels.data import sources as data_lib
 from jaxmodels.inference.artefact_cache import LogitsCache
 from jaxmodels.weights import model_refs
@@ -76,14 +76,10 @@ class Goal:
     reason: str
 
     def rank(self, correct: int, cost: float, num_examples: int) -> tuple:
-        """A key to maximise: goal met first, then (target) cheaper or (budget) more accurate;
-        unmet, (target) more accurate or (budget) cheaper. Accuracy is compared in integer
-        counts, so a target is met exactly as `fit_cascade` meets it."""
-        if self.target_accuracy is not None:
-            met = correct >= math.ceil(self.target_accuracy * num_examples - 1e-9)
-            return (met, -cost if met else correct, correct if met else -cost)
-        met = cost <= self.flops_budget * (1 + 1e-12)
-        return (met, correct if met else -cost, -cost if met else correct)
+        """A key to maximise (`fit.Objective.rank`, the one ranking `fit_cascade` also uses);
+        `cost` is the average per example."""
+        objective = Objective(num_examples, self.target_accuracy, self.flops_budget)
+        return objective.rank(correct, cost * num_examples)
 
     def describe(self) -> str:
         if self.target_accuracy is not None:
