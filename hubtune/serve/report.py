@@ -239,7 +239,7 @@ class Pool:
 
     def ensemble_accuracy(self, role: str, members) -> float:
         """Accuracy of the mean logits of `members` (the paper's ensemble) on `role`."""
-        mean_NK = np.mean(self.logits[role][list(members)], axis=0)
+        mean_NK = cascade_rules.mean_logits(self.logits[role][list(members)])
         return float(np.mean(np.argmax(mean_NK, axis=-1) == self.labels[role]))
 
     def cascade(self, role: str, members, thresholds) -> cascade_rules.CascadeOutput:

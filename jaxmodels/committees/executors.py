@@ -289,7 +289,7 @@ class Ensemble:
                 if not combined:
                     return (jnp.moveaxis(logits_MBK, 0, 1),)
                 if combine == "logits":
-                    return (jnp.einsum("m,mbk->bk", weights_M, logits_MBK),)
+                    return (cascade_rules.mean_logits(logits_MBK, weights_M),)
                 log_probs_MBK = jax.nn.log_softmax(logits_MBK, axis=-1)
                 return (jax.nn.logsumexp(log_probs_MBK, axis=0, b=weights_M[:, None, None]),)
 
