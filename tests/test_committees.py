@@ -402,13 +402,17 @@ def test_simulate_bad_input():
 
 
 def test_auto_strategy_returns_the_measured_winner(images, resnets, monkeypatch):
-    """A fake clock makes lax.map the fastest of one timed batch each (vmap, lax.map,
-    sequence, in that order); "auto" then runs lax.map, and a second ensemble of the same
-    signature reuses the cached winner without timing again."""
+    """A fake clock makes lax.map the fastest, best of three interleaved rounds of one batch
+    each (vmap, lax.map, sequence, in that order); "auto" then runs lax.map, and a second
+    ensemble of the same signature reuses the cached winner without timing again."""
     from jaxmodels.committees import executors
 
     members, logits_MNK = resnets
-    ticks = iter([0.0, 5.0, 10.0, 11.0, 20.0, 23.0])  # vmap 5 s, lax.map 1 s, sequence 3 s
+    # three interleaved rounds; best of each: vmap 2 s, lax.map 1 s, sequence 3 s
+    # (the last round alone would pick vmap)
+    durations = np.array([9, 1, 9, 5, 4, 3, 2, 9, 9], float)
+    starts = np.cumsum(durations) - durations
+    ticks = iter(np.column_stack([starts, starts + durations]).ravel().tolist())
     monkeypatch.setattr(executors, "_clock", lambda: next(ticks))
     monkeypatch.setattr(executors, "_AUTO_WINNERS", {})
     ensemble = Ensemble(members[:2], batch_size=16)
