@@ -226,7 +226,7 @@ def _brute_force_pairs(logits_PNK, labels_N, costs_P):
 
 
 def test_report_equals_recomputation_from_the_cached_logits(hub, first):
-    report, stdout, _, _ = first
+    report, stdout, stderr, _ = first
     labels = {role: np.load(hub[key])["labels"] for role, key in
               (("held-out", "heldout"), ("test", "test"))}  # fmt: skip
     members = report["members"]
@@ -289,6 +289,17 @@ def test_report_equals_recomputation_from_the_cached_logits(hub, first):
     assert timing["executor"]["gflops"] == pytest.approx(chosen["test"]["gflops"], rel=0.05)
     for text in ("Pareto frontier", "ensemble of all 3", "cascade ", "ms/image", "speedup"):
         assert text in stdout
+
+    # deployed by measured time: a cascade only when predicted ≥ 1.1× the baseline, else the
+    # baseline alone with a message saying so (stderr)
+    deployed = timing["deployment"]
+    assert len(deployed["member_ms_per_image"]) == 3
+    if len(deployed["members"]) > 1:
+        assert deployed["predicted_speedup_over_baseline"] >= 1.1 and deployed["message"] == ""
+    else:
+        assert deployed["members"] == [deployed["baseline"]]
+        assert deployed["message"].startswith(f"serving {deployed['baseline']} alone")
+        assert deployed["message"] in stderr
 
 
 def test_plot_is_written(first):

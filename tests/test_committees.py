@@ -157,7 +157,7 @@ def test_ensemble_equals_hand_computed_mean(images, resnets, vit):
     inputs = [images["u8_32"], images["f_16"], images["u8_32"]]
     ref_MNK = np.stack([logits[0], vit[1], logits[1]]).astype(np.float64)
 
-    ensemble = Ensemble(members, batch_size=40)  # one padded batch: 37 rows in 40
+    ensemble = Ensemble(members, batch_size=40, strategy="vmap")  # one batch: 37 rows in 40
     assert ensemble.groups == ((0, 2), (1,))
     np.testing.assert_allclose(ensemble.logits(inputs), ref_MNK.mean(0), atol=2e-5)
     np.testing.assert_array_equal(ensemble.predict(inputs), ref_MNK.mean(0).argmax(-1))
@@ -174,13 +174,16 @@ def test_ensemble_equals_hand_computed_mean(images, resnets, vit):
 
 def test_same_architecture_vmap_equals_member_loop(images, resnets):
     members, logits_MNK = resnets
-    ensemble = Ensemble(members, batch_size=16)
+    ensemble = Ensemble(members, batch_size=16, strategy="vmap")
     assert ensemble.groups == ((0, 1, 2, 3),)  # one vmap over stacked variables
     np.testing.assert_allclose(ensemble.member_logits(images["u8_32"]), logits_MNK, atol=2e-5)
     np.testing.assert_allclose(ensemble.logits(images["u8_32"]), logits_MNK.mean(0), atol=2e-5)
-    sequential = Ensemble(members, batch_size=16, vmap=False)
+    sequential = Ensemble(members, batch_size=16, strategy="sequence")
     assert sequential.groups == ((0,), (1,), (2,), (3,))
     np.testing.assert_allclose(sequential.member_logits(images["u8_32"]), logits_MNK, atol=2e-5)
+    mapped = Ensemble(members, batch_size=16, strategy="lax.map")  # one stack, one at a time
+    assert mapped.groups == ((0, 1, 2, 3),)
+    np.testing.assert_allclose(mapped.member_logits(images["u8_32"]), logits_MNK, atol=2e-5)
 
 
 def test_ensemble_with_default_batch_pads_to_a_bucket(images, resnets):
@@ -396,3 +399,25 @@ def test_simulate_bad_input():
         simulate_cascade(logits_MNC[..., :1], [0.5, 0.5], confidence="margin")
     with pytest.raises(ValueError, match="conf \\[N\\]"):
         simulate_cascade(logits_MNC, [0.5, 0.5], confidence=lambda p: p)
+
+
+def test_auto_strategy_returns_the_measured_winner(images, resnets, monkeypatch):
+    """A fake clock makes lax.map the fastest, best of three interleaved rounds of one batch
+    each (vmap, lax.map, sequence, in that order); "auto" then runs lax.map, and a second
+    ensemble of the same signature reuses the cached winner without timing again."""
+    from jaxmodels.committees import executors
+
+    members, logits_MNK = resnets
+    # three interleaved rounds; best of each: vmap 2 s, lax.map 1 s, sequence 3 s
+    # (the last round alone would pick vmap)
+    durations = np.array([9, 1, 9, 5, 4, 3, 2, 9, 9], float)
+    starts = np.cumsum(durations) - durations
+    ticks = iter(np.column_stack([starts, starts + durations]).ravel().tolist())
+    monkeypatch.setattr(executors, "_clock", lambda: next(ticks))
+    monkeypatch.setattr(executors, "_AUTO_WINNERS", {})
+    ensemble = Ensemble(members[:2], batch_size=16)
+    np.testing.assert_allclose(ensemble.logits(images["u8_32"]), logits_MNK[:2].mean(0), atol=2e-5)
+    assert ensemble.chosen_strategy == "lax.map" and ensemble.groups == ((0, 1),)
+    again = Ensemble(members[:2], batch_size=16)
+    again.logits(images["u8_32"])  # the clock is spent: a second measurement would raise
+    assert again.chosen_strategy == "lax.map"

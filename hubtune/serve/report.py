@@ -44,10 +44,11 @@ import numpy as np
 from hubtune.serve import members as cascade_members
 from hubtune.serve import output as cascade_output
 from hubtune.serve.members import CascadeInputError
+from jaxmodels.committees import deploy
 from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees import timing as cascade_timing
 from jaxmodels.committees.executors import Member
-from jaxmodels.committees.fit import MAX_STAGES, fit_cascade, search_cascades
+from jaxmodels.committees.fit import MAX_STAGES, Objective, fit_cascade, search_cascades
 from jaxmodels.data import sources as data_lib
 from jaxmodels.inference.artefact_cache import LogitsCache
 from jaxmodels.weights import model_refs
@@ -75,14 +76,10 @@ class Goal:
     reason: str
 
     def rank(self, correct: int, cost: float, num_examples: int) -> tuple:
-        """A key to maximise: goal met first, then (target) cheaper or (budget) more accurate;
-        unmet, (target) more accurate or (budget) cheaper. Accuracy is compared in integer
-        counts, so a target is met exactly as `fit_cascade` meets it."""
-        if self.target_accuracy is not None:
-            met = correct >= math.ceil(self.target_accuracy * num_examples - 1e-9)
-            return (met, -cost if met else correct, correct if met else -cost)
-        met = cost <= self.flops_budget * (1 + 1e-12)
-        return (met, correct if met else -cost, -cost if met else correct)
+        """A key to maximise (`fit.Objective.rank`, the one ranking `fit_cascade` also uses);
+        `cost` is the average per example."""
+        objective = Objective(num_examples, self.target_accuracy, self.flops_budget)
+        return objective.rank(correct, cost * num_examples)
 
     def describe(self) -> str:
         if self.target_accuracy is not None:
@@ -242,7 +239,7 @@ class Pool:
 
     def ensemble_accuracy(self, role: str, members) -> float:
         """Accuracy of the mean logits of `members` (the paper's ensemble) on `role`."""
-        mean_NK = np.mean(self.logits[role][list(members)], axis=0)
+        mean_NK = cascade_rules.mean_logits(self.logits[role][list(members)])
         return float(np.mean(np.argmax(mean_NK, axis=-1) == self.labels[role]))
 
     def cascade(self, role: str, members, thresholds) -> cascade_rules.CascadeOutput:
@@ -410,7 +407,7 @@ def run_report(
     }
     if timing:
         report["timing"] = _timing(
-            pool, chosen, thresholds, prepared, batch_size, seed, repeats, log
+            pool, chosen, thresholds, prepared, batch_size, seed, repeats, log, goal
         )
         report["timing"]["cascade_flops_speedup_over_costliest"] = (
             report["members"][-1]["gflops"] / report["cascade"]["test"]["gflops"]
@@ -446,8 +443,11 @@ def _members_json(pool: Pool, heldout_accuracy) -> list[dict]:
     ]
 
 
-def _timing(pool: Pool, chosen, thresholds, prepared, batch_size, seed, repeats, log) -> dict:
-    """Builds the members and times them, the ensemble and the chosen cascade (test images)."""
+def _timing(
+    pool: Pool, chosen, thresholds, prepared, batch_size, seed, repeats, log, goal: Goal
+) -> dict:
+    """Builds the members and times them, the ensemble and the chosen cascade (test images);
+    for an accuracy goal, also what the library deploys by measured time (`deploy.choose`)."""
     log(
         f"timing {len(pool.members)} models, their ensemble and the cascade on the test images "
         f"(best of {repeats})"
@@ -478,7 +478,12 @@ def _timing(pool: Pool, chosen, thresholds, prepared, batch_size, seed, repeats,
     )
     n, out = times.num_images, times.cascade_output
     simulated = pool.cascade(TEST, chosen, thresholds)
+    deployment = None
+    if goal.target_accuracy is not None:
+        deployment = _deployment(pool, members, prepared, goal, batch_size, repeats)
+        log(deployment["message"] or f"deploying {' → '.join(deployment['members'])}")
     return {
+        "deployment": deployment,
         "repeats": repeats,
         "images": n,
         "member_ms_per_image": [1e3 * s / n for s in times.member_seconds],
@@ -492,4 +497,34 @@ def _timing(pool: Pool, chosen, thresholds, prepared, batch_size, seed, repeats,
             "agreement_with_simulation": float(np.mean(out.predictions == simulated.predictions)),
             "same_exit_stage": float(np.mean(out.exit_stage == simulated.exit_stage)),
         },
+    }
+
+
+def _deployment(pool: Pool, members, prepared, goal: Goal, batch_size, repeats) -> dict:
+    """What `deploy.choose` deploys for the accuracy goal, by each member's time measured on the
+    held-out images through the executor (FLOPs order kept: the executor runs stages by cost)."""
+    inputs = prepared.member_inputs(HELDOUT, [m.facts.preprocessing for m in pool.members])
+    costs = deploy.measure_costs(members, inputs, batch_size=batch_size, repeats=repeats)
+    chosen = deploy.choose(
+        pool.logits[HELDOUT],
+        pool.labels[HELDOUT],
+        costs,
+        goal.target_accuracy,
+        flops_M=pool.costs,
+        rule=pool.rule,
+        confidence=pool.confidence,
+        names=pool.names,
+    )
+    return {
+        "members": [pool.names[i] for i in chosen.members],
+        "thresholds": [float(t) for t in chosen.thresholds],
+        "baseline": pool.names[chosen.single],
+        "predicted_speedup_over_baseline": chosen.predicted_speedup,
+        "best_cascade_predicted_speedup": (
+            None if chosen.best_cascade is None else chosen.best_cascade[2]
+        ),
+        "member_ms_per_image": [1e3 * s for s in costs.per_image_M],
+        "member_fixed_ms": [1e3 * s for s in costs.fixed_M],
+        "heldout_accuracy": chosen.heldout_accuracy,
+        "message": chosen.message,
     }

@@ -80,6 +80,12 @@ __all__ = [
 
 # ----------------------------------------------------------------------------- ensemble
 
+STRATEGIES = ("vmap", "lax.map", "sequence")
+# Strategy="auto" winners by (backend, members' stacking signature, batch rows, mesh).
+_AUTO_WINNERS: dict[tuple, str] = {}
+_clock = time.perf_counter  # replaced by a fake clock in tests
+AUTO_ROUNDS = 3  # timed rounds of one batch per strategy
+
 
 @dataclasses.dataclass(frozen=True)
 class _Group:
@@ -106,11 +112,14 @@ class Ensemble:
       batch_size: rows per device step, a multiple of the 'data' size; default 256 rounded up
         to one. The last batch is padded to the smallest default bucket that holds it
         (`row_batches.default_buckets`).
-      vmap: run members of one architecture as one `vmap` over their stacked variables
-        (default). False runs every member on its own, one after another in the same jitted
-        step: faster for convolutional members on XLA:CPU, where a vmapped convolution with
-        per-member kernels becomes a grouped convolution, about 3× slower there than separate
-        ones (docs/benchmarks.md); accelerators run grouped convolutions well.
+      strategy: how members of one architecture run inside the step: ``"vmap"`` over their
+        stacked variables, ``"lax.map"`` over the same stack (one member at a time, one
+        compiled body), ``"sequence"`` (every member on its own, one after another), or
+        ``"auto"`` (default): the fastest of the three on one batch, measured at the first call
+        and cached per (backend, members' signature, batch rows). No one strategy wins
+        everywhere: on XLA:CPU a vmapped convolution with per-member kernels becomes a grouped
+        convolution, slower than separate ones, while matmul models and accelerators gain from
+        vmap.
 
     Raises:
       TypeError / ValueError: empty or malformed members, bad combine, weights, mesh or
@@ -118,7 +127,14 @@ class Ensemble:
     """
 
     def __init__(
-        self, members, *, combine="logits", weights=None, mesh=None, batch_size=None, vmap=True
+        self,
+        members,
+        *,
+        combine="logits",
+        weights=None,
+        mesh=None,
+        batch_size=None,
+        strategy="auto",
     ):
         self.members = members_lib.check_members(members)
         if combine not in ("logits", "probs"):
@@ -147,11 +163,18 @@ class Ensemble:
         self.mesh, self.buckets = row_batches.mesh_and_buckets(mesh, batch_size, None)
         self.batch_size = self.buckets[-1]
 
-        if not isinstance(vmap, bool):
-            raise TypeError(f"vmap must be a bool; got {type(vmap).__name__}")
+        if strategy not in ("auto", *STRATEGIES):
+            raise ValueError(f"strategy must be 'auto' or one of {STRATEGIES}; got {strategy!r}")
+        self.strategy = strategy
+        # The strategy that runs: `strategy`, or for "auto" the measured winner once known.
+        self.chosen_strategy = None if strategy == "auto" else strategy
+        self._by_strategy: dict[str, Ensemble] = {}  # "auto": the measured candidates
+        if strategy == "auto":
+            self.groups = None  # known once measured
+            return
         by_signature: dict[Any, list[int]] = {}
         for i, member in enumerate(self.members):
-            key = members_lib.stacking_signature(member) if vmap else i
+            key = members_lib.stacking_signature(member) if strategy != "sequence" else i
             by_signature.setdefault(key, []).append(i)
         self._groups, group_variables = [], []
         for indices in by_signature.values():
@@ -183,6 +206,8 @@ class Ensemble:
     def _run(self, images, combined: bool):
         members_lib.check_single_process()
         inputs = members_lib.member_inputs(images, self.members)
+        if self.strategy == "auto":
+            return self._measured(inputs)._run(inputs, combined)
         slots = {id(x): None for x in inputs}  # distinct arrays, in first-use order
         slot_of = {key: i for i, key in enumerate(slots)}
         arrays = [next(x for x in inputs if id(x) == key) for key in slots]
@@ -192,10 +217,42 @@ class Ensemble:
         consts = (self._group_variables, self._weights_M)
         return row_batches.map_rows(step, consts, arrays, rows_N, self.mesh, self.buckets)
 
+    def _measured(self, inputs) -> Ensemble:
+        """For "auto": the Ensemble of the strategy that ran one batch fastest (module cache)."""
+        rows = min(len(inputs[0]), self.batch_size)
+        signature = tuple(members_lib.stacking_signature(m) for m in self.members)
+        key = (jax.default_backend(), signature, rows, self.mesh)
+        if key not in _AUTO_WINNERS:
+            batch = [x[:rows] for x in inputs]
+            for strategy in STRATEGIES:
+                self._with_strategy(strategy).logits(batch)  # compile
+            seconds = dict.fromkeys(STRATEGIES, float("inf"))
+            for _ in range(AUTO_ROUNDS):  # interleaved, best of: load hits all alike
+                for strategy in STRATEGIES:
+                    start = _clock()
+                    self._with_strategy(strategy).logits(batch)  # NumPy: includes the fetch
+                    seconds[strategy] = min(seconds[strategy], _clock() - start)
+            _AUTO_WINNERS[key] = min(STRATEGIES, key=seconds.__getitem__)
+        winner = self._with_strategy(_AUTO_WINNERS[key])
+        self.groups, self.chosen_strategy = winner.groups, winner.strategy
+        return winner
+
+    def _with_strategy(self, strategy: str) -> Ensemble:
+        if strategy not in self._by_strategy:
+            self._by_strategy[strategy] = Ensemble(
+                self.members,
+                combine=self.combine,
+                weights=self.weights,
+                mesh=self.mesh,
+                batch_size=self.batch_size,
+                strategy=strategy,
+            )
+        return self._by_strategy[strategy]
+
     def _step(self, member_slots: tuple[int, ...], combined: bool):
         """The jitted step for one assignment of input arrays to members (cached)."""
-        groups, combine = self._groups, self.combine
-        key = ("ensemble", tuple(groups), combine, member_slots, combined, self.mesh)
+        groups, combine, strategy = self._groups, self.combine, self.strategy
+        key = ("ensemble", tuple(groups), combine, member_slots, combined, self.mesh, strategy)
 
         def build():
 
@@ -208,13 +265,22 @@ class Ensemble:
                     )
                     if len(slots) == 1:  # a member on its own: no vmap
                         logits_GBK = forward(variables, images[slots[0]])[None]
-                    elif len(set(slots)) == 1:  # shared images: vmap over the variables only
-                        logits_GBK = jax.vmap(forward, in_axes=(0, None))(
-                            variables, images[slots[0]]
-                        )
+                    elif len(set(slots)) == 1:  # shared images: map over the variables only
+                        shared = images[slots[0]]
+                        if strategy == "vmap":
+                            logits_GBK = jax.vmap(forward, in_axes=(0, None))(variables, shared)
+                        else:
+                            logits_GBK = jax.lax.map(
+                                lambda v, f=forward, x=shared: f(v, x), variables
+                            )
                     else:
                         images_G = jnp.stack([images[s] for s in slots])
-                        logits_GBK = jax.vmap(forward)(variables, images_G)
+                        if strategy == "vmap":
+                            logits_GBK = jax.vmap(forward)(variables, images_G)
+                        else:
+                            logits_GBK = jax.lax.map(
+                                lambda vx, f=forward: f(*vx), (variables, images_G)
+                            )
                     for j, m in enumerate(group.members):
                         out[m] = logits_GBK[j]
                 if len({x.shape for x in out}) != 1:
@@ -225,7 +291,7 @@ class Ensemble:
                 if not combined:
                     return (jnp.moveaxis(logits_MBK, 0, 1),)
                 if combine == "logits":
-                    return (jnp.einsum("m,mbk->bk", weights_M, logits_MBK),)
+                    return (cascade_rules.mean_logits(logits_MBK, weights_M),)
                 log_probs_MBK = jax.nn.log_softmax(logits_MBK, axis=-1)
                 return (jax.nn.logsumexp(log_probs_MBK, axis=0, b=weights_M[:, None, None]),)
 

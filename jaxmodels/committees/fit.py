@@ -143,8 +143,13 @@ class _Stages:
         return self.candidates[stage], correct_T, self.cost(counts_TM)
 
 
-class _Objective:
-    """Ranks (correct, cost) candidates: feasible first, then the goal, then the tie-break."""
+class Objective:
+    """Ranks (correct, cost) candidates: feasible first, then the goal, then the tie-break.
+
+    The one goal ranking of the committees: `fit_cascade` and the serve report both use it.
+    Accuracy is compared in integer counts of correct answers; cost is the total over the
+    `num_examples` examples (the budget is per example).
+    """
 
     def __init__(self, num_examples: int, target_accuracy, flops_budget):
         self.num_examples = num_examples
@@ -174,11 +179,13 @@ class _Objective:
         k1, k2, k3 = self.keys(correct_T, cost_T)
         return int(np.lexsort((k3, k2, k1))[-1])
 
+    def rank(self, correct: int, cost: float) -> tuple:
+        """A key to maximise for one candidate; its first element says whether the goal is met."""
+        return tuple(k[0].item() for k in self.keys([correct], [cost]))
+
     def better(self, a, b) -> bool:
         """Whether (correct, cost) `a` ranks strictly above `b`."""
-        ka = [k[0] for k in self.keys([a[0]], [a[1]])]
-        kb = [k[0] for k in self.keys([b[0]], [b[1]])]
-        return tuple(ka) > tuple(kb)
+        return self.rank(*a) > self.rank(*b)
 
 
 def _check_labels(labels_N, num_examples: int, num_classes: int) -> np.ndarray:
@@ -222,7 +229,7 @@ def _grid_sweeps(stages: _Stages, grid_size: int):
         yield t_K, *stages.sweep(num_free - 1, t_K)
 
 
-def _fit_stages(stages: _Stages, objective: _Objective, grid_size: int):
+def _fit_stages(stages: _Stages, objective: Objective, grid_size: int):
     """The best threshold vector for `objective`; exact for M = 2."""
     num_free = stages.conf_MN.shape[0] - 1
     best_t, best = None, None
@@ -301,7 +308,7 @@ def fit_cascade(
     combined_MNC, conf_MN = cascade_rules.stage_outputs(logits, rule=rule, confidence=confidence)
     bounds = cascade_rules.lowest_threshold(confidence), cascade_rules.highest_threshold(confidence)
     stages = _Stages(conf_MN, np.argmax(combined_MNC, axis=-1) == labels, costs, *bounds)
-    objective = _Objective(num_examples, target_accuracy, flops_budget)
+    objective = Objective(num_examples, target_accuracy, flops_budget)
     t_K = _fit_stages(stages, objective, grid_size) if num_members > 1 else np.zeros(0)
     correct, cost, exit_N = stages.totals(t_K)
     reached = bool(objective.keys([correct], [cost])[0][0])

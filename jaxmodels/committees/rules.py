@@ -136,6 +136,23 @@ def highest_threshold(confidence) -> float:
     return 0.0 if confidence == "neg_entropy" else np.inf
 
 
+def mean_logits(logits_MNC, weights_M=None):
+    """A committee's logits: the (weighted) mean of its members' logits, the ensemble rule of
+    Wang et al. (the one mean-of-logits combine: `Ensemble`, the serve report and the demo).
+
+    Args:
+      logits_MNC: the members' logits [M, N, C], NumPy or JAX (also traced, under jit).
+      weights_M: [M] weights summing to 1; default uniform.
+
+    Returns:
+      [N, C], NumPy for NumPy input, else JAX.
+    """
+    xp = jnp if isinstance(logits_MNC, jax.Array) else np
+    if weights_M is None:
+        return xp.mean(logits_MNC, axis=0)
+    return xp.einsum("m,mnc->nc", weights_M, logits_MNC)
+
+
 def stage_combine(sum_prev_BC, logits_BC, *, stage: int, rule: str):
     """Stage `stage`'s running logit sum and combined logits (jittable).
 

@@ -21,7 +21,6 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 
 from jaxmodels.committees.executors import Cascade, Ensemble, Member
@@ -92,7 +91,7 @@ def time_committees(
     singles = [Cascade([m], [], batch_size=batch_size) for m in members]
     # On XLA:CPU a vmapped convolution with per-member kernels is a slow grouped convolution;
     # members one after another in one step are faster there (docs/benchmarks.md).
-    ensemble = Ensemble(members, batch_size=batch_size, vmap=jax.default_backend() != "cpu")
+    ensemble = Ensemble(members, batch_size=batch_size, strategy="auto")
     cascade = Cascade(
         [members[i] for i in stages],
         thresholds,

@@ -23,7 +23,7 @@ Part 2, same-architecture ensembles (`jaxmodels.Ensemble`): four ResNet-18 layou
 different weights as one jitted step with the variables stacked under `vmap`, against a Python
 loop over the members (a one-member Ensemble each, then the mean; and, stricter, a loop of one
 jitted forward per member on images already on the device). Target ≥ 1.5× on a CPU. Also
-timed: ``Ensemble(vmap=False)``, the members one after another inside one jitted step (on
+timed: ``Ensemble(strategy="sequence")``, the members one after another inside one jitted step (on
 XLA:CPU a vmapped convolution with per-member kernels is a grouped convolution, which is slow
 there; this variant avoids it).
 
@@ -229,8 +229,10 @@ def bench_ensemble(config: str, args) -> dict:
     members = [make_member(f"resnet18:{width}", image_size, seed) for seed in range(4)]
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, (args.batch_size, image_size, image_size, 3), dtype=np.uint8)
-    stacked = Ensemble(members, batch_size=args.batch_size)
-    sequential = Ensemble(members, batch_size=args.batch_size, vmap=False)
+    stacked = Ensemble(members, batch_size=args.batch_size, strategy="vmap")
+    mapped = Ensemble(members, batch_size=args.batch_size, strategy="lax.map")
+    sequential = Ensemble(members, batch_size=args.batch_size, strategy="sequence")
+    auto = Ensemble(members, batch_size=args.batch_size)
     singles = [Ensemble([m], batch_size=args.batch_size) for m in members]
     prep, model = members[0].preprocessing, members[0].model
 
@@ -243,7 +245,9 @@ def bench_ensemble(config: str, args) -> dict:
     device_variables = [jax.device_put(m.variables) for m in members]
     runs = {
         "vmap": lambda: stacked.logits(images),
+        "lax_map": lambda: mapped.logits(images),
         "sequential": lambda: sequential.logits(images),
+        "auto": lambda: auto.logits(images),
         "loop": lambda: np.mean([single.logits(images) for single in singles], axis=0),
         "loop_on_device": lambda: np.mean(
             [np.asarray(forward(v, device_images)) for v in device_variables], axis=0
@@ -261,7 +265,36 @@ def bench_ensemble(config: str, args) -> dict:
         "vmap_speedup_over_loop": seconds["loop"] / seconds["vmap"],
         "vmap_speedup_over_loop_on_device": seconds["loop_on_device"] / seconds["vmap"],
         "sequential_speedup_over_loop": seconds["loop"] / seconds["sequential"],
+        "lax_map_speedup_over_loop": seconds["loop"] / seconds["lax_map"],
+        "auto_speedup_over_loop": seconds["loop"] / seconds["auto"],
+        "auto_strategy": auto.chosen_strategy,
     }
+
+
+def figures(cascades, ensembles) -> list[dict]:
+    """The headline ratios for docs/benchmarks.md (the "figures" every benchmark writes)."""
+    out = []
+    for r in cascades:
+        name = " -> ".join(r["stages"])
+        for key, target, what in (
+            ("measured_speedup", None, "realized speed-up of the cascade over its last stage"),
+            ("time_predicted_speedup", None, "speed-up predicted by measured stage times"),
+            ("predicted_speedup", None, "speed-up predicted by FLOPs"),
+            ("measured_over_time_predicted", ">= 0.9", "realized / time-predicted speed-up"),
+        ):
+            out.append({"name": f"{name}: {key}", "value": r[key], "unit": "x",
+                        "target": target, "what": what})  # fmt: skip
+    for r in ensembles:
+        name = f"ensemble of 4 resnet18, {r['image_size']} px width {r['width']}"
+        for key in ("vmap", "lax_map", "sequential", "auto"):
+            out.append({
+                "name": f"{name}: {key} / loop",
+                "value": r[f"{key}_speedup_over_loop"],
+                "unit": "x",
+                "target": ">= 0.95" if key == "auto" else None,
+                "what": f"Ensemble(strategy={key!r}) speed over a Python loop over members",
+            })  # fmt: skip
+    return out
 
 
 def main(argv=None) -> None:
@@ -301,7 +334,9 @@ def main(argv=None) -> None:
             f"{r['image_size']:>4} px, width {r['width']:<11} {r['vmap_s']:7.3f} "
             f"{r['sequential_s']:7.3f} {r['loop_s']:7.3f} {r['loop_on_device_s']:11.3f} "
             f"{r['vmap_speedup_over_loop']:8.2f}x {r['vmap_speedup_over_loop_on_device']:12.2f}x "
-            f"{r['sequential_speedup_over_loop']:8.2f}x",
+            f"{r['sequential_speedup_over_loop']:8.2f}x; lax.map/loop "
+            f"{r['lax_map_speedup_over_loop']:.2f}x, auto ({r['auto_strategy']}) "
+            f"{r['auto_speedup_over_loop']:.2f}x",
             flush=True,
         )
     if args.json:
@@ -313,6 +348,7 @@ def main(argv=None) -> None:
             "jax": jax.__version__,
             "cascades": cascades,
             "ensembles": ensembles,
+            "figures": figures(cascades, ensembles),
         }
         with open(args.json, "w") as f:
             json.dump(record, f, indent=2)
