@@ -18,17 +18,38 @@ import sys
 # step -> (module with main(argv) -> int, one line for --help). Imported only when chosen, so
 # `hubtune --help` answers without loading JAX.
 STEPS = {
-    "rank": ("hubtune.rank", "Select: score a hub's models for a task without fine-tuning (LogME, LEEP, ...)."),
-    "tune": ("hubtune.tune", "Tune: fine-tune a model (SSF, full, linear probe, BitFit), one run or a sweep."),
-    "soup": ("hubtune.soup.cli", "Combine: average fine-tuned runs into uniform, greedy or learned soups."),
-    "serve": ("hubtune.serve.cli", "Serve: fit a cascade or an ensemble of models, measured against the best one."),
-    "demo": ("hubtune.demo.workflow", "All four steps on scikit-learn's digits, offline, with a report."),
+    "rank": (
+        "hubtune.rank",
+        "Select: score a hub's models for a task without fine-tuning (LogME, LEEP, ...).",
+    ),
+    "tune": (
+        "hubtune.tune",
+        "Tune: fine-tune a model (SSF, full, linear probe, BitFit), one run or a sweep.",
+    ),
+    "soup": (
+        "hubtune.soup.cli",
+        "Combine: average fine-tuned runs into uniform, greedy or learned soups.",
+    ),
+    "serve": (
+        "hubtune.serve.cli",
+        "Serve: fit a cascade or an ensemble of models, measured against the best one.",
+    ),
+    "demo": (
+        "hubtune.demo.workflow",
+        "All four steps on scikit-learn's digits, offline, with a report.",
+    ),
 }
 
 
 def usage() -> str:
     width = max(map(len, STEPS))
-    lines = [__doc__.split("\n\n")[0], "", "usage: hubtune STEP [options]   (hubtune STEP --help)", "", "steps:"]
+    lines = [
+        __doc__.split("\n\n")[0],
+        "",
+        "usage: hubtune STEP [options]   (hubtune STEP --help)",
+        "",
+        "steps:",
+    ]
     lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in STEPS.items()]
     return "\n".join(lines)
 
@@ -41,7 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     step, rest = argv[0], argv[1:]
     if step not in STEPS:
-        print(f"hubtune: error: unknown step {step!r}; choose from {', '.join(STEPS)}", file=sys.stderr)
+        print(
+            f"hubtune: error: unknown step {step!r}; choose from {', '.join(STEPS)}",
+            file=sys.stderr,
+        )
         return 2
     module = importlib.import_module(STEPS[step][0])
     sys.argv[0] = f"hubtune {step}"  # argparse's prog in usage lines and errors

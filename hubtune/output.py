@@ -22,6 +22,7 @@ and passes ``settings=None`` here: only the tool is checked.
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 from typing import Any
@@ -32,7 +33,7 @@ RECORD = "hubtune.json"
 # what each tool writes, to recognise folders written before hubtune.json existed
 TOOL_FILES = {
     "rank": ("ranking.json",),
-    "tune": ("config.json", "sweep.json", "result.json"),
+    "tune": ("config.json", "sweep.json", "result.json", "lock", "checkpoints", "metrics.jsonl"),
     "soup": ("soup.json",),
     "serve": ("cascade.json",),
     "demo": ("report.json", "select", "tune"),  # (an interrupted demo leaves its steps)
@@ -43,6 +44,20 @@ HARMLESS = {".DS_Store", ".gitkeep"}
 
 class OutputError(ValueError):
     """A folder that cannot take this command's result: one line for the user."""
+
+
+def free_sibling(out: str | pathlib.Path) -> pathlib.Path:
+    """The first of ``OUT-2``, ``OUT-3``, … that is missing or empty: what a refusal suggests."""
+    out = pathlib.Path(out)
+    siblings = (out.with_name(f"{out.name}-{k}") for k in itertools.count(2))
+    return next(s for s in siblings if not s.exists() or (s.is_dir() and not any(s.iterdir())))
+
+
+def _refuse(out: pathlib.Path, why: str) -> OutputError:
+    return OutputError(
+        f"--out {str(out)!r} {why}; it is never overwritten: give another folder, e.g. "
+        f"--out {str(free_sibling(out))!r}"
+    )
 
 
 def _differences(stored: dict, settings: dict) -> list[str]:
@@ -84,17 +99,14 @@ def check(out: str | pathlib.Path, tool: str, settings: dict[str, Any] | None) -
         except (ValueError, KeyError, TypeError) as err:
             raise OutputError(f"{record_path} is damaged ({err}); give another --out") from None
         if owner != tool:
-            raise OutputError(
-                f"--out {str(out)!r} holds the result of `hubtune {owner}`; `hubtune {tool}` "
-                "never writes into it: give another folder"
-            )
+            raise _refuse(out, f"holds the result of `hubtune {owner}`")
         if settings is None:
             return None
         differences = _differences(record.get("settings") or {}, settings)
         if differences:
-            raise OutputError(
-                f"--out {str(out)!r} holds a `hubtune {tool}` result with other settings "
-                f"({'; '.join(differences)}); it is never overwritten: give another folder"
+            raise _refuse(
+                out,
+                f"holds a `hubtune {tool}` result with other settings ({'; '.join(differences)})",
             )
         # the same command again: nothing to redo, unless its result was partial
         return record if record.get("complete", True) else None
@@ -106,15 +118,9 @@ def check(out: str | pathlib.Path, tool: str, settings: dict[str, Any] | None) -
             if owner == tool and settings is None:
                 return None  # the tool's own finer rule decides (a run to resume)
             what = "an earlier result" if owner == tool else f"the result of `hubtune {owner}`"
-            raise OutputError(
-                f"--out {str(out)!r} holds {what} ({', '.join(sorted(names & set(files)))}); "
-                "it is never overwritten: give another folder"
-            )
+            raise _refuse(out, f"holds {what} ({', '.join(sorted(names & set(files)))})")
     listed = ", ".join(sorted(names)[:5]) + (", ..." if len(names) > 5 else "")
-    raise OutputError(
-        f"--out {str(out)!r} holds files hubtune did not write ({listed}); give an empty or "
-        "new folder"
-    )
+    raise _refuse(out, f"holds files hubtune did not write ({listed})")
 
 
 def mark(
@@ -125,7 +131,8 @@ def mark(
     path = pathlib.Path(out) / RECORD
     record = {"tool": tool, "settings": settings, "complete": complete}
     text = json.dumps(record, indent=2, sort_keys=True) + "\n"
-    write_atomic(path, lambda tmp: tmp.write_text(text))
+    if not (path.exists() and path.read_text() == text):  # a re-run touches nothing
+        write_atomic(path, lambda tmp: tmp.write_text(text))
     return path
 
 

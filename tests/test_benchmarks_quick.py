@@ -17,7 +17,14 @@ def run_script(name, tmp_path, *args):
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
     out = tmp_path / f"{name}.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "benchmarks" / f"{name}.py"), "--quick", "--out", str(out), *args],
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "benchmarks" / f"{name}.py"),
+            "--quick",
+            "--out",
+            str(out),
+            *args,
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -519,7 +519,7 @@ ERRORS = {
     "same label": (lambda h, b: ["--models", f"a:{h['members'][0]}", f"a:{h['members'][1]}"],
                    "two models are labelled 'a'"),
     "output exists": (lambda h, b: ["--out", b["done"]],
-                      r"already holds a report \(cascade.json\), which is never overwritten; .* --out '.*done-2'"),
+                      r"holds an earlier result \(cascade.json\); it is never overwritten: .* --out '.*done-2'"),
     "target": (lambda h, b: ["--target-accuracy", 1.5], "--target-accuracy must lie in"),
     "batch": (lambda h, b: ["--batch-size", 12], "multiple of the 8 devices"),
     "nan logits": (lambda h, b: ["--models", h["members"][0], b["nan"]],

@@ -35,7 +35,9 @@ def test_an_unknown_option_is_one_line_and_exit_2(capsys, step):
                    "--target-accuracy", "-5E-1"], "target"),
     ],
 )  # fmt: skip
-def test_a_negative_number_in_exponent_form_is_a_value(capsys, tmp_path, monkeypatch, step, argv, message):
+def test_a_negative_number_in_exponent_form_is_a_value(
+    capsys, tmp_path, monkeypatch, step, argv, message
+):
     monkeypatch.chdir(tmp_path)
     code, err = run(capsys, [step, *argv])
     assert code == 2 and len(err) == 1, err

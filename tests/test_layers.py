@@ -68,7 +68,9 @@ def upward_imports(root: pathlib.Path) -> list[str]:
                 continue
             if mine.startswith("jaxmodels") and theirs == "jaxmodels" and not is_basic(root, name):
                 # the package's face imports every layer, so reaching it from inside is upward
-                problems.append(f"{path.relative_to(root)}: {mine} imports {name} from jaxmodels' face")
+                problems.append(
+                    f"{path.relative_to(root)}: {mine} imports {name} from jaxmodels' face"
+                )
             elif LAYERS.index(theirs) > LAYERS.index(mine) or {mine, theirs} == SIDEWAYS:
                 problems.append(f"{path.relative_to(root)}: {mine} imports {name} ({theirs})")
     return sorted(set(problems))

@@ -437,6 +437,8 @@ def test_exact_when_small_directions_carry_signal(span, everywhere):
         reference_stop = float(scoring.logme(feats, labels, num_classes=c, **REFERENCE_STOP).score)
     got32 = float(scoring.logme(feats.astype(np.float32), labels, num_classes=c).score)
     np.testing.assert_allclose(got64, exact, rtol=1e-6)
-    np.testing.assert_allclose(got32, exact, rtol={1e-3: 1e-6, 1e-4: 1e-6, 1e-5: 1e-3}.get(span, 1e-2))
+    np.testing.assert_allclose(
+        got32, exact, rtol={1e-3: 1e-6, 1e-4: 1e-6, 1e-5: 1e-3}.get(span, 1e-2)
+    )
     if everywhere and span <= 1e-5:  # what the defaults fix
         assert abs(reference_stop / exact - 1) > 1e-3

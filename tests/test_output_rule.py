@@ -19,7 +19,9 @@ def test_an_empty_or_missing_folder_is_taken(tmp_path):
 def test_the_same_command_again_is_a_no_op_and_other_settings_are_refused(tmp_path):
     output.mark(tmp_path, "rank", SETTINGS)
     assert output.check(tmp_path, "rank", SETTINGS)["tool"] == "rank"
-    with pytest.raises(output.OutputError, match=r"other settings \(scores: 'logme' there, 'leep' now\)"):
+    with pytest.raises(
+        output.OutputError, match=r"other settings \(scores: 'logme' there, 'leep' now\)"
+    ):
         output.check(tmp_path, "rank", {**SETTINGS, "scores": "leep"})
 
 

@@ -270,5 +270,5 @@ def test_float64_scores_run_pinned_to_the_host_cpu(hub, monkeypatch):
     monkeypatch.setitem(hub_ranking.SCORES, "gbc", spy)
     kwargs = dict(scores=["gbc"], cache_dir=hub["root"] / "cache", log=lambda _: None)
     hub_ranking.rank_hub(hub["models"][:1], hub["data"], **kwargs)
-    (device, dtype), = seen
+    ((device, dtype),) = seen
     assert device is not None and device.platform == "cpu" and dtype == jnp.float64

@@ -25,9 +25,16 @@ def test_every_benchmark_script_is_run():
 def fake_results(load, cores=2, returncode=0):
     return {
         "full": False,
-        "meta": {"commit": "abc1234", "dirty": False, "date": "2026-12-05 03:00 UTC",
-                 "machine": "x86_64", "cores": cores, "backend": "cpu", "devices": ["cpu:0"],
-                 "jax": "0.10.2"},
+        "meta": {
+            "commit": "abc1234",
+            "dirty": False,
+            "date": "2026-12-05 03:00 UTC",
+            "machine": "x86_64",
+            "cores": cores,
+            "backend": "cpu",
+            "devices": ["cpu:0"],
+            "jax": "0.10.2",
+        },
         "benchmarks": {
             "soups": {
                 "command": "python scripts/benchmarks/soups.py --quick",

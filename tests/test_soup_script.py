@@ -347,7 +347,7 @@ def _bad_cases(sweep, tmp):
         ([sweep_dir, resnet18], [], f"runs {RUNS[0]} and wide have different architecture overrides"),
         ([sweep_dir, classes], [], f"runs {RUNS[0]} and classes have different classes (2 vs 3)"),
         ([sweep_dir], ["--heldout", str(other_classes)], "labels beyond the 2 classes"),
-        ([sweep_dir], ["--out", str(tmp / "full")], "already holds results (soup.json)"),
+        ([sweep_dir], ["--out", str(tmp / "full")], "holds an earlier result (soup.json); it is never overwritten"),
         ([seed0], [], "a soup needs at least 2 finished runs; got 1"),
         ([seed0, seed0], [], "is given twice"),
         ([sweep_dir], ["--method", "greedy,best"], "methods must be distinct names among"),

@@ -48,8 +48,12 @@ def rank_models(data: pathlib.Path) -> list[str]:
 
 def script(name: str):
     """The command-line tool behind ``scripts/NAME.py``."""
-    modules = {"rank": "hubtune.rank", "finetune": "hubtune.tune", "cascade": "hubtune.serve.cli",
-               "soup": "hubtune.soup.cli"}
+    modules = {
+        "rank": "hubtune.rank",
+        "finetune": "hubtune.tune",
+        "cascade": "hubtune.serve.cli",
+        "soup": "hubtune.soup.cli",
+    }
     return importlib.import_module(modules[name])
 
 
@@ -118,7 +122,7 @@ def main(out: pathlib.Path, data: pathlib.Path) -> None:
     report["whole"] = finetune.main([*common, "--out", str(out / "whole")])
     report["seconds"]["whole"] = time.perf_counter() - START
     report["killed"] = finetune.main(
-        [*common, "--shard-params", "--max-steps", "3", "--out", str(out / "resumed")]
+        [*common, "--shard-params", "--max-steps", "5", "--out", str(out / "resumed")]
     )
     if index == 0:  # kept for the test to resume with one process
         shutil.copytree(out / "resumed", out / "killed")

@@ -141,7 +141,6 @@ def main(argv=None) -> int:
                   "Stored result:")  # fmt: skip
             print((pathlib.Path(args.out) / cascade_output.OUTPUTS[0]).read_text())
             return 0
-        out = cascade_report.check_out_dir(args.out)
         report = cascade_report.run_report(
             args.models,
             args.heldout,
@@ -163,6 +162,7 @@ def main(argv=None) -> int:
         print(f"cascade.py: error: {err}", file=sys.stderr)
         return 2
     print(cascade_output.format_report(report))
+    out = pathlib.Path(args.out)
     paths = cascade_output.write_outputs(report, out)
     output.mark(paths[0].parent, "serve", settings)
     if paths[0].parent != out:  # never over another run's report

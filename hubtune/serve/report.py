@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 import platform
 import warnings
 from collections.abc import Callable, Sequence
@@ -42,7 +41,6 @@ import jax
 import numpy as np
 
 from hubtune.serve import members as cascade_members
-from hubtune.serve import output as cascade_output
 from hubtune.serve.members import CascadeInputError
 from jaxmodels.committees import deploy
 from jaxmodels.committees import rules as cascade_rules
@@ -116,21 +114,6 @@ def check_options(
         raise CascadeInputError(
             f"--batch-size must be a positive multiple of the {devices} devices; got {batch_size}"
         )
-
-
-def check_out_dir(out: str | os.PathLike) -> pathlib.Path:
-    """The output folder; refused when it is a file or already holds a report (results are
-    never overwritten), with a free folder named in the message."""
-    out = pathlib.Path(out)
-    if out.exists() and not out.is_dir():
-        raise CascadeInputError(f"--out {str(out)!r} is a file; give a folder")
-    existing = cascade_output.existing_outputs(out)
-    if existing:
-        raise CascadeInputError(
-            f"--out {str(out)!r} already holds a report ({', '.join(existing)}), which is "
-            f"never overwritten; give another folder, e.g. --out {str(cascade_output.free_folder(out))!r}"
-        )
-    return out
 
 
 # ----------------------------------------------------------------------------- choosing
