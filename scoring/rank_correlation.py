@@ -7,6 +7,10 @@ is computed by `scipy.stats.weightedtau` with its defaults (ranks from the accur
 decreasing, averaged over both), so numbers are comparable with the published tables. Also Kendall's
 τ-b, Spearman's ρ, and the regret of trusting the score's top pick.
 
+Scores that agree to `TIE_DIGITS` significant digits are ties: float64 scoring resolves no
+finer, and a score that saturates (the H-score is C − 1 for every model whose features have
+D ≥ N − 1 dimensions) must not rank models by its rounding noise.
+
 Dimension names: M models.
 """
 
@@ -14,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.stats
+
+TIE_DIGITS = 10
 
 
 class RankAgreement(NamedTuple):
@@ -49,6 +55,7 @@ def _check_pair(scores, accuracies, *, ranked: bool = True) -> tuple[np.ndarray,
             )
         pairs.append(array)
     scores_M, accs_M = pairs
+    scores_M = np.array([float(f"{s:.{TIE_DIGITS}g}") for s in scores_M])  # ties (docstring)
     if scores_M.shape != accs_M.shape:
         raise ValueError(
             f"scores and accuracies must have one entry per model; got {scores_M.shape[0]} "

@@ -64,3 +64,16 @@ def test_all_tied_scores_or_accuracies_are_an_error_not_nan(fn):
     assert np.isfinite(fn([0.5, 0.5, 0.7], [0.1, 0.2, 0.3]))
     # The regret needs no ranking: a tie picks the first model.
     assert scoring.top1_regret([0.5, 0.5, 0.5], [0.1, 0.2, 0.3]) == pytest.approx(0.2)
+
+
+def test_scores_equal_to_rounding_are_ties():
+    """Two models whose H-score saturates at C − 1 differ only in the last bits of float64, and
+    which is 'higher' depends on the QR that made them: they must tie, so τ does not move."""
+    accs = [0.80, 0.82, 0.70, 0.60]
+    one_rounding = [3.9999999999999973, 4.000000000000002, 2.5, 1.0]
+    another = [4.000000000000002, 3.9999999999999973, 2.5, 1.0]
+    exact = [4.0, 4.0, 2.5, 1.0]
+    taus = {scoring.weighted_kendall_tau(s, accs) for s in (one_rounding, another, exact)}
+    assert len(taus) == 1
+    # a real difference (1e-6 relative) still ranks
+    assert scoring.weighted_kendall_tau([4.0, 4.000004, 2.5, 1.0], accs) != taus.pop()
