@@ -33,9 +33,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-# Full float32/float64 matmul precision: TPUs (bfloat16 passes) and GPUs (TF32) would otherwise
-# blur the small singular values these scores depend on.
-HIGHEST = jax.lax.Precision.HIGHEST
+from scoring.class_moments import HIGHEST
 
 
 class Spectrum(NamedTuple):

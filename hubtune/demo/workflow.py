@@ -51,8 +51,8 @@ SIZE = 32  # the hub's input side; the 8×8 digits are upsampled ×4
 
 
 @dataclasses.dataclass(frozen=True)
-class Member:
-    """One hub member: an architecture, its overrides and how it is pre-trained."""
+class HubModel:
+    """One model of the demo's hub: an architecture, its overrides and how it is pre-trained."""
 
     label: str
     name: str
@@ -61,24 +61,24 @@ class Member:
     label_noise: float = 0.0
 
 
-def hub_members(quick: bool) -> list[Member]:
+def hub_members(quick: bool) -> list[HubModel]:
     """8 members (10 in the full run): two families, two sizes each, and a weak copy of each
     size (one epoch, or noisy labels). The quick hub has four architectures, so four compiles."""
     vit_d4 = (("depth", 4), ("width", 48), ("num_heads", 3), ("mlp_dim", 96))
     members = [
-        Member("resnet-w8", "resnet_tiny"),
-        Member("resnet-w16", "resnet_tiny", (("width", 16),)),
-        Member("vit-d2", "vit_tiny"),
-        Member("vit-d4-w48", "vit_tiny", vit_d4),
-        Member("resnet-w8-short", "resnet_tiny", epochs=1),
-        Member("resnet-w16-noisy", "resnet_tiny", (("width", 16),), label_noise=0.5),
-        Member("vit-d2-noisy", "vit_tiny", label_noise=0.6),
-        Member("vit-d4-w48-short", "vit_tiny", vit_d4, epochs=1),
+        HubModel("resnet-w8", "resnet_tiny"),
+        HubModel("resnet-w16", "resnet_tiny", (("width", 16),)),
+        HubModel("vit-d2", "vit_tiny"),
+        HubModel("vit-d4-w48", "vit_tiny", vit_d4),
+        HubModel("resnet-w8-short", "resnet_tiny", epochs=1),
+        HubModel("resnet-w16-noisy", "resnet_tiny", (("width", 16),), label_noise=0.5),
+        HubModel("vit-d2-noisy", "vit_tiny", label_noise=0.6),
+        HubModel("vit-d4-w48-short", "vit_tiny", vit_d4, epochs=1),
     ]
     if not quick:
         members += [
-            Member("resnet-d2", "resnet_tiny", (("stage_sizes", (2, 2, 2, 2)),)),
-            Member("vit-d1", "vit_tiny", (("depth", 1),)),
+            HubModel("resnet-d2", "resnet_tiny", (("stage_sizes", (2, 2, 2, 2)),)),
+            HubModel("vit-d1", "vit_tiny", (("depth", 1),)),
         ]
     return members
 
@@ -228,7 +228,7 @@ def run(
     out: pathlib.Path,
     cache: pathlib.Path,
     recipe: Recipe,
-    members: list[Member],
+    members: list[HubModel],
     seed: int,
     *,
     quick: bool = False,
@@ -273,7 +273,7 @@ def run(
     return report
 
 
-def _member_key(member: Member, recipe: Recipe, data_spec: str, seed: int) -> str:
+def _member_key(member: HubModel, recipe: Recipe, data_spec: str, seed: int) -> str:
     """The cache key of a pre-trained member: its spec, the recipe, the data and the seed."""
     text = json.dumps(
         [

@@ -14,7 +14,6 @@ References:
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import pathlib
@@ -22,6 +21,7 @@ import re
 
 import numpy as np
 
+from hubtune import output
 from jaxmodels.atomic_files import write_new
 
 OUTPUTS = ("cascade.json", "cascade.png")
@@ -239,32 +239,18 @@ def report_figure(report: dict):
     return fig
 
 
-def existing_outputs(out: str | os.PathLike) -> list[str]:
-    """The names of `OUTPUTS` already in folder `out` (an earlier report)."""
-    return [name for name in OUTPUTS if (pathlib.Path(out) / name).exists()]
-
-
-def free_folder(out: str | os.PathLike) -> pathlib.Path:
-    """`out` if it holds no report, else the first of ``OUT-2``, ``OUT-3``, … that holds none."""
-    out = pathlib.Path(out)
-    candidates = itertools.chain(
-        [out], (out.with_name(f"{out.name}-{k}") for k in itertools.count(2))
-    )
-    return next(
-        c for c in candidates if not (c.exists() and (not c.is_dir() or existing_outputs(c)))
-    )
-
-
 def write_outputs(report: dict, out: str | os.PathLike) -> list[pathlib.Path]:
     """Writes ``cascade.json`` and ``cascade.png`` into `out` (created), each atomically, and
-    never over an existing file: if a report appeared in `out` since it was checked, both go to
-    `free_folder(out)` instead (the caller sees where from the returned paths).
+    never over an existing file: if a report appeared in `out` since `hubtune.output.check`
+    passed it, both go to `hubtune.output.free_sibling(out)` instead (the caller sees where from
+    the returned paths).
 
     Returns:
       The paths written.
     """
+    folder = pathlib.Path(out)
     while True:
-        paths = [free_folder(out) / name for name in OUTPUTS]
+        paths = [folder / name for name in OUTPUTS]
         written = []
         try:
             for path, write in zip(paths, (_write_json, plot_report), strict=True):
@@ -274,6 +260,7 @@ def write_outputs(report: dict, out: str | os.PathLike) -> list[pathlib.Path]:
         except FileExistsError:  # lost a race with another writer: keep the pair together
             for path in written:
                 path.unlink()
+            folder = output.free_sibling(out)
 
 
 def _write_json(report: dict, path: pathlib.Path) -> None:
