@@ -209,3 +209,38 @@ def test_dare_refuses_bad_drop_and_seed():
         dare(base, tuned, drop=1.0, seed=0)
     with pytest.raises(TypeError, match="seed must be an int"):
         dare(base, tuned, seed=0.5)
+
+
+# ------------------------------------------------------------------ running statistics
+
+
+def _bn_variables(var, w):
+    return {
+        "params": {"dense": {"kernel": np.asarray(w, np.float32)}},
+        "batch_stats": {
+            "bn": {"mean": np.zeros(3, np.float32), "var": np.full(3, var, np.float32)}
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    "merge",
+    [
+        lambda base, tuned: task_arithmetic(base, tuned, 1.0),
+        lambda base, tuned: ties(base, tuned, density=1.0),
+        lambda base, tuned: dare(base, tuned, drop=0.9, seed=0),
+    ],
+    ids=["task_arithmetic", "ties", "dare"],
+)
+def test_merges_add_to_weights_and_keep_the_base_running_statistics(merge):
+    """Six runs whose running variances fell from 1.0 to 0.8: adding their differences would
+    give 1 − 6·0.2 < 0; the merge keeps the base's statistics and merges only ``params``."""
+    base = _bn_variables(1.0, [1.0, 2.0, 3.0])
+    tuned = [_bn_variables(0.8, [1.0 + 0.1 * (t + 1), 2.0, 3.0]) for t in range(6)]
+    merged = merge(base, tuned)
+    chex.assert_trees_all_equal(merged["batch_stats"], base["batch_stats"])
+    assert merged["params"]["dense"]["kernel"].dtype == np.float32
+    assert not np.allclose(merged["params"]["dense"]["kernel"], base["params"]["dense"]["kernel"])
+    # a tree without a params collection is all weights, as before
+    bare = task_arithmetic(base["params"], [t["params"] for t in tuned], 1.0)
+    chex.assert_trees_all_close(bare, task_arithmetic(base, tuned, 1.0)["params"])

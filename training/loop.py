@@ -304,6 +304,7 @@ def fit(
         desc=f"fit[{config.mode}]",
         unit="step",
         leave=False,
+        delay=2.0,  # work done within 2 s draws no bar (logs would keep its 0 %)
     )
     report = (lambda text: bar.write(text)) if not bar.disable else say
     single = jax.process_count() == 1

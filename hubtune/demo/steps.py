@@ -108,9 +108,11 @@ def pretrain_hub(members, data, recipe, cache, seed, member_key) -> list[HubMemb
             seed=seed,
             init_seed=seed,
         )
+        reused = (folder / "result.json").exists()
         result = run_lib.run(config, progress=False, log=_quiet)
         accuracy = result["final_eval"]["accuracy"]
-        print(f"   {member.label:<18} source accuracy {accuracy:.3f}  ({folder.name})")
+        how = "reused from the cache" if reused else "trained"
+        print(f"   {member.label:<18} source accuracy {accuracy:.3f}  ({how}: {folder.name})")
         hub.append(HubMember(member.label, folder, accuracy))
     return hub
 

@@ -244,7 +244,7 @@ def run(
         noise = sorted({m.label_noise for m in members if m.label_noise})
         data = write_data(cache / "data", splits, noise, seed)
         print(demo_steps.describe_data(splits))
-    with clock.step("hub: pre-train on digits 0–4 (cached)"):
+    with clock.step("hub: pre-train on digits 0–4"):
         hub = demo_steps.pretrain_hub(members, data, recipe, cache, seed, _member_key)
     with clock.step("1. select: score the hub, fine-tune every member"):
         select = demo_steps.select(hub, data, recipe, out, seed, cache / "features")

@@ -69,7 +69,7 @@ def _cook_into(p: SoupPlan, folder: pathlib.Path, progress: bool) -> dict:
 
     # every run once, one at a time: its scores, and its logits into the ensemble's sum
     rows, logit_sums = [], {}
-    for i in tqdm(range(n), desc="runs", unit="run", disable=not progress, leave=False):
+    for i in tqdm(range(n), desc="runs", unit="run", disable=not progress, leave=False, delay=2.0):
         run_model, variables = (model, first) if i == 0 else runs[i].load()
         first = None  # the loop holds one run's weights at a time
         if run_model != model:

@@ -646,4 +646,5 @@ def _bar(total, enabled: bool, desc: str):
         smoothing=0.1,
         mininterval=1.0,
         leave=False,
+        delay=2.0,  # work done within 2 s draws no bar (logs would keep its 0 %)
     )

@@ -15,9 +15,15 @@ vector of model t is ``τ_t = θ_t − θ_0``:
     ``1/(1 − p)`` (unbiased), then add them: ``θ_0 + λ Σ_t m_t ⊙ τ_t / (1 − p)``.
 
 The rules of ``training.soups.ingredients.TreeLayout`` apply: the base and every fine-tuned model
-share structure, shapes and dtypes; the arithmetic runs in float32 on every floating leaf
-(BatchNorm statistics included) and is cast back; integer and boolean leaves are copied from
-the base and must be equal in all models. Models may be given as zero-argument loaders; every
+share structure, shapes and dtypes; the arithmetic runs in float32 and is cast back; integer and
+boolean leaves are copied from the base and must be equal in all models.
+
+Task arithmetic, TIES and DARE add task vectors to the weights only: a variables tree's
+``params`` collection (a tree without one is all weights). Every other collection — BatchNorm's
+running ``batch_stats`` above all — is the base's, unchanged: adding differences of running
+variances can make them negative (six runs whose variances fell from 1.0 to 0.8 give 1 − 6·0.2).
+Recompute them on data afterwards (`training.soups.batch_stats.recompute`). `interpolate` is a
+convex mix for α in [0, 1] and mixes every floating leaf, statistics included. Models may be given as zero-argument loaders; every
 method except ``ties`` (two passes) reads each one once.
 
 References:
@@ -63,10 +69,34 @@ def _finetuned_list(finetuned: Any) -> list:
     return ing.as_sequence(finetuned, "finetuned")
 
 
-def _base(base: ing.Ingredient) -> tuple[ing.TreeLayout, list]:
+def _weights(tree: PyTree) -> PyTree:
+    """What merges add task vectors to: the ``params`` collection, else the whole tree."""
+    return tree["params"] if isinstance(tree, Mapping) and "params" in tree else tree
+
+
+def _read_weights(ingredient: ing.Ingredient, where: str) -> PyTree:
+    return _weights(ing.read(ingredient, where))
+
+
+class _Base(NamedTuple):
+    tree: PyTree  # the whole variables tree
+    layout: ing.TreeLayout  # of its weights
+    weights_f32: list  # its floating weights, float32
+
+    def result(self, merged_f32: list, scale) -> PyTree:
+        """``base + scale·merged`` on the weights; every other collection is the base's."""
+        weights = self.layout.join(
+            _apply(self.weights_f32, merged_f32, scale, self.layout.float_dtypes)
+        )
+        if isinstance(self.tree, Mapping) and "params" in self.tree:
+            return {**self.tree, "params": weights}
+        return weights
+
+
+def _base(base: ing.Ingredient) -> _Base:
     tree = ing.read(base, "base")
-    layout = ing.TreeLayout(tree, "base")
-    return layout, ing.to_float32(layout.floats(tree, "base"))
+    layout = ing.TreeLayout(_weights(tree), "base")
+    return _Base(tree, layout, ing.to_float32(layout.floats(_weights(tree), "base")))
 
 
 # ------------------------------------------------------------------ interpolation (WiSE-FT)
@@ -180,19 +210,21 @@ def task_arithmetic(base: ing.Ingredient, finetuned: Any, scale: float) -> PyTre
       scale: λ.
 
     Returns:
-      The merged variables in the base's dtypes.
+      The merged variables in the base's dtypes; collections other than ``params`` are the
+      base's (module docstring).
 
     Raises:
       TypeError, ValueError: non-finite ``scale``; trees that do not match the base.
     """
     scale = _finite(scale, "scale")
     finetuned = _finetuned_list(finetuned)
-    layout, base_f32 = _base(base)
+    base = _base(base)
+    layout, base_f32 = base.layout, base.weights_f32
     acc = [jnp.zeros_like(b) for b in base_f32]
     for t, model in enumerate(finetuned):
         where = f"finetuned[{t}]"
-        acc = _add_task_vector(acc, base_f32, layout.floats(ing.read(model, where), where))
-    return layout.join(_apply(base_f32, acc, scale, layout.float_dtypes))
+        acc = _add_task_vector(acc, base_f32, layout.floats(_read_weights(model, where), where))
+    return base.result(acc, scale)
 
 
 @jax.jit
@@ -233,7 +265,7 @@ def ties(
     """TIES-Merging (Yadav et al. 2023): trim, elect sign by mass, disjoint mean.
 
     For each task vector ``τ_t = θ_t − θ_0``: keep its ``k = max(1, round(density·N))`` entries
-    of largest magnitude over all N floating entries of the model (entries tied with the k-th
+    of largest magnitude over all N floating weight entries of the model (entries tied with the k-th
     magnitude are kept too) and zero the rest (``τ̂_t``). The elected sign of each entry is
     ``sign(Σ_t τ̂_t)``. The merged vector is, per entry, the mean of the ``τ̂_t`` that are
     non-zero with the elected sign (0 where none is, including where ``Σ_t τ̂_t = 0``). Result:
@@ -250,7 +282,8 @@ def ties(
       scale: λ (the paper tunes it; 1.0 with the disjoint mean is its default).
 
     Returns:
-      The merged variables in the base's dtypes.
+      The merged variables in the base's dtypes; collections other than ``params`` are the
+      base's (module docstring).
 
     Raises:
       TypeError, ValueError: ``density`` outside (0, 1]; non-finite ``scale``; trees that do
@@ -261,24 +294,25 @@ def ties(
         raise ValueError(f"density must be in (0, 1]; got {density}")
     scale = _finite(scale, "scale")
     finetuned = _finetuned_list(finetuned)
-    layout, base_f32 = _base(base)
+    base = _base(base)
+    layout, base_f32 = base.layout, base.weights_f32
     entries = sum(int(b.size) for b in base_f32)
     keep_count = max(1, round(density * entries))
 
     thresholds, mass = [], [jnp.zeros_like(b) for b in base_f32]
     for t, model in enumerate(finetuned):  # pass 1: trim, and sum the trimmed vectors
         where = f"finetuned[{t}]"
-        leaves = layout.floats(ing.read(model, where), where)
+        leaves = layout.floats(_read_weights(model, where), where)
         thresholds.append(_magnitude_threshold(base_f32, leaves, keep_count))
         mass = ing.add_into(mass, _trimmed(base_f32, leaves, thresholds[t]))
     total = [jnp.zeros_like(b) for b in base_f32]
     count = [jnp.zeros_like(b) for b in base_f32]
     for t, model in enumerate(finetuned):  # pass 2: disjoint sum over the agreeing entries
         where = f"finetuned[{t}]"
-        leaves = layout.floats(ing.read(model, where), where)
+        leaves = layout.floats(_read_weights(model, where), where)
         total, count = _add_agreeing(total, count, _trimmed(base_f32, leaves, thresholds[t]), mass)
     merged = [s / jnp.maximum(c, 1.0) for s, c in zip(total, count, strict=True)]
-    return layout.join(_apply(base_f32, merged, scale, layout.float_dtypes))
+    return base.result(merged, scale)
 
 
 @functools.partial(jax.jit, static_argnames="drop")
@@ -308,7 +342,8 @@ def dare(
       scale: λ.
 
     Returns:
-      The merged variables in the base's dtypes.
+      The merged variables in the base's dtypes; collections other than ``params`` are the
+      base's (module docstring).
 
     Raises:
       TypeError, ValueError: ``drop`` outside [0, 1); a non-int ``seed``; non-finite ``scale``;
@@ -321,12 +356,13 @@ def dare(
         raise TypeError(f"seed must be an int; got {type(seed).__name__}")
     scale = _finite(scale, "scale")
     finetuned = _finetuned_list(finetuned)
-    layout, base_f32 = _base(base)
+    base = _base(base)
+    layout, base_f32 = base.layout, base.weights_f32
     key = jax.random.key(int(seed))
     acc = [jnp.zeros_like(b) for b in base_f32]
     for t, model in enumerate(finetuned):
         where = f"finetuned[{t}]"
-        leaves = layout.floats(ing.read(model, where), where)
+        leaves = layout.floats(_read_weights(model, where), where)
         keep = _dare_keep(jax.random.fold_in(key, t), base_f32, drop)
         acc = _add_task_vector(acc, base_f32, leaves, keep)
-    return layout.join(_apply(base_f32, acc, scale, layout.float_dtypes))
+    return base.result(acc, scale)
