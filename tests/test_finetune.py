@@ -399,3 +399,21 @@ def test_every_command_answers_ctrl_c_in_one_line_with_130(capsys):
 
     assert main() == 130
     assert capsys.readouterr().err == "x.py: interrupted; nothing incomplete was kept\n"
+
+
+def test_a_run_that_fails_to_load_its_model_leaves_nothing_to_refuse(
+    pretrained, tmp_path, monkeypatch, capsys
+):
+    """A damaged model folder fails the run before its first step; the corrected command (here
+    other settings) is then accepted, not refused as "a run with other settings"."""
+    out = tmp_path / "run"
+
+    def damaged(*args, **kwargs):
+        raise jaxmodels.ModelRefError("model folder 'pre' is damaged (test)")
+
+    monkeypatch.setattr(jaxmodels, "build", damaged)
+    assert _script().main(_argv(pretrained, out)) == 2
+    assert "is damaged (test)" in capsys.readouterr().err
+    assert not (out / "config.json").exists() and not (out / "checkpoints").exists()
+    monkeypatch.undo()
+    assert _script().main(_argv(pretrained, out, "--lr", "0.02", "--max-steps", "1")) == 0

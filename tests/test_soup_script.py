@@ -194,11 +194,11 @@ def _check_soup(reference, out, entry, indices, weights=None, *, recomputed):
     average = reference.average(indices, weights)
     saved = _restore(out / "model")
     chex.assert_trees_all_close(saved["params"], average["params"], rtol=1e-5, atol=1e-6)
-    if recomputed and len(indices) > 1:  # recomputed statistics: Reference's identity
+    if recomputed:  # recomputed statistics (a single run's too): Reference's identity
         expected = reference.recomputed_logits(average)
         np.testing.assert_allclose(reference.logits(saved, "heldout"), expected,
                                    rtol=1e-4, atol=1e-4)  # fmt: skip
-    else:  # averaged statistics (or one run's own): every leaf is the average
+    else:  # averaged statistics: every leaf is the average
         chex.assert_trees_all_close(saved, average, rtol=1e-5, atol=1e-6)
         expected = reference.logits(average, "heldout")
     _assert_scores(entry["heldout"], reference.score(expected, "heldout"))
@@ -223,16 +223,23 @@ def test_every_number_in_soup_json_equals_a_numpy_recomputation(soup, reference)
         _assert_scores(report["ensemble"][split], reference.score(np.mean(logits[split], 0), split))
     assert report["ensemble"]["inference_cost"] == n
 
-    # the greedy recipe by hand: best first, then keep each run if held-out accuracy does not
-    # drop, every candidate judged with its BatchNorm statistics recomputed (--bn recompute)
-    order = sorted(range(n), key=lambda i: -heldout[i])
-    members, kept, candidates = [order[0]], heldout[order[0]], [heldout[order[0]]]
+    # the greedy recipe by hand, with one yardstick (--bn recompute): every run and every
+    # candidate judged with its BatchNorm statistics recomputed; best first, then keep each run
+    # if held-out accuracy does not drop
+    judged = [
+        reference.score(reference.recomputed_logits(reference.average([i])), "heldout")["accuracy"]
+        for i in range(n)
+    ]
+    assert judged != heldout  # recomputed statistics change the runs' scores: two yardsticks differ
+    order = sorted(range(n), key=lambda i: -judged[i])
+    members, kept, candidates = [order[0]], judged[order[0]], [judged[order[0]]]
     for i in order[1:]:
         recomputed = reference.recomputed_logits(reference.average([*members, i]))
         candidates.append(reference.score(recomputed, "heldout")["accuracy"])
         if candidates[-1] >= kept:
             members, kept = [*members, i], candidates[-1]
     greedy = report["soups"]["greedy"]
+    np.testing.assert_allclose(greedy["report"]["scores"], judged, atol=1e-6)
     assert greedy["members"] == [RUNS[i] for i in members]
     assert greedy["report"]["candidate_scores"] == candidates
     assert greedy["report"]["order_names"] == [RUNS[i] for i in order]
@@ -246,7 +253,7 @@ def test_every_number_in_soup_json_equals_a_numpy_recomputation(soup, reference)
 
 def test_the_greedy_soup_is_at_least_the_best_run_on_heldout_data(soup):
     report = soup["json"]
-    best = max(row["heldout"]["accuracy"] for row in report["ingredients"])
+    best = max(report["soups"]["greedy"]["report"]["scores"])  # the runs, as the soups are judged
     assert report["soups"]["greedy"]["heldout"]["accuracy"] >= best
     steps = report["soups"]["greedy"]["report"]["soup_scores"]
     assert steps == sorted(steps) and steps[-1] == report["soups"]["greedy"]["heldout"]["accuracy"]

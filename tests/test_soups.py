@@ -459,3 +459,24 @@ def test_greedy_soup_of_real_fine_tunes_is_at_least_the_best_run():
     assert evaluate(soup) >= max(report.scores)
     assert evaluate(soup) == report.soup_scores[-1]
     assert max(report.scores) < 1.0  # the task is not trivial for the runs
+
+
+def test_learned_temperature_sharpens_an_underconfident_soup():
+    """Both runs rank the classes right but with logits 10× too small: only β can lower the
+    loss (the mix is the same model whatever the weights), and it is learned above 1."""
+    rng = np.random.default_rng(0)
+    x_ND = rng.normal(size=(64, 4)).astype(np.float32)
+    w_DC = rng.normal(size=(4, 3)).astype(np.float32)
+    y_N = np.argmax(x_ND @ w_DC, axis=1)
+    batches = [(x_ND[i : i + 16], y_N[i : i + 16]) for i in range(0, 64, 16)]
+
+    def loss(v, batch, scale=1.0):
+        logits = scale * (batch[0] @ v["w"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    runs = [{"w": 0.1 * w_DC}, {"w": 0.1 * w_DC}]
+    _, fixed = learned(runs, loss, batches, max_bytes=10**6, epochs=20)
+    _, tempered = learned(runs, loss, batches, max_bytes=10**6, epochs=20, learn_temperature=True)
+    assert fixed.logit_scale is None and tempered.logit_scale > 2.0
+    assert tempered.losses[-1] < 0.8 * fixed.losses[-1]
+    json.dumps(tempered._asdict())

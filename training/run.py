@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import shutil
 import time
 from collections.abc import Callable
 
@@ -228,12 +229,31 @@ def run(
             error = RunError(f"{folder} is in use by another command (process 0 could not lock it)")
     if error is not None:
         raise error
+    config_path = folder / folder_lib.CONFIG_JSON
+    created = False
     try:
-        if jax.process_index() == 0 and not (folder / folder_lib.CONFIG_JSON).exists():
-            folder_lib.write_json(folder / folder_lib.CONFIG_JSON, _stored_config(config))
+        if jax.process_index() == 0 and not config_path.exists():
+            folder_lib.write_json(config_path, _stored_config(config))
+            created = True
         return _execute(run_plan, progress, log)
+    except BaseException:
+        if created:  # failed before its first checkpoint: nothing the corrected command must match
+            _forget_unstarted(folder)
+        raise
     finally:
         lock.release()
+
+
+def _forget_unstarted(folder: pathlib.Path) -> None:
+    """Removes what a run that saved no checkpoint wrote (its config, log, empty checkpoint
+    folder), so that a corrected command — another model, say — is not refused as "other
+    settings"; a run with a checkpoint is kept, to be resumed."""
+    checkpoints = folder / folder_lib.CHECKPOINT_DIR
+    if checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir()):
+        return
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    for name in (folder_lib.CONFIG_JSON, folder_lib.METRICS_JSONL):
+        (folder / name).unlink(missing_ok=True)
 
 
 def _execute(run_plan: Plan, progress: bool, log) -> dict:

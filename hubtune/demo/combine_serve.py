@@ -9,7 +9,7 @@ import numpy as np
 
 import jaxmodels
 from hubtune.demo.steps import prepared_sets
-from jaxmodels.committees import deploy, timing
+from jaxmodels.committees import deploy, rules, timing
 from training.soups import averaging as soups
 from training.soups.ingredients import check_ingredients
 
@@ -32,7 +32,8 @@ def combine(sweep, data, recipe, out) -> dict:
     greedy, greedy_report = soups.greedy(ingredients, heldout_accuracy)
     test_logits = [jaxmodels.predict(model, v, test, progress=False) for v in ingredients]
     labels = test.labels
-    ensemble_accuracy = float(np.mean(np.mean(test_logits, axis=0).argmax(1) == labels))
+    ensemble_logits = rules.mean_logits(np.stack(test_logits))
+    ensemble_accuracy = float(np.mean(ensemble_logits.argmax(1) == labels))
     individual = {
         r.name: float(np.mean(lg.argmax(1) == labels))
         for r, lg in zip(sweep, test_logits, strict=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import pathlib
 
+from hubtune.soup import plot as soup_plot
+
 
 def write(out: pathlib.Path, report: dict) -> list[pathlib.Path]:
     """Writes report.json, report.md, soup.png, cascade.png and excerpt.md into `out`; returns
@@ -225,33 +227,20 @@ def _serve(serve: dict) -> str:
 
 
 def plot_soup(comb: dict, path: pathlib.Path) -> None:
-    """Held-out accuracy of the greedy soup as ingredients are added, runs as points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    greedy = comb["greedy"]
+    """The soup command's picture (`hubtune.soup.plot`) of the demo's greedy soup: runs alone,
+    the soup as each is tried, kept or refused, and the uniform soup."""
     names = comb["runs"]
-    order = greedy["order"]
-    fig, ax = plt.subplots(figsize=(6.4, 3.8))
-    xs = range(1, len(order) + 1)
-    ax.plot(xs, greedy["soup_scores"], marker="o", label="greedy soup (held-out)")
-    ax.scatter(
-        xs,
-        [greedy["scores"][i] for i in order],
-        color="grey",
-        zorder=3,
-        label="the run tried at that step, alone",
-    )
-    ax.set_xticks(list(xs), [names[i] for i in order], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("held-out accuracy")
-    ax.margins(y=0.12)  # points at the extremes stay whole
-    ax.set_title("greedy soup of the SSF sweep (runs tried best first)", fontsize=10)
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.32), ncol=2, frameon=False)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    soup_json = {
+        "ingredients": [
+            {"name": name, "heldout": {"accuracy": comb["individual_heldout"][name]}}
+            for name in names
+        ],
+        "soups": {
+            "greedy": {"report": comb["greedy"]},
+            "uniform": {"heldout": {"accuracy": comb["rows"]["uniform soup"]["heldout"]}},
+        },
+    }
+    soup_plot.plot_soup(soup_json, path, title="Greedy soup of the SSF sweep")
 
 
 def plot_cascade(serve: dict, path: pathlib.Path) -> None:

@@ -150,10 +150,12 @@ def _make(method, p: SoupPlan, model, prep, loaders, rows, sets, finish):
     if method == "greedy":
         heldout = sets["heldout"]
         evaluate = lambda v: jaxmodels.evaluate(model, finish(v), heldout).accuracy
-        scores = [row["heldout"]["accuracy"] for row in rows]
+        if p.bn == "recompute":  # one yardstick: each run judged as its soups are, recomputed
+            scores = [evaluate(load()) for load in loaders]
+        else:
+            scores = [row["heldout"]["accuracy"] for row in rows]
         soup, report = soups.greedy(loaders, evaluate, accept=p.accept, scores=scores)
-        if len(report.accepted) > 1:  # a single member keeps its own statistics
-            soup = finish(soup)
+        soup = finish(soup)  # what was scored, a single member included
         members = [p.names[i] for i in report.accepted]
         return soup, {
             "members": members,
@@ -161,18 +163,23 @@ def _make(method, p: SoupPlan, model, prep, loaders, rows, sets, finish):
             "report": {**report._asdict(), "order_names": [p.names[i] for i in report.order]},
         }
 
-    def loss_fn(variables, batch):
+    def loss_fn(variables, batch, logit_scale):
         images, labels = batch
         x = preprocess.normalize(images, prep)
         if p.bn == "recompute":  # BatchNorm on the batch's own statistics, as the soup will be
             logits, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
         else:
             logits = model.apply(variables, x, train=False)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+        return optax.softmax_cross_entropy_with_integer_labels(logit_scale * logits, labels).mean()
 
     batches = _image_batches(sets["heldout"])
     soup, report = soups.learned(
-        loaders, loss_fn, batches, max_bytes=p.learned_max_bytes, by_layer=p.learned_by_layer
+        loaders,
+        loss_fn,
+        batches,
+        max_bytes=p.learned_max_bytes,
+        by_layer=p.learned_by_layer,
+        learn_temperature=True,  # as the paper's learned soup (averaging.learned)
     )
     details = {"members": list(p.names), "report": report._asdict()}
     if not p.learned_by_layer:

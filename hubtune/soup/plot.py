@@ -16,8 +16,9 @@ import numpy as np
 _MAX_LABELS = 30  # beyond this many runs, label every other tick (and so on)
 
 
-def plot_soup(report: dict, path: str | os.PathLike) -> None:
-    """Draws ``report`` (the content of ``soup.json``) to a PNG at ``path``."""
+def plot_soup(report: dict, path: str | os.PathLike, title: str | None = None) -> None:
+    """Draws ``report`` (the content of ``soup.json``; ``ensemble`` and soups other than the
+    greedy one optional) to a PNG at ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,9 +46,9 @@ def plot_soup(report: dict, path: str | os.PathLike) -> None:
         if (~was_kept).any():
             ax.scatter(x[~was_kept], tried[~was_kept], s=90, marker="x", color="tab:red",
                        zorder=5, label="soup with the run: refused")  # fmt: skip
-    ensemble = report["ensemble"]["heldout"]["accuracy"]
-    ax.axhline(ensemble, ls="--", lw=1.5, color="tab:green",
-               label=f"logit ensemble of all {n} ({n}x inference)")  # fmt: skip
+    if "ensemble" in report:
+        ax.axhline(report["ensemble"]["heldout"]["accuracy"], ls="--", lw=1.5, color="tab:green",
+                   label=f"logit ensemble of all {n} ({n}x inference)")  # fmt: skip
     styles = {"uniform": ("tab:orange", ":"), "learned": ("tab:purple", "-.")}
     for method, (colour, style) in styles.items():
         if method in report["soups"]:
@@ -58,8 +59,9 @@ def plot_soup(report: dict, path: str | os.PathLike) -> None:
     ax.set_xlim(-0.5, n - 0.5)
     ax.set_xlabel("runs in greedy order (best held-out accuracy first)")
     ax.set_ylabel("held-out accuracy")
-    recomputed = ", BatchNorm recomputed" if report["bn"] == "recompute" else ""
-    ax.set_title(f"Greedy soup as runs are added (held-out data{recomputed})", fontsize=11)
+    recomputed = ", BatchNorm recomputed" if report.get("bn") == "recompute" else ""
+    title = title or "Greedy soup as runs are added"
+    ax.set_title(f"{title} (held-out data{recomputed})", fontsize=11)
     ax.margins(y=0.08)
     ax.grid(axis="y", alpha=0.3)
     fig.legend(loc="lower center", ncol=2, fontsize=9, frameon=False)

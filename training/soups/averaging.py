@@ -208,11 +208,13 @@ class LearnedReport(NamedTuple):
         ``by_layer`` a dict ``{leaf path: n weights}`` over the floating leaves.
       losses: mean ``loss_fn`` over the batches of each epoch (with the weights of that step).
       by_layer: whether there is one weight vector per parameter tensor.
+      logit_scale: the learned inverse temperature β (``learn_temperature``), else None.
     """
 
     weights: tuple[float, ...] | dict[str, tuple[float, ...]]
     losses: tuple[float, ...]
     by_layer: bool
+    logit_scale: float | None = None
 
 
 def learned(
@@ -224,12 +226,17 @@ def learned(
     by_layer: bool = False,
     learning_rate: float = 0.05,
     epochs: int = 5,
+    learn_temperature: bool = False,
 ) -> tuple[PyTree, LearnedReport]:
     """The learned soup: mixing weights ``softmax(w)`` optimised on held-out data.
 
     ``θ(w) = Σ_i softmax(w)_i θ_i`` (with ``by_layer``, a separate ``w`` per floating leaf),
     ``w`` initialised to zeros (the uniform soup) and trained with ``optax.adam`` on
-    ``loss_fn(θ(w), batch)``, one step per batch, ``epochs`` passes over ``batches``.
+    ``loss_fn(θ(w), batch)``, one step per batch, ``epochs`` passes over ``batches``. With
+    ``learn_temperature`` an inverse temperature β = exp(b), b initialised to 0, is learned with
+    ``w`` (as in the paper's code) and passed as ``loss_fn(θ(w), batch, β)``, which scales its
+    logits by β: a mix of models is less confident than its parts, and without β the weights
+    would also have to correct the calibration.
 
     Memory: unlike ``uniform`` and ``greedy`` this needs every ingredient in memory at once —
     a float32 stack of all n of them (``n × float32 size of one model``), plus about one model
@@ -245,6 +252,7 @@ def learned(
       by_layer: one mixing vector per parameter tensor instead of one for the whole model.
       learning_rate: Adam's learning rate (the paper: 0.05).
       epochs: passes over ``batches`` (the paper: 5).
+      learn_temperature: also learn the logits' scale β (``loss_fn`` then takes it third).
 
     Returns:
       ``(soup, report)``: the soup at the final weights (ingredient dtypes) and a
@@ -289,9 +297,10 @@ def learned(
     del columns, column
 
     num_vectors = len(stacked) if by_layer else 1
-    logits_VN = jnp.zeros((num_vectors, n), jnp.float32)
+    # the mixing logits, and log β (unused without learn_temperature)
+    learnt = {"mix_VN": jnp.zeros((num_vectors, n), jnp.float32), "log_scale": jnp.zeros(())}
     optimizer = optax.adam(learning_rate)
-    opt_state = optimizer.init(logits_VN)
+    opt_state = optimizer.init(learnt)
     dtypes = layout.float_dtypes
 
     def mix(logits_VN, stacked):
@@ -301,18 +310,23 @@ def learned(
             for j, (s, d) in enumerate(zip(stacked, dtypes, strict=True))
         ]
 
+    def loss_of(learnt, stacked, batch):
+        variables = layout.join(mix(learnt["mix_VN"], stacked))
+        if learn_temperature:
+            return loss_fn(variables, batch, jnp.exp(learnt["log_scale"]))
+        return loss_fn(variables, batch)
+
     @jax.jit
-    def step(logits_VN, opt_state, stacked, batch):
-        loss_of = lambda logits: loss_fn(layout.join(mix(logits, stacked)), batch)
-        loss, grads = jax.value_and_grad(loss_of)(logits_VN)
-        updates, opt_state = optimizer.update(grads, opt_state, logits_VN)
-        return optax.apply_updates(logits_VN, updates), opt_state, loss
+    def step(learnt, opt_state, stacked, batch):
+        loss, grads = jax.value_and_grad(loss_of)(learnt, stacked, batch)
+        updates, opt_state = optimizer.update(grads, opt_state, learnt)
+        return optax.apply_updates(learnt, updates), opt_state, loss
 
     losses = []
     for epoch in range(epochs):
         epoch_losses = []
         for b, batch in enumerate(batches):
-            logits_VN, opt_state, loss = step(logits_VN, opt_state, stacked, batch)
+            learnt, opt_state, loss = step(learnt, opt_state, stacked, batch)
             epoch_losses.append(float(loss))
             if not math.isfinite(epoch_losses[-1]):
                 raise ValueError(f"loss_fn returned {epoch_losses[-1]} at epoch {epoch}, batch {b}")
@@ -323,7 +337,10 @@ def learned(
             )
         losses.append(sum(epoch_losses) / len(epoch_losses))
 
-    soup = layout.join(jax.jit(mix)(logits_VN, stacked))
-    weights_VN = [tuple(float(w) for w in row) for row in jax.nn.softmax(logits_VN, axis=-1)]
+    soup = layout.join(jax.jit(mix)(learnt["mix_VN"], stacked))
+    softmax_VN = jax.nn.softmax(learnt["mix_VN"], axis=-1)
+    weights_VN = [tuple(float(w) for w in row) for row in softmax_VN]
     weights = dict(zip(layout.float_paths, weights_VN, strict=True)) if by_layer else weights_VN[0]
-    return soup, LearnedReport(weights=weights, losses=tuple(losses), by_layer=by_layer)
+    scale = float(jnp.exp(learnt["log_scale"])) if learn_temperature else None
+    report = LearnedReport(weights, tuple(losses), by_layer, scale)
+    return soup, report
