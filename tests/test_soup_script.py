@@ -101,7 +101,8 @@ def sweep(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def soup(sweep, tmp_path_factory):
-    """The main soup: greedy and uniform, BatchNorm statistics recomputed."""
+    """The main soup: greedy and uniform; the default --bn auto recomputes BatchNorm statistics
+    (the runs have them)."""
     with _made_once(tmp_path_factory, "soup-main") as (root, missing):
         out = root / "soup"
         if missing:
@@ -109,7 +110,7 @@ def soup(sweep, tmp_path_factory):
             code, stdout, stderr = _main(
                 ["--runs", str(sweep["root"] / "sweep"), "--heldout", str(sweep["heldout"]),
                  "--test", str(sweep["test"]), "--method", "greedy,uniform",
-                 "--bn", "recompute", "--out", str(out)]
+                 "--out", str(out)]
             )  # fmt: skip
             assert code == 0, stderr
             (root / "stdout").write_text(stdout)
@@ -222,8 +223,9 @@ def test_every_number_in_soup_json_equals_a_numpy_recomputation(soup, reference)
     for split in ("heldout", "test"):  # the logit ensemble: mean logits of all runs
         _assert_scores(report["ensemble"][split], reference.score(np.mean(logits[split], 0), split))
     assert report["ensemble"]["inference_cost"] == n
+    assert report["bn"] == "recompute"  # what --bn auto chose for BatchNorm runs
 
-    # the greedy recipe by hand, with one yardstick (--bn recompute): every run and every
+    # the greedy recipe by hand, with one yardstick (recomputed statistics): every run and every
     # candidate judged with its BatchNorm statistics recomputed; best first, then keep each run
     # if held-out accuracy does not drop
     judged = [
@@ -303,14 +305,14 @@ def test_runs_with_different_starts_get_the_lp_ft_warning_and_a_learned_soup(
     assert len(starts) == 2  # really two starting points (the heads were drawn apart)
     code, stdout, stderr = _main(
         ["--runs", str(first), str(other), "--heldout", str(sweep["heldout"]),
-         "--method", "uniform,learned", "--out", str(tmp_path / "o")]
+         "--method", "uniform,learned", "--bn", "average", "--out", str(tmp_path / "o")]
     )  # fmt: skip
     assert code == 0, stderr
     warning = [line for line in stderr.splitlines() if "warning" in line]
     assert len(warning) == 1 and "LP-FT" in warning[0] and "LP_RUN/model" in warning[0]
     assert f"runs {RUNS[0]} and other started from different weights" in warning[0]
     assert "learned soup (2 of 2 runs)" in stdout and "test" not in stdout.splitlines()[0]
-    # the default --bn average: statistics averaged like every other weight
+    # --bn average: statistics averaged like every other weight
     report = json.loads((tmp_path / "o" / "soup.json").read_text())
     assert report["test_data"] is None and "test" not in report["soups"]["uniform"]
     _check_soup(reference, tmp_path / "o" / "uniform", report["soups"]["uniform"], [0, OTHER],
@@ -358,7 +360,7 @@ def _bad_cases(sweep, tmp):
         ([seed0], [], "a soup needs at least 2 finished runs; got 1"),
         ([seed0, seed0], [], "is given twice"),
         ([sweep_dir], ["--method", "greedy,best"], "methods must be distinct names among"),
-        ([sweep_dir], ["--bn-data", str(sweep["heldout"])], "only used with bn='recompute'"),
+        ([sweep_dir], ["--bn", "average", "--bn-data", str(sweep["heldout"])], "not with bn='average'"),
         ([sweep_dir], ["--method", "learned", "--learned-max-mb", "0.01"],
          "a learned soup holds all 4 runs in memory"),
         ([str(tmp / "nowhere")], [], "does not exist"),

@@ -2,7 +2,7 @@
 
 Usage:
     hubtune soup --runs SWEEP_DIR | RUN_DIR... --heldout DATA_SPEC [--test DATA_SPEC]
-                           [--method greedy,uniform[,learned]] [--bn average|recompute] --out DIR
+                           [--method greedy,uniform[,learned]] [--bn auto|average|recompute] --out DIR
 
 A model soup averages the weights of models fine-tuned from one starting point: one model's
 inference cost, often the accuracy of the best run or better (Wortsman et al., ICML 2022).
@@ -24,10 +24,11 @@ refused. Keep learning rates modest: a run carried out of the shared basin drags
 
 BatchNorm (ResNets): an average of weights changes what each BatchNorm layer sees, so averaged
 running statistics describe no model; a uniform soup of BatchNorm networks can then be far below
-its runs. --bn recompute re-estimates each soup's statistics (exact mean and variance of every
-BatchNorm input over --bn-data, default the held-out set, in train-mode passes; SWA's practice)
-and the greedy soup judges every candidate with recomputed statistics. ViTs (LayerNorm) have no
-such statistics: averaging is all they need.
+its runs. So by default (--bn auto) each soup's statistics are re-estimated (exact mean and
+variance of every BatchNorm input over --bn-data, default the held-out set, in train-mode
+passes; SWA's practice) and the greedy soup judges every run and every candidate with
+recomputed statistics: one yardstick. --bn average keeps averaged statistics. ViTs (LayerNorm)
+have no such statistics: averaging is all they need.
 
 Written to --out (a new folder; nothing is written unless everything succeeds):
   soup.json   every run's held-out/test accuracy and loss, the ensemble, each soup (members,
@@ -94,8 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--bn",
         choices=soup_plan.BN_MODES,
-        default="average",
-        help="BatchNorm statistics of each soup: averaged (default) or recomputed on --bn-data",
+        default="auto",
+        help="BatchNorm statistics of each soup: recomputed on --bn-data, averaged, or auto "
+        "(default: recomputed when the runs have BatchNorm statistics)",
     )
     parser.add_argument(
         "--bn-data", metavar="DATA_SPEC", help="data for --bn recompute (default the held-out set)"

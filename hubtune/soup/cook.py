@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from collections.abc import Callable
 
@@ -50,6 +51,8 @@ def cook(soup_plan: SoupPlan, *, progress: bool = True) -> dict:
 def _cook_into(p: SoupPlan, folder: pathlib.Path, progress: bool) -> dict:
     runs, n = p.runs, len(p.runs)
     model, first = runs[0].load()
+    if p.bn == "auto":  # averaged running statistics describe no model: recompute what exists
+        p = dataclasses.replace(p, bn="recompute" if "batch_stats" in first else "average")
     if "learned" in p.methods:
         needed = n * ing.TreeLayout(first, p.names[0]).float32_bytes()
         if needed > p.learned_max_bytes:

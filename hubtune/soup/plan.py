@@ -31,7 +31,7 @@ from training.soups import averaging as soups
 from training.soups import ingredients as ing
 
 METHODS = ("greedy", "uniform", "learned")
-BN_MODES = ("average", "recompute")
+BN_MODES = ("auto", "average", "recompute")
 SOUP_JSON, SOUP_PNG = "soup.json", "soup.png"
 
 
@@ -49,7 +49,8 @@ class SoupPlan:
       heldout, test, bn_data: the data sources (``test`` and ``bn_data`` may be None).
       methods: soups to make, from ``METHODS``.
       out: the output folder (absent or empty now).
-      bn: ``"average"`` or ``"recompute"`` (BatchNorm statistics of each soup).
+      bn: ``"auto"``, ``"average"`` or ``"recompute"`` (BatchNorm statistics of each soup;
+        `cook` resolves ``"auto"``).
       accept: the greedy rule, ``">="`` (the paper's) or ``">"``.
       learned_max_bytes: the largest float32 stack of all ingredients a learned soup may hold.
       learned_by_layer: one mixing vector per parameter tensor.
@@ -63,7 +64,7 @@ class SoupPlan:
     bn_data: jaxmodels.ImageSource | None
     methods: tuple[str, ...]
     out: pathlib.Path
-    bn: str = "average"
+    bn: str = "auto"
     accept: str = ">="
     learned_max_bytes: int = 0
     learned_by_layer: bool = False
@@ -77,7 +78,7 @@ def plan(
     out: str | os.PathLike,
     test: str | None = None,
     methods: Sequence[str] = ("greedy", "uniform"),
-    bn: str = "average",
+    bn: str = "auto",
     bn_data: str | None = None,
     accept: str = ">=",
     learned_max_bytes: int | None = None,
@@ -93,7 +94,8 @@ def plan(
       test: data spec of the test set every model is reported on (optional).
       methods: among ``METHODS``.
       bn: ``"recompute"`` re-estimates each soup's BatchNorm statistics on ``bn_data``
-        (default: the held-out set); ``"average"`` keeps the averaged ones.
+        (default: the held-out set); ``"average"`` keeps the averaged ones; ``"auto"`` (the
+        default) recomputes whenever the runs have BatchNorm statistics.
       bn_data: data spec for the recomputation.
       accept: the greedy acceptance rule.
       learned_max_bytes: default half of the accelerator's (else the host's) memory.
@@ -112,8 +114,8 @@ def plan(
         raise SoupError(f"methods must be distinct names among {', '.join(METHODS)}; got {methods}")
     if bn not in BN_MODES:
         raise SoupError(f"bn must be one of {', '.join(BN_MODES)}; got {bn!r}")
-    if bn_data is not None and bn != "recompute":
-        raise SoupError("bn_data is only used with bn='recompute' (--bn recompute)")
+    if bn_data is not None and bn == "average":
+        raise SoupError("bn_data is only used to recompute statistics, not with bn='average'")
     if accept not in soups.ACCEPT_RULES:
         raise SoupError(f"accept must be one of {soups.ACCEPT_RULES}; got {accept!r}")
     out = pathlib.Path(out).absolute()
