@@ -21,6 +21,7 @@ from tiny_classifier import random_variables
 import jaxmodels
 from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees.executors import Cascade, Ensemble, Member, simulate_cascade
+from jaxmodels.committees.online import OnlineCascade, request_latency
 
 NUM_CLASSES = 5
 NUM_IMAGES = 37  # divisible by neither the 8 devices nor any bucket
@@ -421,3 +422,61 @@ def test_auto_strategy_returns_the_measured_winner(images, resnets, monkeypatch)
     again = Ensemble(members[:2], batch_size=16)
     again.logits(images["u8_32"])  # the clock is spent: a second measurement would raise
     assert again.chosen_strategy == "lax.map"
+
+
+# ----------------------------------------------------------------------------- online
+
+
+def test_online_cascade_answers_each_request_as_the_batch_cascade(cascade_members):
+    """Requests of 1..8 images padded to 8 rows, one jitted call each: the same exits and
+    logits as `Cascade.run` on all images; padding never keeps a request's later stages alive."""
+    members, inputs, logits_MNK = cascade_members
+    _, conf_MN = reference_stages(logits_MNK, "ensemble", "max_prob")
+    thresholds = [separating_threshold(conf_MN[0], 0.5), separating_threshold(conf_MN[1], 0.4)]
+    cascade = Cascade(members, thresholds, batch_size=16)
+    batch = cascade.run(inputs)
+    online = OnlineCascade(cascade, max_rows=8)
+    start, exits = 0, []
+    for n in (1, 8, 3, 5, 2, 7, 4, 6):
+        logits_NK, exit_N = online([x[start : start + n] for x in inputs])
+        np.testing.assert_array_equal(exit_N, batch.exit_stage[start : start + n])
+        np.testing.assert_allclose(logits_NK, batch.logits[start : start + n], atol=2e-5)
+        exits.extend(exit_N)
+        start += n
+    assert set(exits) == {0, 1, 2}  # every stage answered some request
+    settled = OnlineCascade(Cascade(members, [0.0, 0.0], batch_size=16), max_rows=8)
+    _, exit_N = settled([x[:3] for x in inputs])
+    np.testing.assert_array_equal(exit_N, 0)
+    with pytest.raises(ValueError, match="a request holds 1 to 8 images; got 9"):
+        online([x[:9] for x in inputs])
+    latency = request_latency(
+        lambda images: online([x[: len(images)] for x in inputs]), inputs[0], requests=4
+    )
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] and latency["requests"] == 4
+
+
+def test_online_cascade_runs_a_later_stage_only_for_an_undecided_real_row(cascade_members):
+    """Stages run, counted by a callback in the confidence: a request that stage 0 settles runs
+    one stage even though its zero padding rows would not be settled."""
+    members, inputs, logits_MNK = cascade_members
+    calls = []
+
+    def counted_max_prob(probs_BC):
+        jax.debug.callback(lambda _: calls.append(1), probs_BC[0, 0])
+        return jnp.max(probs_BC, axis=-1)
+
+    _, conf_MN = reference_stages(logits_MNK, "ensemble", "max_prob")
+    thresholds = [separating_threshold(conf_MN[0], 0.5), separating_threshold(conf_MN[1], 0.4)]
+    cascade = Cascade(members, thresholds, confidence=counted_max_prob, batch_size=16)
+    zeros = [np.zeros((8, *x.shape[1:]), x.dtype) for x in inputs]
+    assert (cascade.run(zeros).exit_stage > 0).all()  # padding alone would go on
+    first = np.flatnonzero(cascade.run(inputs).exit_stage == 0)[:3]
+    last = np.flatnonzero(cascade.run(inputs).exit_stage == 2)[:1]
+    online = OnlineCascade(cascade, max_rows=8)
+    online([x[first] for x in inputs])  # compile
+    calls.clear()
+    _, exit_N = online([x[first] for x in inputs])
+    assert list(exit_N) == [0, 0, 0] and len(calls) == 1
+    calls.clear()
+    _, exit_N = online([x[np.concatenate([first, last])] for x in inputs])
+    assert list(exit_N) == [0, 0, 0, 2] and len(calls) == 3

@@ -1,9 +1,9 @@
 """Committees of models (Wisdom of Committees, Wang et al., ICLR 2022): ensembles and adaptive
 cascades on a device mesh (`executors`), their members (`members`), the decision rules
 (`rules`), fitting thresholds on held-out logits (`fit`), measured wall time (`timing`) and the choice of
-what to deploy by that time (`deploy`)."""
+what to deploy by that time (`deploy`), and requests of a few images in one call (`online`)."""
 
-from jaxmodels.committees import deploy, executors, fit, members, rules, timing
+from jaxmodels.committees import deploy, executors, fit, members, online, rules, timing
 from jaxmodels.committees.executors import (
     Cascade,
     CascadeFit,
@@ -28,6 +28,7 @@ __all__ = [
     "fit",
     "fit_cascade",
     "members",
+    "online",
     "rules",
     "search_cascades",
     "simulate_cascade",

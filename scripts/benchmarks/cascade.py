@@ -49,9 +49,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmodels
+from jaxmodels.committees import online as online_lib
 from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees import timing as cascade_timing
-from jaxmodels.committees.executors import Ensemble, Member
+from jaxmodels.committees.executors import Cascade, Ensemble, Member
 from jaxmodels.inference import row_batches
 
 NUM_CLASSES = 100
@@ -206,6 +207,19 @@ def bench_cascade(stage_specs, images, args) -> dict:
     reaching_M = [(out.exit_stage >= k).mean() for k in range(len(members))]
     timed = alone_s / sum(f * seconds[k] for k, f in enumerate(reaching_M))
     measured = alone_s / seconds["cascade"]
+    # online: requests of 1..8 images, one jitted call each, the cascade against its last
+    # member alone served the same way
+    thresholds = thresholds_for(conf_MN, args.exit_fractions)
+    requests = 50 if args.quick else 200
+    online = {
+        name: online_lib.request_latency(
+            online_lib.OnlineCascade(Cascade(stage_members, stage_thresholds)), images,
+            requests=requests,
+        )
+        for name, stage_members, stage_thresholds in (
+            ("alone", members[-1:], []), ("cascade", members, thresholds),
+        )
+    }  # fmt: skip
     return {
         "stages": list(stage_specs),
         "mflops_per_image": [m.flops / 1e6 for m in members],
@@ -221,6 +235,9 @@ def bench_cascade(stage_specs, images, args) -> dict:
         "measured_speedup": measured,
         "measured_over_predicted": measured / predicted,
         "measured_over_time_predicted": measured / timed,
+        "online_ms": online,
+        "online_p50_speedup": online["alone"]["p50_ms"] / online["cascade"]["p50_ms"],
+        "online_p99_speedup": online["alone"]["p99_ms"] / online["cascade"]["p99_ms"],
     }  # fmt: skip
 
 
@@ -322,6 +339,16 @@ def main(argv=None) -> None:
             f"{r['predicted_speedup']:8.2f}x {r['padded_predicted_speedup']:6.2f}x "
             f"{r['time_predicted_speedup']:5.2f}x {r['measured_speedup']:7.2f}x "
             f"{r['measured_over_predicted']:8.2f}x {r['measured_over_time_predicted']:9.2f}x",
+            flush=True,
+        )
+    print(f"{'online, requests of 1-8 images':42} {'alone p50':>9} {'p99':>6} {'cascade p50':>11} "
+          f"{'p99':>6} {'p50 speed-up':>12} {'p99 speed-up':>12}")  # fmt: skip
+    for r in cascades:
+        alone, casc = r["online_ms"]["alone"], r["online_ms"]["cascade"]
+        print(
+            f"{' -> '.join(r['stages']):42} {alone['p50_ms']:7.2f}ms {alone['p99_ms']:4.1f}ms "
+            f"{casc['p50_ms']:9.2f}ms {casc['p99_ms']:4.1f}ms {r['online_p50_speedup']:11.2f}x "
+            f"{r['online_p99_speedup']:11.2f}x",
             flush=True,
         )
     ensembles = []
