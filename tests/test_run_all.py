@@ -2,7 +2,10 @@
 
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -70,3 +73,23 @@ def test_a_failed_benchmark_is_shown_as_failed(tmp_path):
     run_all = _run_all()
     text = run_all.markdown(fake_results(0.5, returncode=3))
     assert "**Failed** (exit 3)" in text and "boom" in text
+
+
+def test_an_accelerator_host_runs_the_accelerator_forms():
+    """On a GPU/TPU the quick run measures the accelerator rows (ViT-B/16 bfloat16 extraction,
+    LogME at every size, a bfloat16 ViT-S/16 step); on a CPU the quick forms."""
+    run_all = _run_all()
+    for name in run_all.BENCHMARKS:
+        assert run_all.arguments(name, False, "cpu") == run_all.BENCHMARKS[name][0]
+        assert run_all.arguments(name, True, "gpu") == run_all.BENCHMARKS[name][1]
+    assert "vit_b16" in run_all.arguments("features", False, "gpu")
+    assert "bfloat16" in run_all.arguments("features", False, "tpu")
+    assert "--quick" not in run_all.arguments("logme", False, "gpu")
+    assert "--bf16" in run_all.arguments("finetune", False, "gpu")
+    for name, extra in run_all.ACCELERATOR_QUICK.items():  # each script accepts its form
+        help_text = subprocess.run(
+            [sys.executable, str(run_all.HERE / f"{name}.py"), "--help"],
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(run_all.ROOT)},
+        ).stdout  # fmt: skip
+        for flag in (a for a in extra if a.startswith("--")):
+            assert flag in help_text, (name, flag)

@@ -45,6 +45,16 @@ BENCHMARKS = {
     "scale": (["--quick"], [], "--out"),
     "streamed_stats": (["--quick"], [], "--json"),
 }
+# On a GPU or TPU host the quick run measures what matters there instead (the accelerator rows):
+# ViT-B/16 extraction in bfloat16 as a fraction of the matmul rate, LogME at every size, a
+# ViT-S/16 train step in bfloat16; the cascade benchmark's online latency comes with its quick
+# form everywhere.
+ACCELERATOR_QUICK = {
+    "features": ["--models", "vit_b16", "resnet50", "--batch-sizes", "128", "--dtypes",
+                 "bfloat16", "float32", "--no-torch"],
+    "logme": ["--repeats", "3"],
+    "finetune": ["--model", "vit_s16", "--batch-size", "64", "--steps", "10", "--bf16"],
+}  # fmt: skip
 # scripts that are baselines or fixture makers, run by the benchmarks above, not on their own
 HELPERS = {"run_all", "logme_numpy_baseline", "pipeline_baseline"}
 
@@ -92,10 +102,18 @@ def provenance() -> dict:
     }
 
 
-def run_one(name: str, full: bool, out: pathlib.Path) -> dict:
-    quick_args, full_args, json_flag = BENCHMARKS[name]
+def arguments(name: str, full: bool, backend: str) -> list[str]:
+    """The benchmark's arguments: full, quick, or on an accelerator its accelerator form."""
+    quick_args, full_args, _ = BENCHMARKS[name]
+    if full:
+        return full_args
+    return ACCELERATOR_QUICK.get(name, quick_args) if backend in ("gpu", "tpu") else quick_args
+
+
+def run_one(name: str, full: bool, out: pathlib.Path, backend: str = "cpu") -> dict:
+    json_flag = BENCHMARKS[name][2]
     json_path = out / f"{name}.json"
-    command = [sys.executable, str(HERE / f"{name}.py"), *(full_args if full else quick_args)]
+    command = [sys.executable, str(HERE / f"{name}.py"), *arguments(name, full, backend)]
     command += [json_flag, str(json_path)]
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
@@ -182,7 +200,7 @@ def main(argv=None) -> int:
     results = {"meta": provenance(), "full": args.full, "benchmarks": {}}
     for i, name in enumerate(args.names, 1):
         print(f"[{i}/{len(args.names)}] {name} ...", flush=True)
-        bench = run_one(name, args.full, out)
+        bench = run_one(name, args.full, out, results["meta"]["backend"])
         results["benchmarks"][name] = bench
         status = "ok" if bench["returncode"] == 0 else f"FAILED (exit {bench['returncode']})"
         print(f"    {status} in {bench['seconds']:.0f} s, load {bench['load_before']:.1f}")
