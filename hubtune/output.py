@@ -32,7 +32,7 @@ from jaxmodels.atomic_files import write_atomic
 RECORD = "hubtune.json"
 # what each tool writes, to recognise folders written before hubtune.json existed
 TOOL_FILES = {
-    "rank": ("ranking.json",),
+    "rank": ("ranking.json", "ground_truth.json"),
     "tune": ("config.json", "sweep.json", "result.json", "lock", "checkpoints", "metrics.jsonl"),
     "soup": ("soup.json",),
     "serve": ("cascade.json",),

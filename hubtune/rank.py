@@ -1,7 +1,7 @@
 """Rank pre-trained models for a target dataset with LogME and its peers, without fine-tuning.
 
 Usage:
-    hubtune rank --models MODEL... --data DATA_SPEC [--ground-truth accs.json]
+    hubtune rank --models MODEL... --data DATA_SPEC [--ground-truth accs.json | RUN...]
                            [--scores logme,leep,...] [--stream] --out DIR
 
 MODEL: `[LABEL:]NAME=CHECKPOINT` (a .safetensors torchvision/timm state dict, a vision_transformer
@@ -37,6 +37,7 @@ Example:
 """
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -48,13 +49,17 @@ from hubtune.parsing import Parser, interruptible
 from jaxmodels import distributed
 from scoring.hub import ranking as hub_ranking
 from scoring.hub.features import default_cache_dir
+from training import run_folder
+from training.config import RunError
 
 USER_ERRORS = (
     hub_ranking.SpecError,
     jaxmodels.DataError,
     jaxmodels.ModelRefError,
     distributed.DistributedError,
+    RunError,
 )
+GROUND_TRUTH_JSON = "ground_truth.json"
 
 
 @interruptible("rank.py")
@@ -74,7 +79,14 @@ def main(argv=None) -> int:
         f"{','.join(hub_ranking.DEFAULT_SCORES)}; with --stream: "
         f"{','.join(hub_ranking.STREAM_SCORES)})",
     )
-    parser.add_argument("--ground-truth", metavar="JSON", help="{model: fine-tuned accuracy}")
+    parser.add_argument(
+        "--ground-truth",
+        nargs="+",
+        metavar="JSON|RUN",
+        help="a JSON file {model: fine-tuned accuracy}, or the run/sweep folders of `hubtune "
+        "tune` runs started from these models (each model's best run counts; the table is "
+        "written to DIR/ground_truth.json)",
+    )
     parser.add_argument("--stream", action="store_true", help="score from streamed statistics")
     parser.add_argument(
         "--cache-dir", help=f"feature cache (default {default_cache_dir()}, or $HUBTUNE_CACHE)"
@@ -112,11 +124,17 @@ def main(argv=None) -> int:
         return 0
     try:
         distributed.check_same_config(vars(args), "arguments")
+        ground_truth = args.ground_truth
+        if ground_truth is not None:
+            if len(ground_truth) == 1 and pathlib.Path(ground_truth[0]).is_file():
+                ground_truth = ground_truth[0]
+            else:  # run folders: their best accuracies, written beside the ranking
+                ground_truth = run_folder.ground_truth(ground_truth)
         ranking = hub_ranking.rank_hub(
             args.models,
             args.data,
             scores=args.scores,
-            ground_truth=args.ground_truth,
+            ground_truth=ground_truth,
             cache_dir=args.cache_dir,
             batch_size=args.batch_size,
             stream=args.stream,
@@ -130,6 +148,10 @@ def main(argv=None) -> int:
         print()
         print(hub_ranking.format_table(ranking))
         for path in hub_ranking.write_outputs(ranking, out):
+            print(f"wrote {path}")
+        if isinstance(ground_truth, dict):
+            path = out / GROUND_TRUTH_JSON
+            path.write_text(json.dumps(ground_truth, indent=2, sort_keys=True) + "\n")
             print(f"wrote {path}")
         output.mark(out, "rank", settings, complete=ranking.error is None)
     if ranking.error:

@@ -38,6 +38,16 @@ class RankAgreement(NamedTuple):
     top1_regret: float
 
 
+def _tied(values) -> np.ndarray:
+    """`values` rounded to `TIE_DIGITS` significant digits: equal there means tied."""
+    return np.array([float(f"{v:.{TIE_DIGITS}g}") for v in values])
+
+
+def all_tied(scores) -> bool:
+    """Whether `scores` rank no model above another (all tied): no correlation is defined."""
+    return len(set(_tied(scores).tolist())) == 1
+
+
 def _check_pair(scores, accuracies, *, ranked: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Checks [M] scores and accuracies; `ranked`: both must also rank the models (not all tied),
     as every rank correlation is 0/0 when one side has a single value."""
@@ -55,7 +65,7 @@ def _check_pair(scores, accuracies, *, ranked: bool = True) -> tuple[np.ndarray,
             )
         pairs.append(array)
     scores_M, accs_M = pairs
-    scores_M = np.array([float(f"{s:.{TIE_DIGITS}g}") for s in scores_M])  # ties (docstring)
+    scores_M = _tied(scores_M)
     if scores_M.shape != accs_M.shape:
         raise ValueError(
             f"scores and accuracies must have one entry per model; got {scores_M.shape[0]} "

@@ -17,7 +17,7 @@ from tiny_classifier import init_tiny, random_variables
 
 import jaxmodels
 from jaxmodels.models import paths
-from training import load_run, loop, optim, sweep
+from training import load_run, loop, optim, run_folder, sweep
 from training import step as step_lib
 from training.config import RunConfig, RunError
 
@@ -417,3 +417,36 @@ def test_a_run_that_fails_to_load_its_model_leaves_nothing_to_refuse(
     assert not (out / "config.json").exists() and not (out / "checkpoints").exists()
     monkeypatch.undo()
     assert _script().main(_argv(pretrained, out, "--lr", "0.02", "--max-steps", "1")) == 0
+
+
+def test_rank_takes_its_ground_truth_from_run_folders(ssf_run, pretrained, tmp_path, capsys):
+    """`rank --ground-truth RUN...`: each base model's best run accuracy, keyed by checkpoint
+    path (or name for a random start), written beside the ranking and correlated."""
+    scratch = tmp_path / "scratch"
+    # a random start, evaluated on 5 images: an accuracy k/5 that the other run's k/24 is not
+    five = str(_task_npz(tmp_path / "five.npz", n=5))
+    assert (
+        _script().main(_argv(pretrained, scratch, "--model", "vit_tiny", "--eval-data", five)) == 0
+    )
+    table = run_folder.ground_truth([ssf_run, scratch])
+    accuracy = lambda run: json.loads((run / "result.json").read_text())["final_eval"]["accuracy"]
+    assert table == {
+        str(pretrained["pre"].resolve()): accuracy(ssf_run),
+        "vit_tiny": accuracy(scratch),
+    }
+    rank = importlib.import_module("hubtune.rank")
+    out = tmp_path / "ranking"
+    code = rank.main(["--models", f"vit_tiny={pretrained['pre']}", "vit_tiny", "--data",
+                      str(pretrained["data"]), "--scores", "logme,hscore", "--ground-truth",
+                      str(ssf_run), str(scratch), "--out", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    assert json.loads((out / "ground_truth.json").read_text()) == table
+    ranking = json.loads((out / "ranking.json").read_text())
+    assert ranking["rank_correlation"]["logme"]["weighted_tau"] in (-1.0, 1.0)  # 2 models
+    # 2 classes and D ≥ N − 1: the H-score saturates at C − 1 = 1 for both, ranking nothing
+    assert ranking["rank_correlation"]["hscore"] is None
+    capsys.readouterr()
+    assert rank.main(["--models", f"vit_tiny={pretrained['pre']}", "vit_tiny", "--data",
+                      str(pretrained["data"]), "--ground-truth", str(tmp_path / "ranking"),
+                      "--out", str(tmp_path / "r2")]) == 2  # fmt: skip
+    assert "rank.py: error:" in capsys.readouterr().err and not (tmp_path / "r2").exists()

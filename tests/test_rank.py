@@ -184,6 +184,7 @@ def _bad_cases(hub, tmp):
     good = (hub["root"] / "tiny.npz").read_bytes()
     (tmp / "cut.npz").write_bytes(good[: len(good) // 2])
     (tmp / "a_file").write_text("x")
+    (tmp / "equal.json").write_text('{"resnet_tiny": 0.5, "vit_tiny": 0.5}')
     return [
         (["--models", "resnet_tiny=missing.safetensors"], "not found"),
         (["--models", f"resnet_tiny={tmp / 'empty.safetensors'}"], "is empty"),
@@ -198,6 +199,10 @@ def _bad_cases(hub, tmp):
         (["--stream", "--scores", "sfda"], "--stream"),
         (["--data", "tfds:no_such_dataset_xyz:train"], "tfds"),
         (["--ground-truth", npz], "ground truth"),
+        (
+            ["--models", "resnet_tiny", "vit_tiny", "--ground-truth", str(tmp / "equal.json")],
+            "gives every model the same accuracy",
+        ),
         (["--out", str(tmp / "a_file")], "is a file"),
         (["--models", "vit_tiny", "vit_tiny"], "labels must be distinct"),
     ]

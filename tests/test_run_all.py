@@ -93,3 +93,16 @@ def test_an_accelerator_host_runs_the_accelerator_forms():
         ).stdout  # fmt: skip
         for flag in (a for a in extra if a.startswith("--")):
             assert flag in help_text, (name, flag)
+
+
+def test_a_benchmark_without_markdown_shows_what_it_printed():
+    run_all = _run_all()
+    results = fake_results(0.5)
+    bench = results["benchmarks"]["soups"]
+    bench.update(
+        tables=[], ratios=[], stdout_tail="cascade   alone s  casc. s\nr18 -> r50  0.076  0.054"
+    )
+    text = run_all.markdown(results)
+    assert "```\ncascade   alone s  casc. s\nr18 -> r50  0.076  0.054\n```" in text
+    bench.update(ratios=["uniform soup: 1.50× the loop"])  # a ratio line: no raw output
+    assert "```" not in run_all.markdown(results)

@@ -25,6 +25,7 @@ import os
 import pathlib
 import socket
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import jaxmodels
@@ -244,3 +245,30 @@ def trained_variables(folder: str | os.PathLike):
     if state["batch_stats"]:
         variables["batch_stats"] = state["batch_stats"]
     return run.model.clone(ssf=bool(run.info.get("ssf_folded"))), variables
+
+
+def ground_truth(folders: Sequence[str | os.PathLike]) -> dict[str, float]:
+    """{base model: fine-tuned accuracy} over the runs in `folders` (run or sweep folders): the
+    file ``hubtune rank --ground-truth`` reads.
+
+    Each run counts for the model it started from, keyed by that checkpoint's absolute path (or
+    the architecture's name for a random initialisation); a model fine-tuned in several runs (a
+    sweep) counts with its best final evaluation accuracy, as the LogME papers take the best
+    accuracy over a hyper-parameter grid.
+
+    Raises:
+      RunError: a folder that is no finished run or sweep, or a run without an evaluation.
+    """
+    best: dict[str, float] = {}
+    for folder in folders:
+        loaded = load_run(folder, weights=False)
+        for run in loaded if isinstance(loaded, list) else [loaded]:
+            final = run.result.get("final_eval")
+            if not final:
+                raise RunError(f"run {str(run.folder)!r} has no evaluation (give it --eval-data)")
+            ref = jaxmodels.parse_model_ref(run.config.model)
+            key = (
+                ref.name if ref.checkpoint is None else str(pathlib.Path(ref.checkpoint).resolve())
+            )
+            best[key] = max(best.get(key, -1.0), float(final["accuracy"]))
+    return best

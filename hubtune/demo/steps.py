@@ -15,7 +15,6 @@ import jax
 import numpy as np
 
 import jaxmodels
-from scoring import rank_correlation
 from scoring.hub import ranking as hub_ranking
 from training import load_run
 from training import run as run_lib
@@ -165,12 +164,7 @@ def select(hub, data, recipe, out, seed, features_cache) -> dict:
     accuracies = {label: _test_accuracy(run, test_sets) for label, run in finetuned.items()}
     ranking.accuracies = accuracies
     labels = ranking.models
-    ranking.agreement = {
-        name: rank_correlation.rank_agreement(
-            [ranking.values[m][name] for m in labels], [accuracies[m] for m in labels]
-        )
-        for name in ranking.scores
-    }
+    ranking.agreement = hub_ranking.agreement(ranking, accuracies)
     for label in labels:
         print(
             f"   {label:<18} LogME {ranking.values[label]['logme']:+.3f}  fine-tuned "
@@ -183,7 +177,7 @@ def select(hub, data, recipe, out, seed, features_cache) -> dict:
         "models": labels,
         "scores": ranking.values,
         "finetuned_accuracy": accuracies,
-        "agreement": {s: a._asdict() for s, a in ranking.agreement.items()},
+        "agreement": {s: a._asdict() for s, a in ranking.agreement.items() if a is not None},
         "logme_top": top,
         "best": best,
         "plot": "select/ranking.png",

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import pathlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -121,18 +121,27 @@ def parse_scores(text: str | Sequence[str] | None, stream: bool) -> list[str]:
 
 
 def read_ground_truth(
-    path: str | pathlib.Path, refs: Sequence[jaxmodels.ModelRef]
+    path: str | pathlib.Path | Mapping[str, float], refs: Sequence[jaxmodels.ModelRef]
 ) -> dict[str, float]:
-    """{model label: fine-tuned accuracy} from a JSON object keyed by label, reference or name."""
-    try:
-        data = json.loads(pathlib.Path(path).read_text())
-    except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
-        raise SpecError(f"ground truth {str(path)!r} is not a readable JSON file ({err})") from err
+    """{model label: fine-tuned accuracy} from a JSON object (a file, or the mapping itself, e.g.
+    `training.run_folder.ground_truth`'s) keyed by label, reference, name or checkpoint path."""
+    if isinstance(path, Mapping):
+        data, path = dict(path), "from the runs"
+    else:
+        try:
+            data = json.loads(pathlib.Path(path).read_text())
+        except (OSError, ValueError) as err:  # JSONDecodeError, UnicodeDecodeError: ValueErrors
+            raise SpecError(
+                f"ground truth {str(path)!r} is not a readable JSON file ({err})"
+            ) from err
     if not isinstance(data, dict):
         raise SpecError(f"ground truth {str(path)!r} must be a JSON object {{model: accuracy}}")
     accuracies = {}
     for ref in refs:
-        value = next((data[k] for k in (ref.label, ref.text, ref.name) if k in data), None)
+        keys = [ref.label, ref.text, ref.name]  # the name last: other models may share it
+        if ref.checkpoint is not None:
+            keys.insert(0, str(pathlib.Path(ref.checkpoint).resolve()))
+        value = next((data[k] for k in keys if k in data), None)
         if not isinstance(value, int | float) or isinstance(value, bool) or not np.isfinite(value):
             raise SpecError(
                 f"ground truth {str(path)!r} has no numeric accuracy for model {ref.label!r}"
@@ -140,6 +149,11 @@ def read_ground_truth(
         accuracies[ref.label] = float(value)
     if len(refs) < 2:
         raise SpecError("ground truth needs at least 2 models to correlate rankings")
+    if len(set(accuracies.values())) == 1:
+        raise SpecError(
+            f"ground truth gives every model the same accuracy ({accuracies[refs[0].label]:g}): "
+            "it ranks no model above another, so no score can be checked against it"
+        )
     return accuracies
 
 
@@ -171,7 +185,8 @@ def rank_hub(
         data_spec: a data spec (`jaxmodels.open_source`), e.g. `tfds:cifar100:train[:5000]`.
         scores: score names (comma-separated or a sequence), from `SCORES`; default all the
           in-memory ones, or with `stream` the streamable ones.
-        ground_truth: optional JSON file {model label or name: fine-tuned accuracy}.
+        ground_truth: optional JSON file {model label, name or checkpoint path: fine-tuned
+          accuracy}, or that mapping itself.
         cache_dir: where features (or streamed statistics) are cached; default
           `default_cache_dir()` (under the user's cache folder).
         batch_size: global batch size; default 32 per device.
@@ -262,12 +277,20 @@ def rank_hub(
     ranking = Ranking(data.spec, done, labels, values, ranks, cached, accuracies)
     ranking.error = error
     if accuracies is not None and error is None:
-        accs = [accuracies[m] for m in labels]
-        ranking.agreement = {
-            name: rank_correlation.rank_agreement([values[m][name] for m in labels], accs)
-            for name in done
-        }
+        ranking.agreement = agreement(ranking, accuracies)
     return ranking
+
+
+def agreement(ranking: Ranking, accuracies: dict[str, float]) -> dict:
+    """{score: RankAgreement of its values with `accuracies`}, None for a score equal for every
+    model (a saturated H-score, say): it correlates with nothing."""
+    accs = [accuracies[m] for m in ranking.models]
+    out = {}
+    for name in ranking.scores:
+        scores = [ranking.values[m][name] for m in ranking.models]
+        tied = rank_correlation.all_tied(scores)
+        out[name] = None if tied else rank_correlation.rank_agreement(scores, accs)
+    return out
 
 
 __all__ = [
@@ -278,6 +301,7 @@ __all__ = [
     "ModelRefError",
     "Ranking",
     "SpecError",
+    "agreement",
     "format_table",
     "parse_scores",
     "plot_ranking",

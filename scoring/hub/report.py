@@ -24,7 +24,7 @@ class Ranking:
         ranks: {model: {score: rank}}, 1 = the score's best model.
         cached: {model: whether its features/statistics came from the cache}.
         accuracies: {model: fine-tuned accuracy} or None.
-        agreement: {score: RankAgreement} or None.
+        agreement: {score: RankAgreement, or None where the score ties every model} or None.
         error: what stopped the ranking early (a score that failed), or None.
     """
 
@@ -35,7 +35,7 @@ class Ranking:
     ranks: dict[str, dict[str, int]]
     cached: dict[str, bool]
     accuracies: dict[str, float] | None = None
-    agreement: dict[str, rank_correlation.RankAgreement] | None = None
+    agreement: dict[str, rank_correlation.RankAgreement | None] | None = None
     error: str | None = None
 
     def to_json(self) -> dict:
@@ -54,7 +54,7 @@ class Ranking:
             ],
             "rank_correlation": None
             if self.agreement is None
-            else {s: a._asdict() for s, a in self.agreement.items()},
+            else {s: None if a is None else a._asdict() for s, a in self.agreement.items()},
             "error": self.error,
         }
 
@@ -77,6 +77,9 @@ def format_table(ranking: Ranking) -> str:
     if ranking.agreement is not None:
         lines += ["", "score                weighted τ  Kendall τ  Spearman ρ  top-1 regret"]
         for name, a in ranking.agreement.items():
+            if a is None:
+                lines.append(f"{name:<20s} undefined: every model scores the same")
+                continue
             lines.append(
                 f"{name:<20s} {a.weighted_tau:10.3f} {a.kendall_tau:10.3f} {a.spearman_rho:11.3f}"
                 f" {a.top1_regret:13.4f}"
@@ -115,7 +118,9 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
         ax.tick_params(labelsize=8)
         ax.locator_params(axis="x", nbins=4)  # few ticks: long numbers never overlap
         if ranking.agreement is not None:
-            ax.set_title(f"weighted τ = {ranking.agreement[name].weighted_tau:.2f}", fontsize=9)
+            a = ranking.agreement[name]
+            title = "all models tie" if a is None else f"weighted τ = {a.weighted_tau:.2f}"
+            ax.set_title(title, fontsize=9)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(
         handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False

@@ -134,6 +134,8 @@ def run_one(name: str, full: bool, out: pathlib.Path, backend: str = "cpu") -> d
             if "×" in ln and not ln.startswith("|")
         ],
         "stderr_tail": done.stderr[-2000:] if done.returncode else "",
+        # what it printed, for benchmarks whose tables are not Markdown
+        "stdout_tail": "\n".join(ln for ln in lines if ln.strip() and "wrote " not in ln)[-3000:],
         "json": json.loads(json_path.read_text()) if json_path.exists() else None,
     }
 
@@ -176,6 +178,8 @@ def markdown(results: dict) -> str:
         body = [*bench["tables"]]
         if bench["ratios"]:
             body.append("\n".join(f"- {line}" for line in bench["ratios"]))
+        if not body and bench.get("stdout_tail"):
+            body.append(f"```\n{bench['stdout_tail']}\n```")
         parts.append("\n\n".join([head, *body]))
     return "\n\n".join(parts)
 
