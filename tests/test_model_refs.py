@@ -186,3 +186,48 @@ def test_a_truncated_checkpoint_leaves_no_event_loop_noise(saved, tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot be read" in lines[0], done.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def damaged(saved, tmp_path_factory):
+    """A model folder whose weight files are cut short, and a small 5-class data set."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("damaged")
+    shutil.copytree(saved["root"] / "run" / "model", root / "cut")
+    for file in (root / "cut" / "variables").rglob("*"):
+        if file.is_file() and file.stat().st_size > 1024 and "_METADATA" not in file.name:
+            with open(file, "r+b") as f:
+                f.truncate(100)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (20, 32, 32, 3), dtype=np.uint8)
+    np.savez(root / "d.npz", images=images, labels=np.arange(20) % 5)
+    return root
+
+
+@pytest.mark.parametrize(
+    "step, argv",
+    [
+        ("rank", ["--models", "{cut}", "--data", "{data}", "--scores", "logme"]),
+        ("tune", ["--model", "{cut}", "--data", "{data}", "--epochs", "1", "--batch-size", "4"]),
+        ("serve", ["--models", "{cut}", "vit_tiny", "--heldout", "{data}", "--test", "{data}"]),
+    ],
+)
+def test_every_command_given_a_damaged_model_says_so_in_one_line(damaged, tmp_path, step, argv):
+    """The installed command, as a user runs it: exit 2, one line on stderr naming the folder,
+    no asyncio noise after it, and no output folder left in the way of the corrected command."""
+    import subprocess
+    import sys
+
+    argv = [a.format(cut=damaged / "cut", data=damaged / "d.npz") for a in argv]
+    done = subprocess.run(
+        [sys.executable, "-m", "hubtune.cli", step, *argv, "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    # progress lines may come first (serve logs to stderr); the error is one line, the last
+    assert done.returncode == 2 and "error: " in lines[-1] and "cut" in lines[-1], done.stderr
+    assert not [ln for ln in lines[:-1] if "rror" in ln or "Traceback" in ln], done.stderr
+    out = tmp_path / "o"
+    assert not out.exists() or not (out / "hubtune.json").exists()
+    assert not out.exists() or not (out / "config.json").exists()
