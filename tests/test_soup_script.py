@@ -386,3 +386,29 @@ def test_help_explains_when_to_recompute_batchnorm():
     for needle in ["--bn", "recompute", "BatchNorm", "LP-FT", "greedy", "soup.json", "soup.png",
                    "load_run", "exit status 2", "MALLOC_MMAP_THRESHOLD_"]:  # fmt: skip
         assert needle in text.getvalue(), needle
+
+
+def test_wise_ft_interpolates_the_runs_start_and_the_best_run(sweep, tmp_path):
+    """--method wise-ft: the start rebuilt from the runs' model reference (checked against the
+    runs' start hash), α swept over 0, 0.1, …, 1 on held-out data; α = 1 is the best run."""
+    out = tmp_path / "w"
+    code, stdout, stderr = _main(
+        ["--runs", str(sweep["root"] / "sweep"), "--heldout", str(sweep["heldout"]),
+         "--method", "wise-ft", "--bn", "average", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert "wise-ft" in stdout
+    report = json.loads((out / "soup.json").read_text())
+    wise = report["soups"]["wise-ft"]
+    curve = wise["curve"]
+    assert curve["alphas"] == [i / 10 for i in range(11)]
+    best = report["best_single"]["index"]
+    assert wise["members"] == [RUNS[best]]
+    assert curve["heldout_accuracy"][-1] == report["ingredients"][best]["heldout"]["accuracy"]
+    top = max(curve["heldout_accuracy"])
+    assert wise["alpha"] == curve["alphas"][curve["heldout_accuracy"].index(top)]
+    assert wise["heldout"]["accuracy"] == top
+    assert len(set(curve["heldout_accuracy"])) > 1  # the start and the runs differ
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "soup.png").shape[1] > 1000  # the curve beside

@@ -2,7 +2,7 @@
 
 Usage:
     hubtune soup --runs SWEEP_DIR | RUN_DIR... --heldout DATA_SPEC [--test DATA_SPEC]
-                           [--method greedy,uniform[,learned]] [--bn auto|average|recompute] --out DIR
+                           [--method greedy,uniform[,learned][,wise-ft]] [--bn auto|average|recompute] --out DIR
 
 A model soup averages the weights of models fine-tuned from one starting point: one model's
 inference cost, often the accuracy of the best run or better (Wortsman et al., ICML 2022).
@@ -11,8 +11,10 @@ folders; the architecture is read from them. Methods:
   greedy   runs sorted by held-out accuracy; each is added to the soup if the soup's held-out
            accuracy does not drop (the paper's ">=", --accept ">" to require a rise)
   uniform  the plain average of every run
-  learned  mixing weights fitted on the held-out set (Adam, 5 epochs, lr 0.05); holds every run
-           in memory, up to --learned-max-mb
+  learned  mixing weights and a logit temperature fitted on the held-out set (Adam, 5 epochs,
+           lr 0.05); holds every run in memory, up to --learned-max-mb
+  wise-ft  WiSE-FT: the runs' start (rebuilt from their --model reference) interpolated with
+           the best run, α in 0, 0.1, ..., 1 chosen on held-out data; the curve is in soup.png
 The soups are evaluated on --test (give held-out data that is not your test set: the greedy
 soup is chosen on it), against each run alone and the logit ensemble of all runs (k runs cost k
 forward passes per image).

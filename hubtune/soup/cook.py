@@ -19,6 +19,7 @@ import dataclasses
 import pathlib
 from collections.abc import Callable
 
+import jax
 import numpy as np
 import optax
 from tqdm.auto import tqdm
@@ -28,9 +29,11 @@ from hubtune.soup import output as soup_output
 from hubtune.soup import plot as soup_plot
 from hubtune.soup.plan import SoupError, SoupPlan
 from jaxmodels.data import preprocess
+from jaxmodels.models.paths import tree_digest
 from training import run_folder
 from training.soups import averaging as soups
 from training.soups import ingredients as ing
+from training.soups import merges
 from training.soups.batch_stats import recompute_batch_stats
 
 
@@ -120,6 +123,38 @@ def _cook_into(p: SoupPlan, folder: pathlib.Path, progress: bool) -> dict:
     return report
 
 
+def _start_of(p: SoupPlan, model):
+    """The runs' common starting weights, rebuilt from the first run's model reference."""
+    config = p.runs[0].config
+    built = jaxmodels.build(
+        config.model, num_classes=p.runs[0].info["num_classes"], init_seed=config.init_seed,
+        image_size=config.image_size,
+    )  # fmt: skip
+    if built.model != model:
+        raise SoupError(f"wise-ft: the runs' start {config.model!r} rebuilds another model")
+    # an SSF run's start also held the SSF parameters (near the identity): folded, they vanish
+    if config.mode != "ssf" and tree_digest(built.variables) != p.runs[0].info.get("start_sha256"):
+        raise SoupError(
+            f"wise-ft: {config.model!r} no longer holds the weights the runs began from"
+        )
+    return jax.device_get(built.variables)
+
+
+def _wise_ft(p: SoupPlan, model, loaders, rows, sets, finish):
+    """WiSE-FT (Wortsman et al., CVPR 2022): the runs' start and the best run, interpolated
+    with the held-out-best α of 0, 0.1, …, 1 (statistics recomputed per α under --bn recompute)."""
+    best = max(range(len(rows)), key=lambda i: rows[i]["heldout"]["accuracy"])
+    heldout = sets["heldout"]
+    evaluate = lambda v: jaxmodels.evaluate(model, finish(v), heldout).accuracy
+    soup, sweep = merges.sweep_interpolation(_start_of(p, model), loaders[best], evaluate)
+    details = {
+        "members": [p.names[best]],
+        "alpha": sweep.best_alpha,
+        "curve": {"alphas": list(sweep.alphas), "heldout_accuracy": list(sweep.scores)},
+    }
+    return finish(soup), details
+
+
 def _image_batches(prepared) -> list[tuple[np.ndarray, np.ndarray]]:
     """``(uint8 images [b, S, S, 3], labels [b])`` per batch of a prepared set, real rows only
     (single process)."""
@@ -165,6 +200,9 @@ def _make(method, p: SoupPlan, model, prep, loaders, rows, sets, finish):
             "weights": [1.0 / len(members)] * len(members),
             "report": {**report._asdict(), "order_names": [p.names[i] for i in report.order]},
         }
+
+    if method == "wise-ft":
+        return _wise_ft(p, model, loaders, rows, sets, finish)
 
     def loss_fn(variables, batch, logit_scale):
         images, labels = batch

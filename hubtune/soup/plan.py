@@ -30,7 +30,7 @@ from training.config import RunError
 from training.soups import averaging as soups
 from training.soups import ingredients as ing
 
-METHODS = ("greedy", "uniform", "learned")
+METHODS = ("greedy", "uniform", "learned", "wise-ft")
 BN_MODES = ("auto", "average", "recompute")
 SOUP_JSON, SOUP_PNG = "soup.json", "soup.png"
 

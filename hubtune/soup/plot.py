@@ -30,7 +30,20 @@ def plot_soup(report: dict, path: str | os.PathLike, title: str | None = None) -
     greedy = report["soups"].get("greedy")
     order = greedy["report"]["order"] if greedy else sorted(range(n), key=lambda i: -alone[i])
     x = np.arange(n)
-    fig, ax = plt.subplots(figsize=(min(16.0, max(7.0, 0.45 * n + 4.0)), 5.6))
+    wise = report["soups"].get("wise-ft")
+    width = min(16.0, max(7.0, 0.45 * n + 4.0))
+    if wise:  # the held-out curve of the start → best-run interpolation beside the soups
+        fig, (ax, curve_ax) = plt.subplots(
+            1, 2, figsize=(width + 4.0, 5.6), gridspec_kw={"width_ratios": [width, 4.0]}
+        )
+        curve = wise["curve"]
+        curve_ax.plot(curve["alphas"], curve["heldout_accuracy"], marker="o", color="tab:brown")
+        curve_ax.axvline(wise["alpha"], ls=":", color="tab:brown")
+        curve_ax.set_xlabel("α (0: the runs' start, 1: the best run)")
+        curve_ax.set_title(f"WiSE-FT: best α = {wise['alpha']:g}", fontsize=11)
+        curve_ax.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(width, 5.6))
     # the runs alone on top, small: visible inside the soup's marker where the two coincide
     ax.scatter(x, [alone[i] for i in order], s=28, marker="D", color="0.25", zorder=6,
                label="run alone")  # fmt: skip
@@ -49,7 +62,8 @@ def plot_soup(report: dict, path: str | os.PathLike, title: str | None = None) -
     if "ensemble" in report:
         ax.axhline(report["ensemble"]["heldout"]["accuracy"], ls="--", lw=1.5, color="tab:green",
                    label=f"logit ensemble of all {n} ({n}x inference)")  # fmt: skip
-    styles = {"uniform": ("tab:orange", ":"), "learned": ("tab:purple", "-.")}
+    styles = {"uniform": ("tab:orange", ":"), "learned": ("tab:purple", "-."),
+              "wise-ft": ("tab:brown", "--")}  # fmt: skip
     for method, (colour, style) in styles.items():
         if method in report["soups"]:
             ax.axhline(report["soups"][method]["heldout"]["accuracy"], ls=style, lw=1.5,
@@ -60,7 +74,7 @@ def plot_soup(report: dict, path: str | os.PathLike, title: str | None = None) -
     ax.set_xlabel("runs in greedy order (best held-out accuracy first)")
     ax.set_ylabel("held-out accuracy")
     recomputed = ", BatchNorm recomputed" if report.get("bn") == "recompute" else ""
-    title = title or "Greedy soup as runs are added"
+    title = title or ("Greedy soup as runs are added" if greedy else "The runs and their soups")
     ax.set_title(f"{title} (held-out data{recomputed})", fontsize=11)
     ax.margins(y=0.08)
     ax.grid(axis="y", alpha=0.3)
