@@ -3,6 +3,7 @@ as values (so the command itself can say what is wrong with them)."""
 
 import sys
 
+import numpy as np
 import pytest
 
 from hubtune import cli
@@ -33,12 +34,19 @@ def test_an_unknown_option_is_one_line_and_exit_2(capsys, step):
          "lr must be > 0.0; got -0.001"),
         ("serve", ["--models", "a", "b", "--heldout", "h", "--test", "t", "--out", "o",
                    "--target-accuracy", "-5E-1"], "target"),
+        ("rank", ["--models", "vit_tiny", "--data", "{data}", "--out", "o", "--batch-size",
+                  "-8"], "batch size must be a positive multiple"),
+        ("soup", ["--runs", "a", "b", "--heldout", "{data}", "--out", "o", "--learned-max-mb",
+                  "-1e1"], "run folder 'a' does not exist"),
+        ("demo", ["--out", "o", "--seed", "-1"], "--seed must be an integer ≥ 0"),
     ],
 )  # fmt: skip
 def test_a_negative_number_in_exponent_form_is_a_value(
     capsys, tmp_path, monkeypatch, step, argv, message
 ):
     monkeypatch.chdir(tmp_path)
-    code, err = run(capsys, [step, *argv])
+    data = tmp_path / "d.npz"
+    np.savez(data, images=np.zeros((10, 8, 8, 3), np.uint8), labels=np.arange(10) % 2)
+    code, err = run(capsys, [step, *(a.format(data=data) for a in argv)])
     assert code == 2 and len(err) == 1, err
     assert "expected one argument" not in err[0] and message in err[0], err

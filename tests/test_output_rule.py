@@ -65,12 +65,13 @@ ARGV = {
     "tune": ["--model", "vit_tiny", "--data", "d.npz"],
     "soup": ["--runs", "r1", "r2", "--heldout", "d.npz"],
     "serve": ["--models", "a", "b", "--heldout", "d.npz", "--test", "d.npz"],
+    "demo": ["--quick"],
 }
 
 
 @pytest.mark.parametrize("step", list(ARGV))
 def test_every_command_refuses_another_tools_folder_in_one_line(tmp_path, capsys, step):
-    other = "demo"
+    other = "rank" if step == "demo" else "demo"
     output.mark(tmp_path / "o", other, None)
     before = sorted(p.name for p in (tmp_path / "o").iterdir())
     saved = sys.argv[0]
@@ -79,6 +80,6 @@ def test_every_command_refuses_another_tools_folder_in_one_line(tmp_path, capsys
     finally:
         sys.argv[0] = saved
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "holds the result of `hubtune demo`" in err[0], err
+    assert code == 2 and len(err) == 1 and f"holds the result of `hubtune {other}`" in err[0], err
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == before
     assert json.loads((tmp_path / "o" / "hubtune.json").read_text())["tool"] == other

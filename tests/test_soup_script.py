@@ -412,3 +412,29 @@ def test_wise_ft_interpolates_the_runs_start_and_the_best_run(sweep, tmp_path):
     import matplotlib.image
 
     assert matplotlib.image.imread(out / "soup.png").shape[1] > 1000  # the curve beside
+
+
+def test_a_damaged_run_is_one_line_as_installed(sweep, tmp_path):
+    """`hubtune soup` over a run whose weights are cut short: exit 2, the error the last and
+    only error line (no asyncio noise), no output folder."""
+    import shutil
+    import subprocess
+    import sys
+
+    runs = []
+    for name in RUNS[:2]:
+        shutil.copytree(sweep["root"] / "sweep" / name, tmp_path / name)
+        runs.append(str(tmp_path / name))
+    for file in (tmp_path / RUNS[1] / "model" / "variables").rglob("*"):
+        if file.is_file() and file.stat().st_size > 1024 and "_METADATA" not in file.name:
+            with open(file, "r+b") as f:
+                f.truncate(100)
+    done = subprocess.run(
+        [sys.executable, "-m", "hubtune.cli", "soup", "--runs", *runs, "--heldout",
+         str(sweep["heldout"]), "--out", str(tmp_path / "o")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 2 and "error: " in lines[-1] and RUNS[1] in lines[-1], done.stderr
+    assert not [ln for ln in lines[:-1] if "rror" in ln or "Traceback" in ln], done.stderr
+    assert not (tmp_path / "o").exists()

@@ -192,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the small recipe: ~3 min on 2 CPU cores the first time, 80 s with the hub cached",
+        help="the small recipe: about 1-2 min on 2 CPU cores (the hub is cached for later runs)",
     )
     parser.add_argument(
         "--cache",
@@ -201,6 +201,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0, help="data split and training seed")
     args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error(f"--seed must be an integer ≥ 0 (it seeds NumPy's generator); got {args.seed}")
     cache = pathlib.Path(args.cache) if args.cache else jaxmodels.cache_root() / "demo"
     out = _out_folder(pathlib.Path(args.out))
     try:  # a new demo folder, never another tool's (an earlier demo's goes to OUT-2, OUT-3...)

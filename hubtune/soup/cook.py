@@ -53,7 +53,7 @@ def cook(soup_plan: SoupPlan, *, progress: bool = True) -> dict:
 
 def _cook_into(p: SoupPlan, folder: pathlib.Path, progress: bool) -> dict:
     runs, n = p.runs, len(p.runs)
-    model, first = runs[0].load()
+    model, first = _load(runs[0], p.names[0])
     if p.bn == "auto":  # averaged running statistics describe no model: recompute what exists
         p = dataclasses.replace(p, bn="recompute" if "batch_stats" in first else "average")
     if "learned" in p.methods:
@@ -76,7 +76,7 @@ def _cook_into(p: SoupPlan, folder: pathlib.Path, progress: bool) -> dict:
     # every run once, one at a time: its scores, and its logits into the ensemble's sum
     rows, logit_sums = [], {}
     for i in tqdm(range(n), desc="runs", unit="run", disable=not progress, leave=False, delay=2.0):
-        run_model, variables = (model, first) if i == 0 else runs[i].load()
+        run_model, variables = (model, first) if i == 0 else _load(runs[i], p.names[i])
         first = None  # the loop holds one run's weights at a time
         if run_model != model:
             raise SoupError(f"run {p.names[i]} rebuilds another model than {p.names[0]}")
@@ -96,7 +96,10 @@ def _cook_into(p: SoupPlan, folder: pathlib.Path, progress: bool) -> dict:
     best = max(range(n), key=lambda i: rows[i]["heldout"]["accuracy"])  # first of ties
 
     finish = _bn_finisher(p, model, prep)
-    loaders = [lambda run=run: run.load()[1] for run in runs]
+    loaders = [
+        lambda run=run, name=name: _load(run, name)[1]
+        for run, name in zip(runs, p.names, strict=True)
+    ]
     made = {}
     for method in p.methods:
         soup, details = _make(method, p, model, prep, loaders, rows, sets, finish)
@@ -121,6 +124,14 @@ def _cook_into(p: SoupPlan, folder: pathlib.Path, progress: bool) -> dict:
     run_folder.write_json(folder / soup_output.SOUP_JSON, report)
     soup_plot.plot_soup(report, folder / soup_output.SOUP_PNG)
     return report
+
+
+def _load(run, name: str):
+    """(model, variables) of one run; unreadable weights are a one-line `SoupError`."""
+    try:
+        return run.load()
+    except ValueError as err:  # a damaged or truncated checkpoint (jaxmodels.load)
+        raise SoupError(f"run {name}: {err}") from None
 
 
 def _start_of(p: SoupPlan, model):
