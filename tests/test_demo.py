@@ -34,6 +34,8 @@ def demo_run(tmp_path_factory):
         capture_output=True, text=True, env=env,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    (root / "stdout.txt").write_text(done.stdout)
+    (root / "stderr.txt").write_text(done.stderr)
     report = json.loads((root / "out" / "report.json").read_text())
     return demo, root, demo.QUICK, demo.hub_members(True), report
 
@@ -171,3 +173,13 @@ def test_the_readme_quotes_what_the_quick_demo_reports(demo_run):
     for want, got in zip(NUMBER.findall(quoted), NUMBER.findall(produced), strict=True):
         a, b = (float(x.replace(",", "")) for x in (want, got))
         assert a == b or abs(a - b) <= 0.0031 or max(abs(a), abs(b)) < 1e-4, (want, got)
+
+
+def test_a_first_run_prints_no_false_notes(demo_run):
+    """On a fresh cache every hub model is trained (no "(cached)" claim), no warning says the
+    cascade missed a target it met."""
+    root = demo_run[1]
+    stdout, stderr = (root / "stdout.txt").read_text(), (root / "stderr.txt").read_text()
+    assert "(cached)" not in stdout and "reused from the cache" not in stdout
+    assert stdout.count("(trained: ") == len(demo_run[3])
+    assert "no thresholds reach" not in stdout + stderr
