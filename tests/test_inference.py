@@ -180,3 +180,16 @@ def test_bfloat16_prediction_is_close_to_float32(task):
     low = jaxmodels.predict(task["model"], task["variables"], prepared, dtype=jnp.bfloat16)
     assert low.dtype == np.float32
     np.testing.assert_allclose(low, task["reference"], rtol=0.05, atol=0.05)
+
+
+def test_progress_bars_wait_before_drawing():
+    """Work that ends within the delay draws no bar, so logs never keep a lone "0%" line."""
+    import io
+
+    from jaxmodels.inference import evaluate as evaluate_lib
+
+    bar = evaluate_lib._bar(100, True, "test")
+    bar.fp = io.StringIO()  # where it would draw
+    bar.update(1)
+    bar.close()
+    assert bar.delay >= 1.0 and "0%" not in bar.fp.getvalue()
