@@ -87,11 +87,12 @@ class OnlineCascade:
         n = len(inputs[0])
         if not 1 <= n <= self.max_rows:
             raise ValueError(f"a request holds 1 to {self.max_rows} images; got {n}")
-        padded = [
-            jax.device_put(np.concatenate([x, np.zeros((self.max_rows - n, *x.shape[1:]), x.dtype)]),
-                           self.device)
-            for x in inputs
-        ]  # fmt: skip
+        uploaded = {}  # members sharing one input array share its upload
+        for x in inputs:
+            if id(x) not in uploaded:
+                pad = np.zeros((self.max_rows - n, *x.shape[1:]), x.dtype)
+                uploaded[id(x)] = jax.device_put(np.concatenate([x, pad]), self.device)
+        padded = [uploaded[id(x)] for x in inputs]
         valid_R = jax.device_put(np.arange(self.max_rows) < n, self.device)
         logits_RK, exit_R = jax.device_get(self._answer(self._variables, padded, valid_R))
         return logits_RK[:n], exit_R[:n]

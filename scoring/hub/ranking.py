@@ -19,6 +19,7 @@ float32 features.
 
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
@@ -71,20 +72,6 @@ DEFAULT_SCORES = (
     "gbc",
     "sfda",
 )
-
-
-class _OneFactor:
-    """The R factor of one feature matrix, made on first use (under the caller's x64)."""
-
-    def __init__(self, feats_ND, labels_N, num_classes: int):
-        self.feats_ND, self.labels_N, self.num_classes = feats_ND, labels_N, num_classes
-        self._stats = None
-
-    def stats(self) -> stats_lib.ScoreStats:
-        if self._stats is None:
-            empty = stats_lib.init(self.feats_ND.shape[1], self.num_classes, dtype=np.float64)
-            self._stats = stats_lib.update(empty, self.feats_ND, self.labels_N)
-        return self._stats
 
 
 def check_scores_fit_data(names: Sequence[str], counts_C: np.ndarray) -> None:
@@ -149,7 +136,7 @@ def read_ground_truth(
         accuracies[ref.label] = float(value)
     if len(refs) < 2:
         raise SpecError("ground truth needs at least 2 models to correlate rankings")
-    if len(set(accuracies.values())) == 1:
+    if rank_correlation.all_tied(list(accuracies.values())):
         raise SpecError(
             f"ground truth gives every model the same accuracy ({accuracies[refs[0].label]:g}): "
             "it ranks no model above another, so no score can be checked against it"
@@ -254,10 +241,16 @@ def rank_hub(
             }
             # LogME and the H-score from one QR of [1 | F | Y] (`scoring.stats`), not one each
             factored = [n for n in ("logme", "hscore") if n in compute]
-            if len(factored) == 2:
-                shared = _OneFactor(feats64, data.labels, data.num_classes)
-                compute["logme"] = lambda s=shared: stats_lib.logme_from_stats(s.stats()).score
-                compute["hscore"] = lambda s=shared: stats_lib.hscore_from_stats(s.stats())
+            if len(factored) == 2:  # made on first use, under the x64 below
+                shared = functools.cache(
+                    lambda f=feats64: stats_lib.update(
+                        stats_lib.init(f.shape[1], data.num_classes, dtype=np.float64),
+                        f,
+                        data.labels,
+                    )
+                )
+                compute["logme"] = lambda s=shared: stats_lib.logme_from_stats(s()).score
+                compute["hscore"] = lambda s=shared: stats_lib.hscore_from_stats(s())
         # float64 on the host CPU: on an accelerator host the default device would be a GPU
         # (slow or emulated float64) or a TPU (none).
         with jax.enable_x64(True), jax.default_device(jax.local_devices(backend="cpu")[0]):

@@ -22,9 +22,10 @@ Task arithmetic, TIES and DARE add task vectors to the weights only: a variables
 ``params`` collection (a tree without one is all weights). Every other collection — BatchNorm's
 running ``batch_stats`` above all — is the base's, unchanged: adding differences of running
 variances can make them negative (six runs whose variances fell from 1.0 to 0.8 give 1 − 6·0.2).
-Recompute them on data afterwards (`training.soups.batch_stats.recompute`). `interpolate` is a
-convex mix for α in [0, 1] and mixes every floating leaf, statistics included. Models may be given as zero-argument loaders; every
-method except ``ties`` (two passes) reads each one once.
+Recompute them on data afterwards (`training.soups.batch_stats.recompute_batch_stats`).
+`interpolate` is a convex mix for α in [0, 1] and mixes every floating leaf, statistics
+included. Models may be given as zero-argument loaders; every method except ``ties`` (two
+passes) reads each one once.
 
 References:
   Wortsman, Kim, Li, et al. "Robust fine-tuning of zero-shot models." CVPR 2022 (WiSE-FT).
