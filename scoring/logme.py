@@ -10,7 +10,8 @@ columns (one column per class for classification, one-hot coded). A higher score
 fit the task better with a linear head, which predicts fine-tuned accuracy.
 
 All the work that depends on F is one spectral decomposition (`scoring.spectrum`): singular values
-of F from a QR of [F | Y] and an SVD of its D×D block (the "factor" method, the float32 default),
+of F from a QR of [F | Y] and a decomposition of its D×D block, in float64 where the backend
+has it (the "factor" method, the float32 default),
 or an eigendecomposition of FᵀF [D, D] or FFᵀ [N, N] (the "gram" method, the float64 default);
 `logme`'s docstring says what each gives. The target columns are projected onto the singular
 vectors in one matrix product, and the per-column fixed point (a few O(K) steps each, in
@@ -249,11 +250,17 @@ def logme(
     Accuracy. Two spectral methods give the same numbers in exact arithmetic:
 
     * "factor" (default for float32, and for bfloat16/float16/integer input, which compute in
-      float32): singular values of F from a Householder QR of [F | Y] and an SVD of its D×D
-      block (N ≥ D), or an SVD of F (N < D). σ is resolved to about eps·σ_max, so the score is
+      float32): singular values of F from a Householder QR of [F | Y] and the D×D step on its
+      block R₁₁ (N ≥ D), or an SVD of F (N < D). The D×D step runs in float64 wherever the
+      backend has it (CPU, GPU: `eigh` of R₁₁R₁₁ᵀ, `scoring.spectrum.factor_spectrum_from_r`),
+      and is a float32 SVD on TPU. σ is resolved to about eps·σ_max of float32, so the score is
       within ~1e-5 relative of float64 up to Gram condition numbers κ(FᵀF) ≈ 1e8 and within
       1e-3 well beyond (tested on decaying, flat and low-rank spectra at κ up to 1e8 and on
-      `scripts/benchmarks/logme.py`'s tasks); about 1.5–2× the time of one FᵀF plus `eigh`.
+      `scripts/benchmarks/logme.py`'s tasks). Speed: a QR costs more than a Gram matrix (on CPU
+      LAPACK's QR runs at about a third of XLA's matmul rate), and any method exact at the
+      level of singular values needs one. At (N, D, C) = (20000, 2048, 200) on a 2-core CPU
+      it takes 1.3× the time of one float32 FᵀF plus `eigh` (`scripts/benchmarks/logme.py`;
+      the figure and its commit in docs/benchmarks.md).
     * "gram": `eigh` of FᵀF (N ≥ D) or FFᵀ (N < D), the reference's own route and the fastest.
       λ is resolved to about max(N, D)·eps·λ_max and smaller eigenvalues are dropped as noise:
       exact to ~1e-12 in float64 for κ(FᵀF) up to ~1e8 (the fixtures of the reference
@@ -262,10 +269,11 @@ def logme(
     * float64's default (method=None) is "gram" when every eigenvalue is ≥ `GRAM_RESOLVES`
       (1e-9) of the largest, else "factor" (one `lax.cond`: only the branch taken runs).
       Measured against the exact evidence (float64 SVD, every direction, fixed point converged)
-      on features whose small directions carry class signal: float64 within 1e-10 for σ
-      spanning down to 1e-6 of σ_max; float32 within 1e-6 down to 1e-4, 1e-3 at 1e-5 and
-      ~3e-3 at 1e-6
-      (tests/test_logme.py::test_exact_when_small_directions_carry_signal).
+      on features whose small directions carry class signal, σ spanning down to 1e-6 of σ_max:
+      float64 within 1e-10; float32 within 2e-7 with the float64 D×D step, and with TPU's
+      float32 one within 1e-6 down to 1e-4 and ~3e-3 at 1e-6
+      (tests/test_logme.py::test_exact_when_small_directions_carry_signal,
+      test_float32_step_where_the_backend_lacks_float64).
 
     Both run the fixed point on the features scaled by an exact power of two and in logarithms
     of α and β (`_fixed_point`), which is the same iteration as the reference's, so features of

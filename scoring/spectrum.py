@@ -10,8 +10,9 @@ values λ_k = σ_k² of F, the coordinates u_kᵀY of the targets on F's left si
   λ lies below ~max(N, D)·eps·λ_max is noise and has to be dropped. In float64 that is
   λ < ~1e-13·λ_max, harmless for real features; in float32 it is λ < ~1e-4·λ_max, and deep
   features, whose Gram condition numbers reach 1e6–1e8, carry class information there.
-* `factor_spectrum`: Householder QR of the augmented [F | Y] and an SVD of the D×D block R₁₁
-  (N ≥ D; Golub & Van Loan, "Matrix Computations", 4th ed., §5.3 and §8.6), or an SVD of F itself
+* `factor_spectrum`: Householder QR of the augmented [F | Y] and the singular values and vectors
+  of the D×D block R₁₁ (N ≥ D; Golub & Van Loan, "Matrix Computations", 4th ed., §5.3 and §8.6;
+  for float32 R an `eigh` of R₁₁R₁₁ᵀ in float64 where the backend has it), or an SVD of F itself
   (N < D). Singular values carry an absolute error of about eps·σ_max, so λ = σ² is resolved
   down to ~eps²·λ_max: in float32 Gram condition numbers up to ~1e10 keep three or more digits.
   With R = [[R₁₁, R₁₂], [0, R₂₂]], F = Q₁R₁₁ and Y = Q₁R₁₂ + Q₂R₂₂, so for R₁₁ = UΣVᵀ the
@@ -152,8 +153,8 @@ def _spectrum_from_gram(gram_DD, fty_DC, yy_C, num_samples, scale_exp) -> Spectr
 
 
 def factor_spectrum(feats_ND, targets, num_classes=None) -> Spectrum:
-    """The spectrum from singular values of F: QR of [F | Y] and SVD of R₁₁ (N ≥ D), or SVD of F
-    (N < D). Nothing is dropped: the directions come with σ ≥ 0 and callers that need a rank
+    """The spectrum from singular values of F: QR of [F | Y] and the D×D step on R₁₁ (N ≥ D,
+    `factor_spectrum_from_r`), or SVD of F (N < D). Nothing is dropped: the directions come with σ ≥ 0 and callers that need a rank
     apply their own cutoff.
 
     Args:
@@ -183,8 +184,22 @@ def factor_spectrum(feats_ND, targets, num_classes=None) -> Spectrum:
     return spectrum._replace(scale_exp=scale_exp)
 
 
+def float64_step_available() -> bool:
+    """Whether the D×D step of a float32 factor runs in float64: every backend but TPU has it
+    (checked at trace time, so a jitted caller compiles the backend's own choice)."""
+    return jax.default_backend() != "tpu"
+
+
 def factor_spectrum_from_r(r_factor, dim) -> Spectrum:
     """The spectrum from the R factor of [F | Y].
+
+    The D×D step (σ and the singular vectors of R₁₁) runs in float64 wherever the backend has it
+    (`float64_step_available`: CPU, GPU), whatever the dtype of R: for float32 R it is
+    `eigh(R₁₁R₁₁ᵀ)` in float64, whose λ carry an absolute error of ~1e-16·λ_max, so σ is resolved
+    to ~1e-8·σ_max, below the ~6e-8·σ_max to which float32 R holds it; an SVD of R₁₁ in float32
+    resolves σ only to ~1e-7·σ_max and moved LogME by 3e-3 where σ spans 1e-6 with signal in
+    every direction (1e-6 with this step; tests/test_logme.py). On TPU it is a float32 SVD.
+    R₁₁R₁₁ᵀ = UΣ²Uᵀ gives U directly, so UᵀR₁₂ and VΣ = R₁₁ᵀU need no division by a small σ.
 
     Args:
         r_factor: [M, D + C] upper-triangular (or trapezoidal) R of a QR factorisation of
@@ -192,19 +207,30 @@ def factor_spectrum_from_r(r_factor, dim) -> Spectrum:
         dim: D (static).
 
     Returns:
-        `Spectrum` with K = min(M, D) and scale_exp = 0 (the caller scales F's columns of R
-        beforehand).
+        `Spectrum` in the dtype of `r_factor`, λ in descending order, K = min(M, D) and
+        scale_exp = 0 (the caller scales F's columns of R beforehand).
     """
     r11_DD = r_factor[:dim, :dim]
     r12_DC = r_factor[:dim, dim:]
     r22_MC = r_factor[dim:, dim:]
+    res_out_C = jnp.sum(r22_MC**2, axis=0)
+    if r_factor.dtype == jnp.float32 and float64_step_available():
+        with jax.enable_x64(True):
+            r11_DD = r11_DD.astype(jnp.float64)  # exact: products of float32 fit float64
+            eig_D, vecs_DD = jnp.linalg.eigh(jnp.matmul(r11_DD, r11_DD.T, precision=HIGHEST))
+            eig_D, vecs_DD = jnp.maximum(eig_D[::-1], 0), vecs_DD[:, ::-1]  # descending, as SVD
+            lift_DD = jnp.matmul(r11_DD.T, vecs_DD, precision=HIGHEST)
+            proj_DC = jnp.matmul(vecs_DD.T, r12_DC.astype(jnp.float64), precision=HIGHEST)
+            spectrum = (eig_D, lift_DD, proj_DC)
+            eig_D, lift_DD, proj_DC = (x.astype(jnp.float32) for x in spectrum)
+        return Spectrum(eig_D, lift_DD, proj_DC, res_out_C, jnp.zeros((), jnp.int32))
     vecs_DD, sigma_D, vt_DD = jnp.linalg.svd(r11_DD, full_matrices=False)
     proj_DC = jnp.matmul(vecs_DD.T, r12_DC, precision=HIGHEST)
     return Spectrum(
         sigma_D**2,
         vt_DD.T * sigma_D[None, :],
         proj_DC,
-        jnp.sum(r22_MC**2, axis=0),
+        res_out_C,
         jnp.zeros((), jnp.int32),
     )
 

@@ -10,7 +10,8 @@ import pytest
 import scipy.stats
 
 import scoring
-from scoring.logme import REFERENCE_STOP
+from scoring import spectrum
+from scoring.logme import MAX_ITER, REFERENCE_STOP, TOL, _from_spectrum
 
 FIXTURES = np.load(pathlib.Path(__file__).parent / "fixtures" / "logme_reference.npz")
 CASES = sorted({k.split("/")[0] for k in FIXTURES.files if not k.startswith("src")})
@@ -428,8 +429,9 @@ def signal_features(span, everywhere, n=2000, d=64, c=4, seed=1):
 @pytest.mark.parametrize("span", [1e-3, 1e-4, 1e-5, 1e-6])
 def test_exact_when_small_directions_carry_signal(span, everywhere):
     """The defaults reach the maximum evidence: float64 within 1e-6 of the exact one for σ down
-    to 1e-6 of σ_max; float32 within 1e-6 down to 1e-4, 1e-3 at 1e-5, 1e-2 at 1e-6. The reference's
-    stopping rule (tol 1e-3, 11 steps) is 1e-2 off once σ spans 1e-5 with signal everywhere."""
+    to 1e-6 of σ_max, and so is float32 (its D×D step runs in float64 on CPU: a float32 SVD there
+    was 3e-3 off at 1e-6). The reference's stopping rule (tol 1e-3, 11 steps) is 1e-2 off once
+    σ spans 1e-5 with signal everywhere."""
     feats, labels, c = signal_features(span, everywhere)
     exact = exact_evidence(feats, labels, c)
     with jax.enable_x64(True):
@@ -437,8 +439,25 @@ def test_exact_when_small_directions_carry_signal(span, everywhere):
         reference_stop = float(scoring.logme(feats, labels, num_classes=c, **REFERENCE_STOP).score)
     got32 = float(scoring.logme(feats.astype(np.float32), labels, num_classes=c).score)
     np.testing.assert_allclose(got64, exact, rtol=1e-6)
-    np.testing.assert_allclose(
-        got32, exact, rtol={1e-3: 1e-6, 1e-4: 1e-6, 1e-5: 1e-3}.get(span, 1e-2)
-    )
+    np.testing.assert_allclose(got32, exact, rtol=1e-6)
     if everywhere and span <= 1e-5:  # what the defaults fix
         assert abs(reference_stop / exact - 1) > 1e-3
+
+
+@pytest.mark.parametrize("span", [1e-4, 1e-6])
+def test_float32_step_where_the_backend_lacks_float64(span, monkeypatch):
+    """On TPU the D×D step is a float32 SVD: within 1e-6 of the exact evidence down to σ spans
+    of 1e-4 and within 1e-2 at 1e-6, where the float64 step is within 1e-6."""
+    feats, labels, c = signal_features(span, everywhere=True)
+    exact = exact_evidence(feats, labels, c)
+    feats32 = jnp.asarray(feats, jnp.float32)
+    spectra = {}
+    for available in (True, False):
+        monkeypatch.setattr(spectrum, "float64_step_available", lambda a=available: a)
+        spectra[available] = spectrum.factor_spectrum(feats32, jnp.asarray(labels), c)
+    got = {k: float(_from_spectrum(s, len(labels), 1e-5, TOL, MAX_ITER).score)
+           for k, s in spectra.items()}  # fmt: skip
+    np.testing.assert_allclose(got[True], exact, rtol=1e-6)
+    np.testing.assert_allclose(got[False], exact, rtol=1e-6 if span >= 1e-4 else 1e-2)
+    if span < 1e-4:  # the float64 step is what resolves the smallest directions
+        assert abs(got[False] / exact - 1) > 10 * abs(got[True] / exact - 1)
