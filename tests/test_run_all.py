@@ -54,19 +54,29 @@ def fake_results(load, cores=2, returncode=0):
     }
 
 
+@pytest.mark.parametrize("full", [False, True], ids=["quick", "full"])
 @pytest.mark.parametrize("load, flagged", [(1.5, False), (2.5, True)])
-def test_the_docs_block_carries_command_commit_and_load(tmp_path, load, flagged):
+def test_the_docs_block_carries_command_commit_and_load(tmp_path, load, flagged, full):
     run_all = _run_all()
+    (quick_start, quick_end), (full_start, full_end) = run_all.MARKERS[False], run_all.MARKERS[True]
     docs = tmp_path / "b.md"
-    docs.write_text(f"# B\n\nprose\n\n{run_all.START}\nold\n{run_all.END}\n\nafter\n")
+    docs.write_text(
+        f"# B\n\nprose\n\n{quick_start}\nold quick\n{quick_end}\n\n"
+        f"{full_start}\nold full\n{full_end}\n\nafter\n"
+    )
     results = tmp_path / "results.json"
-    results.write_text(json.dumps(fake_results(load)))
+    results.write_text(json.dumps({**fake_results(load), "full": full}))
     assert run_all.main(["--tables", str(results), "--docs", str(docs)]) == 0
     text = docs.read_text()
-    assert text.startswith("# B\n\nprose\n") and text.endswith("after\n") and "old" not in text
-    assert "python scripts/benchmarks/soups.py --quick" in text and "abc1234" in text
-    assert "| 1 | 2 |" in text and "- uniform soup: 1.50× the loop" in text
-    assert ("measured under load" in text) == flagged
+    assert text.startswith("# B\n\nprose\n") and text.endswith("after\n")
+    # each form rewrites its own block and leaves the other's figures
+    assert ("old quick" in text) == full and ("old full" in text) != full
+    written = text.split(full_start if full else quick_start)[1].split(
+        full_end if full else quick_end
+    )[0]
+    assert "python scripts/benchmarks/soups.py --quick" in written and "abc1234" in written
+    assert "| 1 | 2 |" in written and "- uniform soup: 1.50× the loop" in written
+    assert ("measured under load" in written) == flagged
 
 
 def test_a_failed_benchmark_is_shown_as_failed(tmp_path):

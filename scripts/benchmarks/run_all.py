@@ -11,7 +11,9 @@ benchmark, its command, exit status, wall time, the load average before and afte
 tables and ratio lines it printed and its own JSON; and, once, the commit (and whether the tree
 was dirty), date, machine, core count, backend and devices. `--docs FILE` rewrites the block
 between ``<!-- bench:generated:start -->`` and ``<!-- bench:generated:end -->`` in FILE from
-those results (`--tables` does it from an earlier results.json, e.g. one made on a GPU host).
+those results, or with `--full` the one between ``<!-- bench:full:start -->`` and
+``<!-- bench:full:end -->``, so the quick and the full figures stand side by side (`--tables`
+does it from an earlier results.json, e.g. one made on a GPU host).
 A benchmark that ran with a load average above the core count is flagged "measured under load":
 its ratios are noisier, its seconds not comparable.
 """
@@ -30,7 +32,11 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
-START, END = "<!-- bench:generated:start -->", "<!-- bench:generated:end -->"
+# the docs' block that each form rewrites: quick runs and full runs keep their own
+MARKERS = {
+    False: ("<!-- bench:generated:start -->", "<!-- bench:generated:end -->"),
+    True: ("<!-- bench:full:start -->", "<!-- bench:full:end -->"),
+}
 
 # name → (quick arguments, full arguments, the flag that names its JSON output)
 BENCHMARKS = {
@@ -68,7 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", default="bench-results", help="folder for results.json")
     parser.add_argument("--full", action="store_true", help="the full forms (hours on a CPU)")
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(BENCHMARKS)}")
-    parser.add_argument("--docs", help="rewrite this Markdown file's generated block")
+    parser.add_argument(
+        "--docs", help="rewrite this Markdown file's generated block (quick or full runs')"
+    )
     parser.add_argument("--tables", help="with --docs: build the block from this results.json")
     args = parser.parse_args(argv)
     names = args.only.split(",") if args.only else list(BENCHMARKS)
@@ -185,13 +193,14 @@ def markdown(results: dict) -> str:
 
 
 def write_docs(docs: pathlib.Path, results: dict) -> None:
+    start, end = MARKERS[bool(results["full"])]
     text = docs.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"run_all.py: error: {docs} has no {START} … {END} block")
-    before, rest = text.split(START, 1)
-    after = rest.split(END, 1)[1]
-    docs.write_text(f"{before}{START}\n{markdown(results)}\n{END}{after}")
-    print(f"wrote the generated block of {docs}")
+    if start not in text or end not in text:
+        raise SystemExit(f"run_all.py: error: {docs} has no {start} … {end} block")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    docs.write_text(f"{before}{start}\n{markdown(results)}\n{end}{after}")
+    print(f"wrote the {'full' if results['full'] else 'quick'} runs' block of {docs}")
 
 
 def main(argv=None) -> int:
