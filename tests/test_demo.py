@@ -177,9 +177,11 @@ def test_the_readme_quotes_what_the_quick_demo_reports(demo_run):
 
 def test_a_first_run_prints_no_false_notes(demo_run):
     """On a fresh cache every hub model is trained (no "(cached)" claim), no warning says the
-    cascade missed a target it met."""
+    cascade missed a target it met, and no library warning reaches the user (orbax warned of a
+    missing metadata file when the fold check read the best run's checkpoint)."""
     root = demo_run[1]
     stdout, stderr = (root / "stdout.txt").read_text(), (root / "stderr.txt").read_text()
     assert "(cached)" not in stdout and "reused from the cache" not in stdout
     assert stdout.count("(trained: ") == len(demo_run[3])
     assert "no thresholds reach" not in stdout + stderr
+    assert "WARNING" not in stdout + stderr, stderr[-2000:]

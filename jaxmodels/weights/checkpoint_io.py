@@ -447,11 +447,13 @@ def restore_as_numpy(directory: pathlib.Path):
 
     # Both checkpointers are closed on the way out, also when the files are broken: an open
     # one leaves orbax's event loop to fail at exit ("RuntimeError: Event loop is closed").
-    with ocp.StandardCheckpointer() as checkpointer:
+    # Quiet: read as one item of a CheckpointManager's step, orbax warns that the step's
+    # _CHECKPOINT_METADATA (one folder up) is missing here; failures still raise.
+    with quiet_orbax(), ocp.StandardCheckpointer() as checkpointer:
         metadata = checkpointer.metadata(directory).item_metadata
     metadata = getattr(metadata, "tree", metadata)
     as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), metadata)
-    with ocp.PyTreeCheckpointer() as checkpointer:
+    with quiet_orbax(), ocp.PyTreeCheckpointer() as checkpointer:
         return checkpointer.restore(directory, args=ocp.args.PyTreeRestore(restore_args=as_numpy))
 
 
