@@ -337,9 +337,15 @@ def test_flat_sharded_step_equals_the_single_device_step():
 
 
 def test_flat_sharded_step_has_one_all_gather_and_one_reduce_scatter():
+    """Across processes on gloo each collective (each buffer of a tuple one) is a round trip: the
+    step has one all-gather (parameters), one reduce-scatter (gradients) and one all-reduce of
+    one buffer, 3 floats (loss, accuracy, the gradient's sum of squares for its global norm)."""
     _, _, _, flat_state, flat_step, mesh = _flat_sharded_setup()
     batch = sharding.shard_local_batch(jax.device_get(_batch(batch=16)), mesh)
     key = jax.device_put(jax.random.key(0), NamedSharding(mesh, P()))
     hlo = flat_step.lower(flat_state, batch, key).compile().as_text()
     assert hlo.count("all-gather(") == 1
     assert hlo.count("reduce-scatter(") == 1
+    (all_reduce,) = [line for line in hlo.splitlines() if " all-reduce(" in line]
+    assert " = f32[3]{0} all-reduce(" in all_reduce
+    assert "collective-permute(" not in hlo and "all-to-all(" not in hlo

@@ -16,11 +16,13 @@ third, each padded to a multiple of the device count and split over 'data' (each
    gradients over the devices and the reduce-scatter would sum them again;
 3. the gradients are raveled into the same ``[n, L]`` row layout and ONE
    `lax.psum_scatter(..., scatter_dimension=0, tiled=True)` leaves each device the sum of its
-   own slice; divided by n, that is the global mean gradient's slice. The loss rides in a
-   scalar `pmean`;
-4. outside `shard_map` the optimizer (clipping + AdamW) and the EMA run on the sharded vectors:
-   elementwise on each device's slice, the global norm for clipping a local sum of squares and
-   one scalar all-reduce (XLA's).
+   own slice; divided by n, that is the global mean gradient's slice;
+4. the loss, the accuracy and the local sum of squares of the gradient's slice are summed in ONE
+   all-reduce of 3 floats (on gloo every collective, however small, is a round trip between the
+   processes): the global gradient norm, which the clipping reuses
+   (`optim.clip_by_global_norm`'s ``grad_norm``);
+5. outside `shard_map` the optimizer (clipping + AdamW) and the EMA run on the sharded vectors,
+   elementwise on each device's slice.
 
 Checkpoints keep today's pytree layout (`FlatSharded.to_tree` before a save, `to_flat` after a
 restore: rare), so a run resumes replicated, per-leaf sharded or flat, whatever wrote it. Steps
@@ -198,9 +200,9 @@ def build(abstract_state, state_shardings, optim_config: optim.OptimConfig,
     return FlatSharded(layout, optimizer, shardings, to_flat, to_tree)
 
 
-def value_and_mean_grad(loss_fn: Callable, mesh: Mesh, layout: FlatLayout) -> Callable:
-    """`jax.value_and_grad(loss_fn, has_aux=True)` over flat sharded parameters and a batch
-    sharded on 'data': one all-gather of the parameters, one reduce-scatter of the gradients.
+def mean_grad_and_metrics(loss_fn: Callable, mesh: Mesh, layout: FlatLayout) -> Callable:
+    """The global mean gradient of flat sharded parameters over a batch sharded on 'data', with
+    the step's metrics: one all-gather, one reduce-scatter and one all-reduce of 3 floats.
 
     Args:
         loss_fn: ``loss_fn(trainable, frozen, batch_stats, images, targets, key) ->
@@ -210,11 +212,12 @@ def value_and_mean_grad(loss_fn: Callable, mesh: Mesh, layout: FlatLayout) -> Ca
         layout: the flat layout of the state's ``trainable`` and ``frozen`` dicts.
 
     Returns:
-        A function of ``(trainable, frozen, batch_stats, images, targets, key)`` with
+        A function of ``(trainable, frozen, batch_stats, images, targets, key, labels_B)`` with
         ``trainable`` = ``{group: [P_g]}`` and ``frozen`` = ``{"frozen": [P_f]}`` (or ``{}``),
-        sharded over 'data', returning ``((loss, (logits_BK, batch_stats)), grads)``: the
-        global-batch mean loss, the logits sharded as the batch, and the global mean gradient
-        as ``{group: [P_g]}`` sharded like ``trainable``.
+        sharded over 'data', returning ``(grads, metrics)``: the global mean gradient as
+        ``{group: [P_g]}`` sharded like ``trainable``, and the global batch's mean ``loss``,
+        ``accuracy`` (argmax of the logits against ``labels_B``) and the gradient's global
+        ``grad_norm``, replicated scalars.
     """
     n = layout.devices
     replicated, sharded = PartitionSpec(), PartitionSpec(DATA)
@@ -230,7 +233,7 @@ def value_and_mean_grad(loss_fn: Callable, mesh: Mesh, layout: FlatLayout) -> Ca
             start += width
         return out
 
-    def local(trainable, frozen, batch_stats, images, targets, key):
+    def local(trainable, frozen, batch_stats, images, targets, key, labels_B):
         slices = {**trainable, **frozen}  # {group: [P_g / n]}
         names = tuple(slices)
         # row i of the gather is device i's slices: column block g, read row by row, is the
@@ -252,16 +255,19 @@ def value_and_mean_grad(loss_fn: Callable, mesh: Mesh, layout: FlatLayout) -> Ca
         grad_rows_nL = jnp.concatenate([flat[g].reshape(n, -1) for g in trainable_names], axis=1)
         mine_1L = jax.lax.psum_scatter(grad_rows_nL, DATA, scatter_dimension=0, tiled=True) / n
         mine = {g: block[0] for g, block in split_columns(mine_1L, trainable_names).items()}
-        return jax.lax.pmean(loss, DATA), logits, mine
+        # one all-reduce for the three scalars: each is a round trip between processes on gloo
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels_B)
+        sums_3 = jax.lax.psum(jnp.stack([loss / n, accuracy / n, jnp.sum(mine_1L**2)]), DATA)
+        metrics = {"loss": sums_3[0], "accuracy": sums_3[1], "grad_norm": jnp.sqrt(sums_3[2])}
+        return mine, metrics
 
-    def value_and_grad(trainable, frozen, batch_stats, images, targets, key):
+    def mean_grad(trainable, frozen, batch_stats, images, targets, key, labels_B):
         mapped = jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(sharded, sharded, replicated, sharded, sharded, replicated),
-            out_specs=(replicated, sharded, sharded),
+            in_specs=(sharded, sharded, replicated, sharded, sharded, replicated, sharded),
+            out_specs=(sharded, replicated),
         )
-        loss, logits, grads = mapped(trainable, frozen, batch_stats, images, targets, key)
-        return (loss, (logits, batch_stats)), grads
+        return mapped(trainable, frozen, batch_stats, images, targets, key, labels_B)
 
-    return value_and_grad
+    return mean_grad

@@ -260,33 +260,38 @@ def make_train_step(
         images, targets = _mix(config, images, targets, key_mix)
         value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
         updates_stats = bool(state.batch_stats) and config.update_batch_stats
+        inputs = (state.trainable, state.frozen, state.batch_stats, images, targets, key_model)
         if flat_layout is not None:
             if updates_stats or flat_reduce_mesh is None:
                 raise ValueError("a flat sharded state needs flat_reduce_mesh and frozen stats")
-            value_and_grad = flat_sharded.value_and_mean_grad(loss_fn, flat_reduce_mesh,
-                                                              flat_layout)  # fmt: skip
-        elif flat_reduce_mesh is not None and grad_shardings is None and not updates_stats:
-            value_and_grad = flat_reduce.value_and_mean_grad(loss_fn, flat_reduce_mesh)
-        (loss, (logits, batch_stats)), grads = value_and_grad(
-            state.trainable, state.frozen, state.batch_stats, images, targets, key_model
-        )
-        if grad_shardings is not None and flat_layout is None:  # flat: sharded already
-            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+            grads, metrics = flat_sharded.mean_grad_and_metrics(
+                loss_fn, flat_reduce_mesh, flat_layout
+            )(*inputs, labels_B)
+            batch_stats = state.batch_stats
+            # the global norm came with the loss in one all-reduce: the clipping reuses it
+            known = {"grad_norm": metrics["grad_norm"]}
+        else:
+            if flat_reduce_mesh is not None and grad_shardings is None and not updates_stats:
+                value_and_grad = flat_reduce.value_and_mean_grad(loss_fn, flat_reduce_mesh)
+            (loss, (logits, batch_stats)), grads = value_and_grad(*inputs)
+            if grad_shardings is not None:
+                grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+            metrics = {
+                "loss": loss,
+                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels_B),
+                "grad_norm": optax.tree.norm(grads),
+            }
+            known = {}
         opt_state = state.opt_state
         if state.schedule:  # this step's rate, read from the state: the compiled step is
             rate = optim.learning_rate(state.step, state.schedule)  # the same for any schedule
             opt_state = optim.with_learning_rate(opt_state, rate)
-        updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, state.trainable, **known)
         trainable = optax.apply_updates(state.trainable, updates)
         ema = state.ema
         if config.ema_decay is not None:
             d = config.ema_decay
             ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, trainable)
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels_B),
-            "grad_norm": optax.tree.norm(grads),
-        }
         if state.schedule:
             metrics["lr"] = rate
         new_state = state.replace(
