@@ -2,7 +2,8 @@
 
 With ``shard_params`` XLA all-gathers every parameter and reduce-scatters every gradient leaf by
 leaf. On the CPU backend across processes each of those is its own gloo exchange (every device a
-gloo rank), as for the replicated all-reduce `training.flat_reduce` replaces. Here the train
+gloo rank), like the per-leaf all-reduces that `training.flat_reduce` replaces for replicated
+training; `training.loop.fit` uses this module where `flat_reduce.flat_reduce_pays`. Here the train
 state itself is flat: the trainable parameters are two vectors, ``decayed`` and ``not_decayed``
 (so AdamW's weight-decay mask is a 2-leaf pytree and optax runs unchanged), the frozen ones a
 third, each padded to a multiple of the device count and split over 'data' (each device holds
@@ -24,10 +25,11 @@ third, each padded to a multiple of the device count and split over 'data' (each
 5. outside `shard_map` the optimizer (clipping + AdamW) and the EMA run on the sharded vectors,
    elementwise on each device's slice.
 
-Checkpoints keep today's pytree layout (`FlatSharded.to_tree` before a save, `to_flat` after a
-restore: rare), so a run resumes replicated, per-leaf sharded or flat, whatever wrote it. Steps
-that update BatchNorm statistics keep XLA's path (they need the global batch's moments), as in
-`flat_reduce`; frozen statistics stay where `sharding.param_shardings` puts them.
+Checkpoints keep the per-leaf pytree layout (`FlatSharded.to_tree` before a save, `to_flat`
+after a restore: rare), so a run resumes replicated, per-leaf sharded or flat, whatever wrote it.
+Steps that update BatchNorm statistics keep XLA's path (they need the global batch's moments), as
+in `flat_reduce`, and so do parameters of mixed dtypes (the vectors are concatenated); frozen
+statistics stay where `sharding.param_shardings` puts them.
 
 Shapes: n = devices on 'data', P_g = group g's padded length (a multiple of n), L = the sum of
 P_g / n over the gathered groups, B = global batch, K = classes.
