@@ -159,7 +159,8 @@ def test_finetuning_equals_one_process_and_a_killed_sharded_run_resumes_exactly(
     for key in whole:
         # The killed run's sharded steps reduce-scatter one flat vector (training.flat_sharded),
         # the replicated ones all-reduce one (training.flat_reduce): the same sums in another
-        # order, float32 rounding apart (AdamW turns the rounding of the zero-gradient key bias into steps).
+        # order, float32 rounding apart (AdamW turns the rounding of the zero-gradient key bias
+        # into steps).
         atol = 3e-5 if key.endswith("key/bias") else 2e-6
         np.testing.assert_allclose(resumed[key], whole[key], rtol=2e-5, atol=atol, err_msg=key)
 
