@@ -17,13 +17,15 @@ from training import step as step_lib
 NUM_CLASSES = 3
 
 
-def _setup(mode, *, ssf=True, batch_norm=False, ema=None, compute_dtype="float32", **step_kw):
+def _setup(mode, *, ssf=True, batch_norm=False, ema=None, compute_dtype="float32", clip_norm=1.0,
+           **step_kw):  # fmt: skip
     model, variables = init_tiny(ssf=ssf, batch_norm=batch_norm, num_classes=NUM_CLASSES)
     params = variables["params"]
     mask = masks.trainable_mask(params, mode)
     trainable, _ = masks.split_params(params, mask)
     decay = paths.flatten(masks.weight_decay_mask(params))
-    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1)
+    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1,
+                               clip_norm=clip_norm)  # fmt: skip
     optimizer, _ = optim.init_optimizer(config, trainable, decay)
     state = step_lib.init_train_state(variables, mask, optimizer, ema=ema is not None)
     step_config = step_lib.StepConfig(
@@ -291,11 +293,12 @@ def test_each_step_draws_new_mixing_from_the_run_key():
 def _flat_sharded_setup(ema=0.9):
     """A tiny ssf model (decayed, not-decayed and frozen leaves; frozen BatchNorm statistics):
     the single-device reference step, and the flat sharded state and step on 8 devices."""
-    model, variables, state, step = _setup("ssf", batch_norm=True, ema=ema)
+    # clip_norm below the gradients' norm (≈ 0.74): the clipping uses the flat step's norm
+    model, variables, state, step = _setup("ssf", batch_norm=True, ema=ema, clip_norm=0.5)
     mesh = sharding.data_mesh()
     decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
     replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
-    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1)
+    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1, clip_norm=0.5)
     flat = flat_sharded.build(state, replicated, config, {k: decay[k] for k in state.trainable},
                               mesh)  # fmt: skip
     step_config = step_lib.StepConfig(num_classes=NUM_CLASSES, ema_decay=ema,
@@ -326,6 +329,7 @@ def test_flat_sharded_step_equals_the_single_device_step():
             flat_state, got = jax.block_until_ready(flat_step(flat_state, sharded, key))
         for name in ("loss", "grad_norm", "accuracy"):
             np.testing.assert_allclose(float(got[name]), float(metrics[name]), rtol=1e-5)
+        assert float(metrics["grad_norm"]) > 0.5  # clipped
     # every vector is split over the 8 devices
     for x in jax.tree.leaves((flat_state.trainable, flat_state.frozen, flat_state.ema)):
         assert x.sharding.spec == P("data") and x.shape[0] % 8 == 0
