@@ -157,9 +157,10 @@ def test_finetuning_equals_one_process_and_a_killed_sharded_run_resumes_exactly(
     whole, resumed = _weights(out / "whole"), _weights(out / "resumed")
     assert set(whole) == set(resumed)
     for key in whole:
-        # The killed run's sharded steps reduce-scatter (XLA), the replicated ones all-reduce
-        # in one flat vector (training.flat_reduce): the same sums in another order, float32
-        # rounding apart (AdamW turns the rounding of the zero-gradient key bias into steps).
+        # The killed run's sharded steps reduce-scatter one flat vector (training.flat_sharded),
+        # the replicated ones all-reduce one (training.flat_reduce): the same sums in another
+        # order, float32 rounding apart (AdamW turns the rounding of the zero-gradient key bias
+        # into steps).
         atol = 3e-5 if key.endswith("key/bias") else 2e-6
         np.testing.assert_allclose(resumed[key], whole[key], rtol=2e-5, atol=atol, err_msg=key)
 

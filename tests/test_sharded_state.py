@@ -1,7 +1,11 @@
 """Fully sharded training state on 8 devices: where every tensor lives, what a device holds, and
-that the run is the replicated run to float32 rounding — checkpoints included, either way."""
+that the run is the replicated run to float32 rounding — checkpoints included, either way. The
+flat sharded state (`training.flat_sharded`, what multi-process CPU runs use) is forced here
+with ``HUBTUNE_FLAT_REDUCE=1``."""
 
+import contextlib
 import json
+import os
 
 import flax.linen as nn
 import jax
@@ -42,7 +46,27 @@ def _source(n=64, seed=0):
     return jaxmodels.ArraySource(images.astype(np.uint8), labels)
 
 
-def _fit(tmp, name, *, shard_params, stop_after=None, checkpoint=None):
+@contextlib.contextmanager
+def _flat(on: bool):
+    """Forces the flat collectives (`flat_reduce.flat_reduce_pays`) on one process."""
+    previous = os.environ.pop("HUBTUNE_FLAT_REDUCE", None)
+    if on:
+        os.environ["HUBTUNE_FLAT_REDUCE"] = "1"
+    try:
+        yield
+    finally:
+        os.environ.pop("HUBTUNE_FLAT_REDUCE", None)
+        if previous is not None:
+            os.environ["HUBTUNE_FLAT_REDUCE"] = previous
+
+
+def _fit(tmp, name, *, shard_params, stop_after=None, checkpoint=None, flat=False):
+    with _flat(flat):
+        return _fit_here(tmp, name, shard_params=shard_params, stop_after=stop_after,
+                         checkpoint=checkpoint)  # fmt: skip
+
+
+def _fit_here(tmp, name, *, shard_params, stop_after=None, checkpoint=None):
     model = Divisible()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     source = _source()
@@ -59,8 +83,10 @@ def _fit(tmp, name, *, shard_params, stop_after=None, checkpoint=None):
                        log_every=1, progress=False),
         log=lambda _: None,
     )  # fmt: skip
-    losses = [r["loss"] for r in map(json.loads, open(log_path)) if r["split"] == "train"]
-    return result, losses
+    # (loss, gradient norm) per step: Adam is nearly blind to the gradients' scale, their norm
+    # is not (a mean taken as a sum would show there only)
+    train = [r for r in map(json.loads, open(log_path)) if r["split"] == "train"]
+    return result, np.asarray([(r["loss"], r["grad_norm"]) for r in train])
 
 
 @pytest.fixture(scope="module")
@@ -73,10 +99,18 @@ def runs(tmp_path_factory):
     to_replicated, _ = _fit(tmp, "resumed_replicated", shard_params=False, checkpoint="a")
     _fit(tmp, "killed_replicated", shard_params=False, stop_after=3, checkpoint="b")
     to_sharded, _ = _fit(tmp, "resumed_sharded", shard_params=True, checkpoint="b")
+    # the flat sharded state: a whole run; killed, resumed replicated; killed replicated, resumed
+    flat, flat_losses = _fit(tmp, "flat", shard_params=True, flat=True)
+    _fit(tmp, "killed_flat", shard_params=True, stop_after=3, checkpoint="c", flat=True)
+    flat_to_replicated, _ = _fit(tmp, "flat_resumed_replicated", shard_params=False, checkpoint="c")
+    _fit(tmp, "killed_replicated_2", shard_params=False, stop_after=3, checkpoint="d")
+    to_flat, _ = _fit(tmp, "resumed_flat", shard_params=True, checkpoint="d", flat=True)
     return {
         "replicated": replicated, "replicated_losses": replicated_losses,
         "sharded": sharded, "sharded_losses": sharded_losses,
         "to_replicated": to_replicated, "to_sharded": to_sharded, "tmp": tmp,
+        "flat": flat, "flat_losses": flat_losses, "flat_to_replicated": flat_to_replicated,
+        "to_flat": to_flat,
     }  # fmt: skip
 
 
@@ -122,20 +156,25 @@ def test_each_device_holds_an_eighth_of_the_parameters_and_optimizer_state(runs)
     assert sum(_device0_bytes(x) for _, x in _leaves(replicated)) == total
 
 
-def test_the_sharded_run_is_the_replicated_run_to_float32_rounding(runs):
-    replicated, sharded = runs["replicated_losses"], runs["sharded_losses"]
+@pytest.mark.parametrize("layout", ["sharded", "flat"])
+def test_the_sharded_run_is_the_replicated_run_to_float32_rounding(runs, layout):
+    replicated, sharded = runs["replicated_losses"], runs[f"{layout}_losses"]
     assert len(replicated) == len(sharded) == 8
-    assert replicated[-1] < 0.8 * replicated[0]  # it learns
+    assert replicated[-1, 0] < 0.8 * replicated[0, 0]  # it learns
     # gradients are reduce-scattered instead of all-reduced: the 8 devices' sums add up in
     # another order, so losses agree to float32 rounding, not bit for bit
     np.testing.assert_allclose(sharded, replicated, rtol=1e-5)
-    got = sharding.host_copy(runs["sharded"].state.trainable)
+    got = sharding.host_copy(runs[layout].state.trainable)
     want = sharding.host_copy(runs["replicated"].state.trainable)
     for key in want:
         np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6, err_msg=key)
 
 
-@pytest.mark.parametrize(("resumed", "layout"), [("to_replicated", False), ("to_sharded", True)])
+@pytest.mark.parametrize(
+    ("resumed", "layout"),
+    [("to_replicated", False), ("to_sharded", True), ("flat_to_replicated", False),
+     ("to_flat", True)],
+)  # fmt: skip
 def test_a_checkpoint_restores_into_the_other_layout(runs, resumed, layout):
     result = runs[resumed]
     assert result.finished and result.resumed_from == 2
@@ -193,3 +232,45 @@ def test_a_sharded_runs_checkpoint_reads_back_whole_as_numpy(runs):
     for key, value in want.items():
         assert isinstance(saved["trainable"][key], np.ndarray)
         np.testing.assert_array_equal(saved["trainable"][key], value, err_msg=key)
+
+
+def test_the_flat_sharded_state_holds_an_eighth_per_device():
+    """Parameters, Adam moments and EMA as flat vectors split over 8 devices: each device holds
+    1/8 of every vector (padded to a multiple of 8) and the replicated Adam step counts."""
+    from jaxmodels.models import paths
+    from training import flat_sharded, masks
+
+    model = Divisible()
+    variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
+    mesh = sharding.data_mesh()
+    config = optim.OptimConfig(total_steps=8)
+    mask = masks.trainable_mask(variables["params"], "full")
+    trainable, _ = masks.split_params(variables["params"], mask)
+    decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
+    decay = {k: bool(decay[k]) for k in trainable}
+    optimizer = optim.make_optimizer(config, decay)
+    schedule = optim.schedule_state(config)
+    init, variable_shardings, state_shardings = loop.state_initializer(
+        variables, schedule, mask, optimizer, ema=True, mesh=mesh, shard_params=True
+    )
+    replicated = sharding.replicated_sharding(mesh)
+    state = init(sharding.put(variables, variable_shardings), sharding.put(schedule, replicated))
+    flat = flat_sharded.build(state, state_shardings, config, decay, mesh)
+    flat_state = flat.to_flat(state)
+    held = lambda s: [s.trainable, s.opt_state, s.ema]
+    vectors = [x for x in jax.tree.leaves(held(flat_state)) if x.ndim]
+    scalars = [x for x in jax.tree.leaves(held(flat_state)) if not x.ndim]
+    assert len(vectors) == 4  # one group (every Divisible weight decays): weights, mu, nu, EMA
+    for x in vectors:
+        assert x.sharding.spec == PartitionSpec("data")
+        assert {s.data.shape for s in x.addressable_shards} == {(x.shape[0] // 8,)}
+    assert all(x.sharding.is_fully_replicated for x in scalars)
+    whole = sum(x.nbytes for x in jax.tree.leaves(held(state)))  # global arrays: every byte
+    per_device = sharding.bytes_per_device(held(flat_state))
+    assert per_device == sum(x.nbytes // 8 for x in vectors) + sum(x.nbytes for x in scalars)
+    assert per_device < whole / 7.9
+    # and back: the pytree layout, as checkpoints keep it
+    back = flat.to_tree(flat_state)
+    for want, got in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
+        assert got.sharding == want.sharding
+        np.testing.assert_array_equal(sharding.host_copy(got), sharding.host_copy(want))

@@ -11,19 +11,21 @@ from tiny_classifier import init_tiny, random_variables
 
 from jaxmodels import sharding
 from jaxmodels.models import paths
-from training import masks, optim
+from training import flat_sharded, masks, optim
 from training import step as step_lib
 
 NUM_CLASSES = 3
 
 
-def _setup(mode, *, ssf=True, batch_norm=False, ema=None, compute_dtype="float32", **step_kw):
+def _setup(mode, *, ssf=True, batch_norm=False, ema=None, compute_dtype="float32", clip_norm=1.0,
+           **step_kw):  # fmt: skip
     model, variables = init_tiny(ssf=ssf, batch_norm=batch_norm, num_classes=NUM_CLASSES)
     params = variables["params"]
     mask = masks.trainable_mask(params, mode)
     trainable, _ = masks.split_params(params, mask)
     decay = paths.flatten(masks.weight_decay_mask(params))
-    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1)
+    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1,
+                               clip_norm=clip_norm)  # fmt: skip
     optimizer, _ = optim.init_optimizer(config, trainable, decay)
     state = step_lib.init_train_state(variables, mask, optimizer, ema=ema is not None)
     step_config = step_lib.StepConfig(
@@ -286,3 +288,68 @@ def test_each_step_draws_new_mixing_from_the_run_key():
     assert len(set(losses)) == 4, losses
     # and the same step with the same key repeats exactly (a resumed run redraws it)
     assert float(step(state, batch, key)[1]["loss"]) == losses[0]
+
+
+def _flat_sharded_setup(ema=0.9):
+    """A tiny ssf model (decayed, not-decayed and frozen leaves; frozen BatchNorm statistics):
+    the single-device reference step, and the flat sharded state and step on 8 devices."""
+    # clip_norm below the gradients' norm (≈ 0.74): the clipping uses the flat step's norm
+    model, variables, state, step = _setup("ssf", batch_norm=True, ema=ema, clip_norm=0.5)
+    mesh = sharding.data_mesh()
+    decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
+    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1, clip_norm=0.5)
+    flat = flat_sharded.build(state, replicated, config, {k: decay[k] for k in state.trainable},
+                              mesh)  # fmt: skip
+    step_config = step_lib.StepConfig(num_classes=NUM_CLASSES, ema_decay=ema,
+                                      update_batch_stats=False)  # fmt: skip
+    flat_step = jax.jit(
+        step_lib.make_train_step(model.apply, flat.optimizer, step_config, flat_reduce_mesh=mesh,
+                                 flat_layout=flat.layout),
+        out_shardings=(flat.shardings, NamedSharding(mesh, P())),
+    )  # fmt: skip
+    flat_state = flat.to_flat(jax.device_put(state, replicated))
+    return state, jax.jit(step), flat, flat_state, flat_step, mesh
+
+
+def test_flat_sharded_step_equals_the_single_device_step():
+    """Two steps of the flat sharded state (training.flat_sharded: one all-gather, one
+    reduce-scatter) on 8 devices give the single device's parameters, moments and EMA."""
+    state, step, flat, flat_state, flat_step, mesh = _flat_sharded_setup()
+    key = jax.device_put(jax.random.key(0), NamedSharding(mesh, P()))
+    expected_metrics = []
+    for seed in (0, 1):
+        batch = _batch(seed, batch=16)
+        state, metrics = step(state, batch, jax.random.key(0))
+        expected_metrics.append(metrics)
+        sharded = sharding.shard_local_batch(jax.device_get(batch), mesh)
+        if seed == 0:
+            flat_step(flat_state, sharded, key)  # compiles (constants move then)
+        with jax.transfer_guard("disallow"):  # the step itself moves nothing through the host
+            flat_state, got = jax.block_until_ready(flat_step(flat_state, sharded, key))
+        for name in ("loss", "grad_norm", "accuracy"):
+            np.testing.assert_allclose(float(got[name]), float(metrics[name]), rtol=1e-5)
+        assert float(metrics["grad_norm"]) > 0.5  # clipped
+    # every vector is split over the 8 devices
+    for x in jax.tree.leaves((flat_state.trainable, flat_state.frozen, flat_state.ema)):
+        assert x.sharding.spec == P("data") and x.shape[0] % 8 == 0
+    got = flat.to_tree(flat_state)
+    assert jax.tree.structure(got) == jax.tree.structure(state)
+    for want_leaf, got_leaf in zip(jax.tree.leaves(state), jax.tree.leaves(got), strict=True):
+        np.testing.assert_allclose(np.asarray(got_leaf), np.asarray(want_leaf), rtol=1e-5,
+                                   atol=1e-6)  # fmt: skip
+
+
+def test_flat_sharded_step_has_one_all_gather_and_one_reduce_scatter():
+    """Across processes on gloo each collective (each buffer of a tuple one) is a round trip: the
+    step has one all-gather (parameters), one reduce-scatter (gradients) and one all-reduce of
+    one buffer, 3 floats (loss, accuracy, the gradient's sum of squares for its global norm)."""
+    _, _, _, flat_state, flat_step, mesh = _flat_sharded_setup()
+    batch = sharding.shard_local_batch(jax.device_get(_batch(batch=16)), mesh)
+    key = jax.device_put(jax.random.key(0), NamedSharding(mesh, P()))
+    hlo = flat_step.lower(flat_state, batch, key).compile().as_text()
+    assert hlo.count("all-gather(") == 1
+    assert hlo.count("reduce-scatter(") == 1
+    (all_reduce,) = [line for line in hlo.splitlines() if " all-reduce(" in line]
+    assert " = f32[3]{0} all-reduce(" in all_reduce
+    assert "collective-permute(" not in hlo and "all-to-all(" not in hlo

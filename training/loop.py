@@ -5,7 +5,10 @@ Parameters and optimizer state live on a 1-D ``Mesh`` of all devices (axis ``dat
 ``shard_params`` fully sharded — parameters, gradients, optimizer moments and EMA each split
 along their largest dimension divisible by the device count (`sharding.param_shardings`), so a
 device holds about 1/n of them; XLA all-gathers the weights for the forward and backward passes
-and reduce-scatters the gradients. The train state is built by one ``jax.jit`` whose
+and reduce-scatters the gradients. Where flat collectives pay (CPU, several processes:
+`flat_reduce.flat_reduce_pays`), the sharded state is flat instead (`training.flat_sharded`:
+one all-gather and one reduce-scatter per step), in the pytree layout again for checkpoints,
+evaluations and the result. The train state is built by one ``jax.jit`` whose
 ``out_shardings`` place every array where it lives from then on (never a full copy per device
 first), and each global batch is split along the mesh with ``NamedSharding``. Batches come from the
 grain pipeline of `jaxmodels.data.pipeline` as uint8 and are normalised on the device; each process
@@ -34,7 +37,7 @@ import jaxmodels
 from jaxmodels import jit_cache, sharding
 from jaxmodels.data import pipeline
 from jaxmodels.models import paths
-from training import checkpoints, flat_reduce, masks, optim
+from training import checkpoints, flat_reduce, flat_sharded, masks, optim
 from training import step as step_lib
 
 
@@ -273,15 +276,28 @@ def fit(
     evals = metrics_log.resume(resumed_from)
 
     flat = flat_reduce.flat_reduce_pays(mesh)
+    # shard_params where flat collectives pay: a flat state (training.flat_sharded), put back in
+    # the pytree layout for checkpoints, evaluations and the result
+    use_flat = config.shard_params and flat
+    use_flat = use_flat and not (state.batch_stats and step_config.update_batch_stats)
+    flat_state = jit_cache.cached(
+        ("flat_sharded", *key_fields, use_flat),
+        lambda: flat_sharded.build(state, state_shardings, optim_config, decay_trainable, mesh)
+        if use_flat else None,
+    )  # fmt: skip
+    as_tree = flat_state.to_tree if flat_state else lambda s: s
+    state = flat_state.to_flat(state) if flat_state else state
     train_fn = jit_cache.cached(
         ("train_step", *key_fields, flat),
         lambda: jax.jit(
             step_lib.make_train_step(
-                model.apply, optimizer, step_config, augment.prep,
+                model.apply, flat_state.optimizer if flat_state else optimizer, step_config,
+                augment.prep,
                 grad_shardings=state_shardings.trainable if config.shard_params else None,
                 flat_reduce_mesh=mesh if flat else None,
+                flat_layout=flat_state.layout if flat_state else None,
             ),
-            out_shardings=(state_shardings, replicated),
+            out_shardings=(flat_state.shardings if flat_state else state_shardings, replicated),
             donate_argnums=0,
         ),
     )  # fmt: skip
@@ -319,7 +335,7 @@ def fit(
                 # one process alone can save it (a collective save needs every process)
                 saved = manager is not None and single and step > 0
                 if saved:
-                    checkpoints.save(manager, state, run_id)
+                    checkpoints.save(manager, as_tree(state), run_id)
                 raise Interrupted(step, saved) from None
             step += 1
             bar.update(1)
@@ -334,10 +350,10 @@ def fit(
             else:
                 due = due or step % per_epoch == 0
             if manager is not None and due:
-                checkpoints.save(manager, state, run_id)
+                checkpoints.save(manager, as_tree(state), run_id)
                 last_save = time.perf_counter()
             if prepared is not None and (step % per_epoch == 0 or step == total):
-                variables_now = {"params": state.params(use_ema=use_ema)}
+                variables_now = {"params": as_tree(state).params(use_ema=use_ema)}
                 if state.batch_stats:
                     variables_now["batch_stats"] = state.batch_stats
                 result = jaxmodels.evaluate(model, variables_now, prepared, dtype=eval_dtype)
@@ -357,7 +373,7 @@ def fit(
             manager.wait_until_finished()
             manager.close()
     metrics = {k: float(v) for k, v in host_copy(metrics).items()}
-    return FitResult(state, evals, metrics, step == total, resumed_from)
+    return FitResult(as_tree(state), evals, metrics, step == total, resumed_from)
 
 
 def state_initializer(

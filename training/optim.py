@@ -121,7 +121,7 @@ def make_optimizer(
     def chain(learning_rate):
         transforms = []
         if config.clip_norm is not None:
-            transforms.append(optax.clip_by_global_norm(config.clip_norm))
+            transforms.append(clip_by_global_norm(config.clip_norm))
         transforms.append(
             optax.adamw(
                 learning_rate=learning_rate,
@@ -134,6 +134,24 @@ def make_optimizer(
         return optax.chain(*transforms)
 
     return optax.inject_hyperparams(chain)(learning_rate=config.learning_rate)
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+    """`optax.clip_by_global_norm` (same state, same arithmetic) that takes the norm from its
+    caller when given: ``update(grads, state, params, grad_norm=...)``.
+
+    A flat sharded step (`training.flat_sharded`) knows the global norm already, summed with the
+    loss in its one small all-reduce; optax's would cost another across processes.
+    """
+
+    def update(updates, state, params=None, *, grad_norm=None, **extra_args):
+        del params, extra_args
+        norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
+        trigger = jnp.squeeze(norm < max_norm)
+        clip = lambda t: jax.lax.select(trigger, t, (t / norm.astype(t.dtype)) * max_norm)
+        return jax.tree.map(clip, updates), state
+
+    return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
 
 
 def with_learning_rate(opt_state, rate: jax.Array):

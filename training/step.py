@@ -26,7 +26,7 @@ import optax
 from flax import struct
 
 from jaxmodels.data import preprocess
-from training import flat_reduce, masks, optim
+from training import flat_reduce, flat_sharded, masks, optim
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -195,6 +195,7 @@ def make_train_step(
     preprocessing: preprocess.Preprocessing | None = None,
     grad_shardings: dict | None = None,
     flat_reduce_mesh=None,
+    flat_layout: flat_sharded.FlatLayout | None = None,
 ) -> Callable:
     """Builds ``train_step(state, batch, key) -> (state, metrics)``; pure, so ``jax.jit`` it.
 
@@ -210,6 +211,10 @@ def make_train_step(
         flat_reduce_mesh: the data mesh, to average gradients and loss in one flat all-reduce
             (`training.flat_reduce`; where `flat_reduce.flat_reduce_pays`). Steps that update
             BatchNorm statistics keep XLA's path: they need the global batch's moments.
+        flat_layout: the state's ``trainable`` and ``frozen`` are this layout's flat vectors
+            sharded over `flat_reduce_mesh` (`training.flat_sharded`: one all-gather of the
+            parameters and one reduce-scatter of the gradients per step); `optimizer` is then
+            the flat state's (`flat_sharded.FlatSharded.optimizer`).
 
     Returns:
         A function of ``state``, ``batch`` = ``{"image": [B, H, W, C] uint8 or float32,
@@ -255,28 +260,38 @@ def make_train_step(
         images, targets = _mix(config, images, targets, key_mix)
         value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
         updates_stats = bool(state.batch_stats) and config.update_batch_stats
-        if flat_reduce_mesh is not None and grad_shardings is None and not updates_stats:
-            value_and_grad = flat_reduce.value_and_mean_grad(loss_fn, flat_reduce_mesh)
-        (loss, (logits, batch_stats)), grads = value_and_grad(
-            state.trainable, state.frozen, state.batch_stats, images, targets, key_model
-        )
-        if grad_shardings is not None:
-            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        inputs = (state.trainable, state.frozen, state.batch_stats, images, targets, key_model)
+        if flat_layout is not None:
+            if updates_stats or flat_reduce_mesh is None:
+                raise ValueError("a flat sharded state needs flat_reduce_mesh and frozen stats")
+            grads, metrics = flat_sharded.mean_grad_and_metrics(
+                loss_fn, flat_reduce_mesh, flat_layout
+            )(*inputs, labels_B)
+            batch_stats = state.batch_stats
+            # the global norm came with the loss in one all-reduce: the clipping reuses it
+            known = {"grad_norm": metrics["grad_norm"]}
+        else:
+            if flat_reduce_mesh is not None and grad_shardings is None and not updates_stats:
+                value_and_grad = flat_reduce.value_and_mean_grad(loss_fn, flat_reduce_mesh)
+            (loss, (logits, batch_stats)), grads = value_and_grad(*inputs)
+            if grad_shardings is not None:
+                grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+            metrics = {
+                "loss": loss,
+                "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels_B),
+                "grad_norm": optax.tree.norm(grads),
+            }
+            known = {}
         opt_state = state.opt_state
         if state.schedule:  # this step's rate, read from the state: the compiled step is
             rate = optim.learning_rate(state.step, state.schedule)  # the same for any schedule
             opt_state = optim.with_learning_rate(opt_state, rate)
-        updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
+        updates, opt_state = optimizer.update(grads, opt_state, state.trainable, **known)
         trainable = optax.apply_updates(state.trainable, updates)
         ema = state.ema
         if config.ema_decay is not None:
             d = config.ema_decay
             ema = jax.tree.map(lambda e, p: d * e + (1 - d) * p, state.ema, trainable)
-        metrics = {
-            "loss": loss,
-            "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels_B),
-            "grad_norm": optax.tree.norm(grads),
-        }
         if state.schedule:
             metrics["lr"] = rate
         new_state = state.replace(

@@ -7,17 +7,20 @@
    abstract inputs and never run (ViT-B/16 replicated 8 times with Adam would take 11 GB here):
    the bytes are the shard shapes its outputs' shardings give (`Sharding.shard_shape` per
    leaf, `jaxmodels.sharding.bytes_per_device`), checked against XLA's own memory analysis of
-   the compiled initializer (output bytes per device).
+   the compiled initializer (output bytes per device). The flat sharded state of
+   `training.flat_sharded` (what multi-process CPU runs use) is counted too, from its shardings.
 2. Step time. One train step of a small ViT (it has to run on this CPU), the same global batch,
    as 1 process × 8 CPU devices and as 2 processes × 4 CPU devices joined by gloo
-   (`training.launch`): median step time of each and the ratio (target ≤ 1.3).
+   (`training.launch`): median step time of each and the ratio (target ≤ 1.3); then 2 × 4 with
+   the state fully sharded, flat (one all-gather, one reduce-scatter) and XLA's per-leaf
+   collectives, as ratios to the replicated 1 × 8 step (target ≤ 1.5).
 3. GPU, when one is visible: the ViT-B/16 full fine-tuning step's time on one GPU (bfloat16) and
    the fraction of the device's matmul rate it reaches (XLA's FLOP count of the compiled step /
    step time / the rate of a large bfloat16 matmul timed on the same device).
 
 Prints one JSON object on stdout (and writes it to --out), then a line on stderr: "memory check: OK",
 or what disagrees (exit status 1) — the bytes from the shardings against XLA's, or a sharded share
-above 1.05/n.
+(per-leaf or flat) above 1.05/n.
 
 Examples:
     python scripts/benchmarks/scale.py                 # all parts; 20 timed steps each
@@ -47,14 +50,15 @@ NUM_CLASSES = 10
 
 
 def _state_setup(name: str, overrides: dict, mesh, shard_params: bool, ema: bool):
-    """(jitted initializer, abstract variables placed like a run places them, model, mask)."""
+    """(jitted initializer, abstract variables placed like a run places them, schedule, model,
+    optimizer, the state's shardings, and with `shard_params` its `flat_sharded.FlatSharded`)."""
     import jax
     import jax.numpy as jnp
 
     import jaxmodels
     from jaxmodels import sharding
     from jaxmodels.models import paths
-    from training import loop, masks, optim
+    from training import flat_sharded, loop, masks, optim
 
     model = jaxmodels.create(name, num_classes=NUM_CLASSES, **overrides)
     size = model.image_size
@@ -66,7 +70,7 @@ def _state_setup(name: str, overrides: dict, mesh, shard_params: bool, ema: bool
     config = optim.OptimConfig(total_steps=1000, warmup_steps=10)
     optimizer = optim.make_optimizer(config, {k: bool(decay[k]) for k in trainable})
     schedule = optim.schedule_state(config)
-    init, variable_shardings, _ = loop.state_initializer(
+    init, variable_shardings, state_shardings = loop.state_initializer(
         variables, schedule, mask, optimizer, ema=ema, mesh=mesh, shard_params=shard_params
     )
     placed = jax.tree.map(
@@ -75,7 +79,12 @@ def _state_setup(name: str, overrides: dict, mesh, shard_params: bool, ema: bool
         variable_shardings,
     )
     schedule = sharding.put(schedule, sharding.replicated_sharding(mesh))
-    return init, placed, schedule, model, optimizer
+    flat = None
+    if shard_params:  # the flat sharded state of `training.flat_sharded` over the same state
+        abstract = jax.eval_shape(init, placed, schedule)
+        decay_trainable = {k: bool(decay[k]) for k in trainable}
+        flat = flat_sharded.build(abstract, state_shardings, config, decay_trainable, mesh)
+    return init, placed, schedule, model, optimizer, state_shardings, flat
 
 
 def memory(ema: bool) -> dict:
@@ -87,7 +96,7 @@ def memory(ema: bool) -> dict:
     mesh = sharding.data_mesh(jax.devices("cpu")[:8])
     out = {"model": MEMORY_MODEL, "devices": int(mesh.size), "ema": ema}
     for layout, shard in (("replicated", False), ("sharded", True)):
-        init, placed, schedule, _, _ = _state_setup(MEMORY_MODEL, {}, mesh, shard, ema)
+        init, placed, schedule, _, _, _, flat = _state_setup(MEMORY_MODEL, {}, mesh, shard, ema)
         start = time.perf_counter()
         compiled = init.lower(placed, schedule).compile()
         state = jax.tree.map(
@@ -107,12 +116,24 @@ def memory(ema: bool) -> dict:
             "compile_s": round(time.perf_counter() - start, 2),
         }  # fmt: skip
         if shard:
+            # the flat sharded state (multi-process CPU runs): vectors padded to a multiple of n
+            flat_state = jax.tree.map(
+                lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                jax.eval_shape(flat.to_flat, state),
+                flat.shardings,
+            )
+            held = [flat_state.trainable, flat_state.opt_state, flat_state.ema]
+            out["sharded_flat"] = {
+                "params_and_optimizer_bytes_per_device": sharding.bytes_per_device(held),
+                "whole_state_bytes_per_device": sharding.bytes_per_device(flat_state),
+            }
             out["sharded_leaves"] = sum(
                 not s.is_fully_replicated for s in jax.tree.leaves(compiled.output_shardings)
             )
             out["leaves"] = len(jax.tree.leaves(compiled.output_shardings))
     key = "params_and_optimizer_bytes_per_device"
     out["sharded_over_replicated"] = out["sharded"][key] / out["replicated"][key]
+    out["sharded_flat_over_replicated"] = out["sharded_flat"][key] / out["replicated"][key]
     return out
 
 
@@ -124,16 +145,20 @@ def memory_problems(memory: dict) -> list[str]:
         xla = memory[layout]["xla_output_bytes_per_device"]
         if xla is not None and abs(xla - ours) > 1e-3 * ours:
             problems.append(f"{layout}: {ours} bytes from the shardings, {xla} from XLA")
-    if memory["sharded_over_replicated"] > 1.05 / memory["devices"]:
-        problems.append(
-            f"sharded holds {memory['sharded_over_replicated']:.4f} of replicated, "
-            f"not about 1/{memory['devices']}"
-        )
+    for layout in ("sharded", "sharded_flat"):
+        share = memory[f"{layout}_over_replicated"]
+        if share > 1.05 / memory["devices"]:
+            problems.append(
+                f"{layout} holds {share:.4f} of replicated, not about 1/{memory['devices']}"
+            )
     return problems
 
 
-def time_steps(overrides: dict, global_batch: int, steps: int, mesh=None, dtype="float32") -> dict:
-    """Median time of the full fine-tuning train step (every process calls this together)."""
+def time_steps(
+    overrides: dict, global_batch: int, steps: int, mesh=None, dtype="float32", shard=False
+) -> dict:
+    """Median time of the full fine-tuning train step (every process calls this together);
+    `shard`: fully sharded state, flat (`training.flat_sharded`) where flat collectives pay."""
     import jax
     import numpy as np
 
@@ -144,18 +169,28 @@ def time_steps(overrides: dict, global_batch: int, steps: int, mesh=None, dtype=
 
     mesh = sharding.data_mesh() if mesh is None else mesh
     name = "vit_tiny" if overrides else MEMORY_MODEL
-    init, placed, schedule, model, optimizer = _state_setup(name, overrides, mesh, False, False)
+    init, placed, schedule, model, optimizer, state_shardings, flat = _state_setup(
+        name, overrides, mesh, shard, False
+    )
     variables = jax.tree.map(
         lambda a: np.asarray(np.random.default_rng(0).normal(0, 0.02, a.shape), a.dtype), placed
     )
     state = init(sharding.put(variables, jax.tree.map(lambda a: a.sharding, placed)), schedule)
+    pays = flat_reduce.flat_reduce_pays(mesh)
+    flat = flat if pays else None  # as `training.loop.fit` chooses
+    if flat is not None:
+        state = flat.to_flat(state)
     step = jax.jit(
         step_lib.make_train_step(
-            model.apply, optimizer,
+            model.apply, optimizer if flat is None else flat.optimizer,
             step_lib.StepConfig(num_classes=NUM_CLASSES, compute_dtype=dtype),
             jaxmodels.spec_of(model).preprocessing,
-            flat_reduce_mesh=mesh if flat_reduce.flat_reduce_pays(mesh) else None,
+            grad_shardings=state_shardings.trainable if shard else None,
+            flat_reduce_mesh=mesh if pays else None,
+            flat_layout=None if flat is None else flat.layout,
         ),
+        out_shardings=(state_shardings if flat is None else flat.shardings,
+                       sharding.replicated_sharding(mesh)),
         donate_argnums=0,
     )  # fmt: skip
     local = sharding.check_batch_size(global_batch, mesh)
@@ -195,7 +230,7 @@ def _worker(args) -> None:
     import jax
 
     overrides = QUICK_STEP_MODEL if args.quick else STEP_MODEL
-    result = time_steps(overrides, args.batch_size, args.steps)
+    result = time_steps(overrides, args.batch_size, args.steps, shard=args.shard_params)
     if jax.process_index() == 0:
         result |= {"processes": jax.process_count(), "devices": jax.device_count()}
         pathlib.Path(args.worker).write_text(json.dumps(result))
@@ -208,13 +243,18 @@ def steps_part(args) -> dict:
     out = {"model": "vit_tiny", "overrides": QUICK_STEP_MODEL if args.quick else STEP_MODEL,
            "global_batch": args.batch_size, "timed_steps": args.steps}  # fmt: skip
     # 2x4: the default (the flat all-reduce of training.flat_reduce on CPU); 2x4_xla: XLA's
-    # per-leaf all-reduce, the path before it (HUBTUNE_FLAT_REDUCE=0)
-    runs = (("1x8", 1, 8, None), ("2x4", 2, 4, None), ("2x4_xla", 2, 4, "0"))
+    # per-leaf all-reduce, the path before it (HUBTUNE_FLAT_REDUCE=0); the same two with the
+    # state fully sharded: the flat sharded state of training.flat_sharded (one all-gather,
+    # one reduce-scatter), and XLA's per-leaf all-gathers and reduce-scatters
+    runs = (("1x8", 1, 8, None, False), ("2x4", 2, 4, None, False),
+            ("2x4_xla", 2, 4, "0", False), ("2x4_sharded", 2, 4, None, True),
+            ("2x4_sharded_xla", 2, 4, "0", True))  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
-        for label, processes, devices, forced in runs:
+        for label, processes, devices, forced, shard in runs:
             target = os.path.join(tmp, f"{label}.json")
             command = [__file__, "--worker", target, "--batch-size", str(args.batch_size),
-                       "--steps", str(args.steps)] + (["--quick"] if args.quick else [])  # fmt: skip
+                       "--steps", str(args.steps)] + (["--quick"] if args.quick else []) + (
+                       ["--shard-params"] if shard else [])  # fmt: skip
             previous = os.environ.pop("HUBTUNE_FLAT_REDUCE", None)
             if forced is not None:
                 os.environ["HUBTUNE_FLAT_REDUCE"] = forced
@@ -232,10 +272,19 @@ def steps_part(args) -> dict:
     out["ratio_2x4_xla_over_1x8"] = out["2x4_xla"]["median_step_s"] / out["1x8"]["median_step_s"]
     out["flat_speedup_over_xla_2x4"] = out["2x4_xla"]["median_step_s"] / out["2x4"]["median_step_s"]
     out["target_met"] = out["ratio_2x4_over_1x8"] <= 1.3
+    for label in ("2x4_sharded", "2x4_sharded_xla"):
+        out[f"ratio_{label}_over_1x8"] = out[label]["median_step_s"] / out["1x8"]["median_step_s"]
+    out["sharded_target_met"] = out["ratio_2x4_sharded_over_1x8"] <= 1.5
     print(
         f"2x4 / 1x8 step time: flat {out['ratio_2x4_over_1x8']:.2f}×, XLA per-leaf "
         f"{out['ratio_2x4_xla_over_1x8']:.2f}× (flat is {out['flat_speedup_over_xla_2x4']:.2f}× "
         f"faster; target ≤ 1.3×: {'met' if out['target_met'] else 'NOT met'})",
+        file=sys.stderr,
+    )
+    print(
+        f"2x4 sharded / 1x8 replicated step time: flat {out['ratio_2x4_sharded_over_1x8']:.2f}×, "
+        f"XLA per-leaf {out['ratio_2x4_sharded_xla_over_1x8']:.2f}× (target ≤ 1.5×: "
+        f"{'met' if out['sharded_target_met'] else 'NOT met'})",
         file=sys.stderr,
     )
     return out
@@ -290,6 +339,7 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-steps", action="store_true", help="skip part 2")
     parser.add_argument("--out", help="also write the JSON result here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # part 2's processes
+    parser.add_argument("--shard-params", action="store_true", help=argparse.SUPPRESS)  # workers
     args = parser.parse_args(argv)
     args.steps = args.steps or (5 if args.quick else 20)
     if args.worker:
