@@ -229,8 +229,9 @@ def buffered_update(buf: Buffered, feats_BD, labels_B, valid_B=None, source_prob
         raise ValueError(f"a batch of {batch} rows exceeds the buffer's {capacity}")
 
     def flush(r_factor, rows_LP, filled):
-        del filled
-        return _refactor(r_factor, rows_LP), jnp.zeros_like(rows_LP), jnp.zeros((), jnp.int32)
+        # zeros_like, not zeros(): inside `shard_map` the zeros must vary by device as `filled`
+        # does (`scoring.tsqr` keeps a buffer per device)
+        return _refactor(r_factor, rows_LP), jnp.zeros_like(rows_LP), jnp.zeros_like(filled)
 
     r_factor, rows_LP, filled = jax.lax.cond(
         buf.filled + batch > capacity,
