@@ -57,8 +57,11 @@ def merge_stacked(stats_M: ScoreStats) -> ScoreStats:
 
 
 def merge_buffered(bufs_M: Buffered) -> ScoreStats:
-    """`merge_stacked` of M row buffers [M, ...], each flushed: one QR of every device's R and
-    waiting rows, [M·(P + L), P] (zero rows change nothing), instead of M flushes and a merge.
+    """`merge_stacked` of M row buffers [M, ...], each flushed first (`stats.flushed`).
+
+    The M flushes are one batched QR of [M, P + L, P]: under `jit` with `bufs_M` sharded over
+    the devices, XLA splits it by its batch axis, so each device flushes its own buffer and only
+    the M factors [M, P, P] move for the merge (not the M·L buffered rows).
 
     Raises:
         ValueError: `bufs_M` has no leading device axis.
@@ -66,7 +69,8 @@ def merge_buffered(bufs_M: Buffered) -> ScoreStats:
     r_MPP, rows_MLP = bufs_M.stats.r_factor, bufs_M.rows_LP
     if r_MPP.ndim != 3:
         raise ValueError(f"bufs_M must have a leading device axis; got R {tuple(r_MPP.shape)}")
-    return _summed(bufs_M.stats, _r_factor(jnp.concatenate([r_MPP, rows_MLP], axis=1)))
+    flushed_MPP = jnp.linalg.qr(jnp.concatenate([r_MPP, rows_MLP], axis=1), mode="r")
+    return _summed(bufs_M.stats, _r_factor(flushed_MPP))
 
 
 def from_sharded_rows(

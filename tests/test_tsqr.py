@@ -136,6 +136,12 @@ def test_the_per_device_step_communicates_nothing_and_runs_without_transfers(mod
     assert carry.stats.r_factor.shape == (8, 1 + D + C, 1 + D + C)
     assert carry.stats.r_factor.sharding.spec == PartitionSpec("data")
     np.testing.assert_array_equal(carry.filled, np.full(8, 2 * ROWS))
+    # the merge flushes each device's buffer where it is: only the 8 factors [8·P, P] travel
+    mesh, size = sharding.data_mesh(), 1 + D + C
+    merge = jax.jit(tsqr.merge_buffered, out_shardings=sharding.replicated_sharding(mesh))
+    text = merge.lower(carry).compile().as_text()
+    gathers = [line.split("=")[1].split()[0] for line in text.splitlines() if "all-gather(" in line]
+    assert gathers == [f"f32[{8 * size},{size}]{{1,0}}"]
 
 
 def test_row_sharded_features_factor_per_device_and_equal_one_qr():

@@ -318,9 +318,13 @@ def _per_device_update(update, mesh: Mesh):
 def _per_device(carry, mesh: Mesh):
     """The replicated `carry` copied per device: a leading axis [M, ...] sharded over 'data'
     (made on the devices, so multi-host every process fills its own devices' copies)."""
-    shards = sharding.data_parallel_size(mesh)
-    tile = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (shards, *x.shape)), tree)
-    return jax.jit(tile, out_shardings=sharding.batch_sharding(mesh))(carry)
+
+    def build():
+        shards = sharding.data_parallel_size(mesh)
+        tile = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (shards, *x.shape)), tree)
+        return jax.jit(tile, out_shardings=sharding.batch_sharding(mesh))
+
+    return jit_cache.cached(("per-device carry", mesh), build)(carry)
 
 
 # ----------------------------------------------------------------------------- input
