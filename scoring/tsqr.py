@@ -15,6 +15,9 @@ The counts and joints are plain sums over devices.
   rows over the mesh: each device factors its rows (`jax.shard_map`), the M factors are merged
   once; no device ever holds all N rows.
 
+Import it as `from scoring import tsqr` (it needs `jaxmodels.sharding`, which `import scoring`
+alone does not load).
+
 Dimension names: M devices on the mesh's 'data' axis, N samples, D feature dimensions, C target
 classes, L buffered rows, P = 1 + D + C.
 """
