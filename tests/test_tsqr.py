@@ -186,7 +186,13 @@ def test_row_sharded_features_factor_per_device_and_equal_one_qr():
         assert moved and all(f"[256,{D}]" not in line and "[256]" not in line for line in moved)
 
 
-def test_merges_need_a_device_axis():
+def test_merges_need_a_device_axis(model_and_data):
+    model, variables, images, labels = model_and_data
+    with pytest.raises(TypeError, match="merge must be callable or None"):
+        jaxmodels.stream_reduce(
+            model, variables, images, labels=labels, init=_init(jnp.float32), update=_update({}),
+            merge="tsqr",
+        )  # fmt: skip
     stats = stats_lib.init(D, C)
     with pytest.raises(ValueError, match=r"\[M, P, P\]"):
         tsqr.merge_stacked(stats)

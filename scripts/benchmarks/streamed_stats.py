@@ -94,7 +94,8 @@ def _mesh_contest(args, dim, classes) -> dict:
     mesh = sharding.data_mesh(jax.devices("cpu")[: args.devices])
     shards = sharding.data_parallel_size(mesh)
     size = 1 + dim + classes
-    buffers = 4 if args.quick else 8  # replicated buffers' worth of rows
+    # many replicated buffers' worth of rows: the merge, once per stream, is paid off over N ≫ M·P
+    buffers = 16 if args.quick else 32
     num_rows = buffers * -(-size // (args.batch * shards)) * args.batch * shards
     rng = np.random.default_rng(1)
     rows_NF = rng.normal(size=(num_rows, 1, 1, dim)).astype(np.float32)
