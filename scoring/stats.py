@@ -13,7 +13,10 @@ feature-extraction step (`jaxmodels.stream_reduce`); the features [N, D] never l
   `scoring.spectrum`). Its blocks give what the scores need without cancellation: R[1:1+D,
   1:1+D] is the R factor of the centred features (the constant column's reflection removes the
   mean), R[1:1+D, 1+D:] the centred class indicators' coordinates, and R[:, 1:] a square root
-  of the Gram matrix of [F | Y] for LogME, which has no intercept;
+  of the Gram matrix of [F | Y] for LogME, which has no intercept. R is additive across row
+  sets (`merge`: the R factor of [R_a; R_b]), so under a mesh each device keeps its own R of its
+  own rows and the devices' factors are merged once (`scoring.tsqr`), instead of every device
+  gathering every batch for one replicated R;
 * NCE: the joint counts of (target class, argmax source class);
 * LEEP: the soft joint Σ_i θ(x_i) per target class gives P̂(y | z) — but LEEP's
   Σ_i log Σ_z P̂(y_i | z) θ(x_i)_z depends on P̂(y | z) inside a log, so it is no function of sums
@@ -112,7 +115,8 @@ def _refactor(r_factor, rows):
 
 def update(stats: ScoreStats, feats_BD, labels_B, valid_B=None, source_probs_BK=None):
     """Adds a batch. Pure and jittable; inside `jaxmodels.stream_reduce` the batch is sharded over
-    devices and XLA gathers it for the (replicated) QR and inserts the cross-device sums.
+    devices and XLA gathers it for the (replicated) QR and inserts the cross-device sums, unless
+    each device keeps its own statistics (`stream_reduce(merge=...)`, `scoring.tsqr`).
 
     Each call refactors [R; batch], a QR of P + B rows for B new ones: for streams of small
     batches and wide features (P = 869, B = 32) prefer `buffered_update`.
@@ -229,8 +233,9 @@ def buffered_update(buf: Buffered, feats_BD, labels_B, valid_B=None, source_prob
         raise ValueError(f"a batch of {batch} rows exceeds the buffer's {capacity}")
 
     def flush(r_factor, rows_LP, filled):
-        del filled
-        return _refactor(r_factor, rows_LP), jnp.zeros_like(rows_LP), jnp.zeros((), jnp.int32)
+        # zeros_like, not zeros(): inside `shard_map` the zeros must vary by device as `filled`
+        # does (`scoring.tsqr` keeps a buffer per device)
+        return _refactor(r_factor, rows_LP), jnp.zeros_like(rows_LP), jnp.zeros_like(filled)
 
     r_factor, rows_LP, filled = jax.lax.cond(
         buf.filled + batch > capacity,

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from jaxmodels import jit_cache, sharding
 from jaxmodels.inference import evaluate as inference
@@ -145,6 +146,7 @@ def stream_reduce(
     *,
     init: PyTree,
     update: Callable[[PyTree, jax.Array, jax.Array, jax.Array], PyTree],
+    merge: Callable[[PyTree], PyTree] | None = None,
     batch_size: int | None = None,
     labels=None,
     mesh: Mesh | None = None,
@@ -160,6 +162,12 @@ def stream_reduce(
     `valid_B == False` and zero images, so `update` must mask them out, e.g.
     `f = jnp.where(valid[:, None], feats, 0); return carry + f.T @ f`.
 
+    With `merge`, every device keeps its own carry instead: `update` sees only that device's
+    rows of each batch (inside `jax.shard_map`, so a step gathers nothing and sums nothing across
+    devices), and `merge` combines the M carries once at the end (M = the mesh's 'data' size).
+    Use it where a replicated carry would need every row on every device, e.g. a running QR
+    (`scoring.tsqr`: each device factors its own rows, the M factors are merged once).
+
     Args:
       model: a Flax Linen module with a `features` method (see `extract_features`).
       variables: the model's variables.
@@ -167,7 +175,11 @@ def stream_reduce(
         (a `Prepared` set is streamed from the host or sliced from the devices batch by batch).
       init: the initial carry, a pytree of arrays (identical on every process).
       update: `update(carry, feats_BD float32, labels_B int32, valid_B bool) -> carry` with
-        the same structure, shapes and dtypes as `init`; traced once, must be jittable.
+        the same structure, shapes and dtypes as `init`; traced once, must be jittable. With
+        `merge`, B is the rows per device (the global batch / M).
+      merge: `merge(carries) -> result` for per-device carries: `carries` is `init`'s pytree
+        with a leading axis [M, ...], device m's carry at index m; jitted, called once. Default
+        None: one replicated carry.
       batch_size: global number of images per step (multiple of the mesh's 'data' size);
         default 32 per device.
       labels: labels [N] (integers) for a float array `images`; other inputs carry their own.
@@ -178,7 +190,8 @@ def stream_reduce(
       progress: show a tqdm bar on process 0.
 
     Returns:
-      The final carry as replicated `jax.Array`s (use `np.asarray` to get NumPy).
+      The final carry (or with `merge`, its result) as replicated `jax.Array`s (use
+      `sharding.host_copy` to get NumPy).
 
     Raises:
       TypeError: wrong argument types, or `update` is not callable.
@@ -187,6 +200,8 @@ def stream_reduce(
     _check_model(model)
     if not callable(update):
         raise TypeError(f"update must be callable; got {type(update).__name__}")
+    if merge is not None and not callable(merge):
+        raise TypeError(f"merge must be callable or None; got {type(merge).__name__}")
     if _is_dataset(images):
         if labels is not None:
             raise ValueError("labels come with the data here; pass labels only with float arrays")
@@ -209,8 +224,11 @@ def stream_reduce(
         prep = None
     variables = sharding.replicate(inference._cast_floating(variables, dtype), mesh)
     carry = sharding.replicate(init, mesh)
+    if merge is not None:
+        carry = _per_device(carry, mesh)
     expected = _shapes(carry)
-    step = _stream_step(inference._with_compute_dtype(model, dtype), prep, dtype, mesh, update)
+    run_model = inference._with_compute_dtype(model, dtype)
+    step = _stream_step(run_model, prep, dtype, mesh, update, merge is not None)
 
     with inference._bar(None, progress, "features") as bar:
         for device_batch, batch in pairs:
@@ -225,7 +243,9 @@ def stream_reduce(
                 expected = None
             carry = step(carry, variables, *args)
             bar.update(batch.count * jax.process_count())
-    return carry
+    if merge is None:
+        return carry
+    return jax.jit(merge, out_shardings=sharding.replicated_sharding(mesh))(carry)
 
 
 # ----------------------------------------------------------------------------- steps
@@ -262,21 +282,49 @@ def _extract_step(model, prep, dtype, mesh, with_logits: bool):
     return jit_cache.cached(key, lambda: _ExtractStep(model, prep, dtype, mesh, with_logits))
 
 
-def _stream_step(model, prep, dtype, mesh: Mesh, update):
+def _stream_step(model, prep, dtype, mesh: Mesh, update, per_device: bool):
+    """The jitted step `(carry, variables, images, labels, valid) -> carry`: a replicated carry,
+    or with `per_device` a carry [M, ...] sharded over 'data' that `update` folds each device's
+    own rows into (`shard_map`: the features stay where the forward pass made them)."""
+
     def build():
         forward = inference.forward_fn(model, "features", prep, dtype)
+        fold = _per_device_update(update, mesh) if per_device else update
 
         def step(carry, variables, images_BHWC, labels_B, valid_B):
-            return update(carry, forward(variables, images_BHWC), labels_B, valid_B)
+            return fold(carry, forward(variables, images_BHWC), labels_B, valid_B)
 
         # Donating the carry lets XLA update it in place; CPU does not support donation.
         donate = () if mesh.devices.flat[0].platform == "cpu" else (0,)
-        return jax.jit(
-            step, out_shardings=sharding.replicated_sharding(mesh), donate_argnums=donate
-        )
+        out = sharding.batch_sharding(mesh) if per_device else sharding.replicated_sharding(mesh)
+        return jax.jit(step, out_shardings=out, donate_argnums=donate)
 
-    key = ("stream", model, prep, inference._dtype_key(dtype), mesh, update)
+    key = ("stream", model, prep, inference._dtype_key(dtype), mesh, update, per_device)
     return jit_cache.cached(key, build)
+
+
+def _per_device_update(update, mesh: Mesh):
+    """`update` over a carry [M, ...] and a batch, both sharded over 'data': device m folds its
+    rows into carry m, with no communication."""
+    spec = PartitionSpec(sharding.DATA_AXIS)
+
+    def local(carry_1, feats_bD, labels_b, valid_b):
+        carry = jax.tree.map(lambda x: x[0], carry_1)
+        return jax.tree.map(lambda x: x[None], update(carry, feats_bD, labels_b, valid_b))
+
+    return jax.shard_map(local, mesh=mesh, in_specs=spec, out_specs=spec)
+
+
+def _per_device(carry, mesh: Mesh):
+    """The replicated `carry` copied per device: a leading axis [M, ...] sharded over 'data'
+    (made on the devices, so multi-host every process fills its own devices' copies)."""
+
+    def build():
+        shards = sharding.data_parallel_size(mesh)
+        tile = lambda tree: jax.tree.map(lambda x: jnp.broadcast_to(x, (shards, *x.shape)), tree)
+        return jax.jit(tile, out_shardings=sharding.batch_sharding(mesh))
+
+    return jit_cache.cached(("per-device carry", mesh), build)(carry)
 
 
 # ----------------------------------------------------------------------------- input

@@ -4,9 +4,10 @@ For `scoring.hub.ranking`: builds each model reference (`jaxmodels.build`: a che
 folder, or a seeded random initialisation) and either extracts features and head logits over the
 data (`jaxmodels.extract_features`, with the model's own evaluation preprocessing — the one every
 package uses) or folds them into `scoring.ScoreStats` inside the extraction step
-(`jaxmodels.stream_reduce`). Results are cached under a key of the weights' content hash (or the
-random-init seed) and the data's fingerprint; the key is computed without building the model, so a
-second ranking of the same (model, data) compiles and extracts nothing.
+(`jaxmodels.stream_reduce`; each device keeps its own R factor, merged once: `scoring.tsqr`).
+Results are cached under a key of the weights' content hash (or the random-init seed) and the
+data's fingerprint; the key is computed without building the model, so a second ranking of the
+same (model, data) compiles and extracts nothing.
 
 Multi-process, every process extracts together and writes its own copy of the cache (hosts often
 cache on local disks); the cache is used only when every process has it, so no process extracts
@@ -27,6 +28,7 @@ import jaxmodels
 from jaxmodels import sharding
 from jaxmodels.atomic_files import write_atomic
 from scoring import stats as stats_lib
+from scoring import tsqr
 
 _CACHE_VERSION = 2
 _RANDOM_INIT_CLASSES = 1000  # a random-init model gets an ImageNet-sized head
@@ -176,21 +178,24 @@ def statistics_for(ref, data, scores, cache_dir, batch_size, seed, log, progress
         len(classes),
         num_source_classes=int(kernel_DK.shape[1]) if with_head else None,
     )
-    # R absorbs rows a buffer of ≥ P at a time (one QR per buffer, not one per batch); whole
-    # batches fill it (stream_reduce's default batch: 32 per device)
-    batch = batch_size or 32 * jax.device_count()
-    capacity = -(-init.r_factor.shape[0] // batch) * batch
-    _, acc = jaxmodels.stream_reduce(
+    # Every device folds its own rows of each batch into its own R, a buffer of ≥ P rows at a
+    # time (one QR per buffer, not one per batch; whole per-device batches fill it), and the
+    # devices' factors are merged once at the end (scoring.tsqr): no step moves rows between
+    # devices. (stream_reduce's default batch: 32 per device.)
+    rows = (batch_size or 32 * jax.device_count()) // jax.device_count()
+    capacity = -(-init.r_factor.shape[0] // rows) * rows
+    acc = jaxmodels.stream_reduce(
         model,
         variables,
         data,
         init=(head, stats_lib.buffered(init, capacity)),
         update=update,
+        merge=lambda carry_M: tsqr.merge_buffered(carry_M[1]),
         batch_size=batch_size,
         progress=progress,
     )
     # host copies: global arrays of a multi-process run cannot mix with local ones below
-    acc = sharding.host_copy(stats_lib.flushed(acc))
+    acc = sharding.host_copy(acc)
     second = None
     if "leep" in scores:  # LEEP's second pass needs P̂(y | z) from the first
         _, second = jaxmodels.stream_reduce(

@@ -10,8 +10,9 @@ requested transferability scores, rank, and, given fine-tuned accuracies, measur
 weighted Kendall τ, Kendall τ and top-1 regret and plot score against accuracy.
 
 With `stream=True` features never leave the device: `jaxmodels.stream_reduce` folds them into
-`scoring.ScoreStats` inside the extraction step (LEEP takes a second pass), so only the scores that
-streamed statistics determine are available (logme, hscore, leep, nce); the statistics are cached.
+`scoring.ScoreStats` inside the extraction step, each device its own rows, merged once at the end
+(`scoring.tsqr`; LEEP takes a second pass), so only the scores that streamed statistics determine
+are available (logme, hscore, leep, nce); the statistics are cached.
 
 Scores are computed in float64 on the host CPU (pinned, also on accelerator hosts) from the
 float32 features.
