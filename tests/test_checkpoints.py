@@ -12,9 +12,8 @@ import pytest
 from tiny_classifier import init_tiny
 
 import jaxmodels
-from training import checkpoints, loop, optim
-from training import step as step_lib
-from training.config import RunError
+from training import checkpoints, loop
+from training.config import RunError, TrainConfig
 
 NUM_CLASSES = 3
 BATCH = 16
@@ -28,23 +27,21 @@ def _source(n=80, seed=0):
     return jaxmodels.ArraySource(images, labels)
 
 
-def _fit(ckpt_dir, *, mode="ssf", stop_after=None, batch_norm=True, seed=0, log_path=None,
+def _fit(ckpt_dir, *, mode="full", stop_after=None, batch_norm=True, seed=0, log_path=None,
          lines=None):  # fmt: skip
-    """SSF with EMA, label smoothing, BatchNorm, mixup and cutmix: every source of randomness."""
+    """Full fine-tuning of an SSF model with EMA, label smoothing, moving BatchNorm statistics,
+    mixup and cutmix (the "strong" augmentation): every source of randomness and state."""
     model, variables = init_tiny(ssf=True, batch_norm=batch_norm, num_classes=NUM_CLASSES)
-    source = _source()
-    epochs = 2
-    total = loop.total_steps(len(source), BATCH, epochs)  # 5 steps per epoch, 10 in all
+    # 80 examples in batches of 16: 5 steps per epoch, 10 in all
+    config = TrainConfig(
+        mode=mode, epochs=2, batch_size=BATCH, lr=0.01, warmup_epochs=0.4, ema_decay=0.9,
+        label_smoothing=0.1, augmentation="strong", seed=seed, checkpoint_every=3,
+        stop_after_steps=stop_after, num_workers=0,
+    )  # fmt: skip
     return loop.fit(
-        model, variables, source, jaxmodels.Augment(PREP, scale=(0.5, 1.0)),
-        optim.OptimConfig(learning_rate=0.01, total_steps=total, warmup_steps=2),
-        step_lib.StepConfig(num_classes=NUM_CLASSES, ema_decay=0.9, label_smoothing=0.1,
-                            mixup_alpha=0.8, cutmix_alpha=1.0, update_batch_stats=True),
-        loop.FitConfig(epochs=epochs, global_batch=BATCH, seed=seed, mode=mode,
-                       checkpoint_dir=None if ckpt_dir is None else str(ckpt_dir),
-                       checkpoint_every=3, stop_after_steps=stop_after, progress=False,
-                       log_path=log_path, log_every=1),
-        eval_data=_source(24, seed=1), identity={"model": "tiny"},
+        model, variables, _source(), PREP, config, eval_data=_source(24, seed=1),
+        checkpoint_dir=None if ckpt_dir is None else str(ckpt_dir), log_path=log_path,
+        log_every=1, identity={"model": "tiny"}, progress=False,
         log=(lines.append if lines is not None else lambda _: None),
     )  # fmt: skip
 
@@ -139,9 +136,9 @@ def test_empty_checkpoint_metadata_is_reported_not_a_traceback(runs, tmp_path):
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        ({"mode": "linear"}, r"mode: this run has 'linear', checkpoint has 'ssf'"),
+        ({"mode": "linear"}, r"mode: this run has 'linear', checkpoint has 'full'"),
         ({"seed": 1}, r"seed: this run has 1, checkpoint has 0"),
-        ({"batch_norm": False}, r"frozen/bn/bias: checkpoint has \[4\], this run has none"),
+        ({"batch_norm": False}, r"trainable/bn/bias: checkpoint has \[4\], this run has none"),
     ],
 )
 def test_resume_into_a_different_run_is_refused(runs, change, match):

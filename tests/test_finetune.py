@@ -17,9 +17,8 @@ from tiny_classifier import init_tiny, random_variables
 
 import jaxmodels
 from jaxmodels.models import paths
-from training import load_run, loop, optim, run_folder, sweep
-from training import step as step_lib
-from training.config import RunConfig, RunError
+from training import load_run, loop, run_folder, sweep
+from training.config import RunConfig, RunError, TrainConfig
 
 NUM_CLASSES = 3
 REPO = pathlib.Path(__file__).parents[1]
@@ -38,16 +37,14 @@ def _learnable_task(n=96, size=8, seed=0):
 def test_fit_reduces_loss_on_a_learnable_task(tmp_path):
     model, variables = init_tiny(ssf=True, num_classes=NUM_CLASSES)
     source = _learnable_task()
-    config = loop.FitConfig(
-        epochs=4, global_batch=16, mode="ssf", log_path=str(tmp_path / "log.jsonl"), log_every=1,
-        progress=False,
-    )  # fmt: skip
-    total = loop.total_steps(len(source), 16, 4)
+    # 96 examples in batches of 16: 6 steps per epoch, 2 of them warmup, 24 in all
+    config = TrainConfig(mode="ssf", epochs=4, batch_size=16, lr=0.03, warmup_epochs=1 / 3,
+                         num_workers=0)  # fmt: skip
+    total = 24
     lines = []
     result = loop.fit(
-        model, variables, source, jaxmodels.Augment(PREP, scale=(0.5, 1.0)),
-        optim.OptimConfig(learning_rate=0.03, total_steps=total, warmup_steps=2),
-        step_lib.StepConfig(num_classes=NUM_CLASSES), config, eval_data=source, log=lines.append,
+        model, variables, source, PREP, config, eval_data=source,
+        log_path=str(tmp_path / "log.jsonl"), log_every=1, progress=False, log=lines.append,
     )  # fmt: skip
     assert result.finished and result.resumed_from is None
     # the train step donates its state; the caller's variables must not be among the donated
@@ -67,21 +64,8 @@ def test_fit_reduces_loss_on_a_learnable_task(tmp_path):
 def test_fit_rejects_batch_not_divisible_by_devices():
     model, variables = init_tiny(num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="batch_size must be a positive multiple of the 8"):
-        loop.fit(
-            model, variables, _learnable_task(), jaxmodels.Augment(PREP), optim.OptimConfig(),
-            step_lib.StepConfig(num_classes=NUM_CLASSES),
-            loop.FitConfig(global_batch=12, progress=False),
-        )  # fmt: skip
-
-
-def test_fit_rejects_a_schedule_of_another_length():
-    model, variables = init_tiny(num_classes=NUM_CLASSES)
-    with pytest.raises(ValueError, match=r"total_steps must equal epochs \* steps per epoch"):
-        loop.fit(
-            model, variables, _learnable_task(), jaxmodels.Augment(PREP),
-            optim.OptimConfig(total_steps=7), step_lib.StepConfig(num_classes=NUM_CLASSES),
-            loop.FitConfig(global_batch=16, progress=False),
-        )  # fmt: skip
+        loop.fit(model, variables, _learnable_task(), PREP, TrainConfig(batch_size=12),
+                 progress=False)  # fmt: skip
 
 
 def test_sweep_grid_names_one_folder_per_run(tmp_path):

@@ -8,6 +8,7 @@ from tiny_classifier import init_tiny
 
 from jaxmodels.models import paths
 from training import masks, optim
+from training.config import TrainConfig
 
 
 def _state_param_keys(opt_state) -> set[str]:
@@ -25,7 +26,7 @@ def test_optimizer_state_has_entries_for_trainable_leaves_only(mode):
     mask = masks.trainable_mask(params, mode)
     trainable, frozen = masks.split_params(params, mask)
     decay = paths.flatten(masks.weight_decay_mask(params))
-    _, opt_state = optim.init_optimizer(optim.OptimConfig(total_steps=10), trainable, decay)
+    _, opt_state = optim.init_optimizer(TrainConfig(), trainable, decay)
     # the learning rate lives in the state too (set each step from the schedule)
     assert _state_param_keys(opt_state) == set(trainable) | {"learning_rate"}
     assert not _state_param_keys(opt_state) & set(frozen)
@@ -36,20 +37,19 @@ def test_optimizer_state_has_entries_for_trainable_leaves_only(mode):
 
 
 def test_schedule_is_linear_warmup_then_cosine():
-    config = optim.OptimConfig(learning_rate=0.1, total_steps=20, warmup_steps=5, end_lr_ratio=0.1)
-    schedule = optim.make_schedule(config)
+    # 4 epochs of 5 steps, one of them warmup: 5 warmup steps, 20 in all
+    schedule = optim.make_schedule(TrainConfig(lr=0.1, epochs=4, warmup_epochs=1), 5)
     for t in range(21):
         if t < 5:
             expected = 0.1 * t / 5
         else:
-            expected = 0.01 + (0.1 - 0.01) * 0.5 * (1 + np.cos(np.pi * (t - 5) / 15))
+            expected = 0.1 * 0.5 * (1 + np.cos(np.pi * (t - 5) / 15))
         np.testing.assert_allclose(float(schedule(t)), expected, rtol=1e-6, atol=1e-9)
 
 
 def test_schedule_of_warmup_only_ramps_to_the_peak():
-    schedule = optim.make_schedule(
-        optim.OptimConfig(learning_rate=0.2, total_steps=4, warmup_steps=4)
-    )
+    # warmup longer than the run: it ends at the run's last step
+    schedule = optim.make_schedule(TrainConfig(lr=0.2, epochs=1, warmup_epochs=3), 4)
     np.testing.assert_allclose(
         [float(schedule(t)) for t in range(5)], [0, 0.05, 0.1, 0.15, 0.2], rtol=1e-6
     )
@@ -61,9 +61,7 @@ def test_adamw_step_matches_numpy(jit):
     params = {"a/kernel": rng.normal(size=(3, 2)), "a/bias": rng.normal(size=(2,))}
     grads = {k: rng.normal(size=v.shape) * 3 for k, v in params.items()}
     lr, wd, clip, b1, b2, eps = 0.1, 0.5, 1.0, 0.9, 0.999, 1e-8
-    config = optim.OptimConfig(
-        learning_rate=lr, total_steps=4, warmup_steps=0, weight_decay=wd, clip_norm=clip
-    )
+    config = TrainConfig(lr=lr, warmup_epochs=0, weight_decay=wd, clip_norm=clip)
     decay = {"a/kernel": True, "a/bias": False}
     opt, state = optim.init_optimizer(config, jax.tree.map(jnp.asarray, params), decay)
     update = jax.jit(opt.update) if jit else opt.update
@@ -82,23 +80,12 @@ def test_adamw_step_matches_numpy(jit):
 
 def test_init_optimizer_needs_a_decay_entry_per_trainable_leaf():
     with pytest.raises(ValueError, match=r"decay_mask has no entry .*'b'"):
-        optim.init_optimizer(optim.OptimConfig(), {"b": jnp.zeros(2)}, {"a": True})
+        optim.init_optimizer(TrainConfig(), {"b": jnp.zeros(2)}, {"a": True})
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"learning_rate": 0.0}, "learning_rate must be > 0"),
-        ({"total_steps": 0}, "total_steps must be >= 1"),
-        ({"total_steps": 5, "warmup_steps": 6}, r"warmup_steps must be in \[0, total_steps=5\]"),
-        ({"end_lr_ratio": 2.0}, r"end_lr_ratio must be in \[0, 1\]"),
-        ({"weight_decay": -1.0}, "weight_decay must be >= 0"),
-        ({"clip_norm": 0.0}, "clip_norm must be > 0 or None"),
-    ],
-)
-def test_bad_optim_config_is_a_value_error(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        optim.OptimConfig(**kwargs)
+def test_a_schedule_needs_a_step_per_epoch():
+    with pytest.raises(ValueError, match="steps_per_epoch must be >= 1"):
+        optim.schedule_state(TrainConfig(), 0)
 
 
 def test_tree_bytes_counts_array_bytes():
@@ -119,15 +106,15 @@ def test_a_sweep_shares_one_compiled_step():
     trainable, _ = masks.split_params(variables["params"], mask)
     decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
     texts = []
-    for lr, steps in ((0.1, 10), (0.003, 37)):
-        config = optim.OptimConfig(learning_rate=lr, total_steps=steps, warmup_steps=2)
+    for lr, epochs, seed in ((0.1, 2, 0), (0.003, 7, 5)):
+        config = TrainConfig(mode="full", lr=lr, epochs=epochs, warmup_epochs=0.4, seed=seed)
+        assert step_lib.compile_key(config) == step_lib.compile_key(TrainConfig(mode="full"))
         optimizer, _ = optim.init_optimizer(config, trainable, decay)
         state = step_lib.init_train_state(variables, mask, optimizer,
-                                          schedule=optim.schedule_state(config))  # fmt: skip
-        step = step_lib.make_train_step(model.apply, optimizer,
-                                        step_lib.StepConfig(num_classes=3))  # fmt: skip
+                                          schedule=optim.schedule_state(config, 5))  # fmt: skip
+        step = step_lib.make_train_step(model.apply, optimizer, config, 3)
         batch = {"image": jnp.zeros((4, 8, 8, 3)), "label": jnp.zeros(4, jnp.int32)}
         texts.append(jax.jit(step).lower(state, batch, jax.random.key(0)).as_text())
         _, metrics = jax.jit(step)(state.replace(step=jnp.asarray(3)), batch, jax.random.key(0))
-        assert float(metrics["lr"]) == pytest.approx(float(optim.make_schedule(config)(3)))
+        assert float(metrics["lr"]) == pytest.approx(float(optim.make_schedule(config, 5)(3)))
     assert texts[0] == texts[1]

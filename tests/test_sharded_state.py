@@ -18,7 +18,7 @@ import jaxmodels
 from jaxmodels import sharding
 from jaxmodels.weights.checkpoint_io import restore_as_numpy
 from training import loop, optim
-from training import step as step_lib
+from training.config import TrainConfig
 
 NUM_CLASSES = 8
 BATCH = 16
@@ -69,19 +69,17 @@ def _fit(tmp, name, *, shard_params, stop_after=None, checkpoint=None, flat=Fals
 def _fit_here(tmp, name, *, shard_params, stop_after=None, checkpoint=None):
     model = Divisible()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
-    source = _source()
-    epochs = 2
-    total = loop.total_steps(len(source), BATCH, epochs)  # 4 per epoch, 8 in all
     log_path = tmp / f"{name}.jsonl"
+    # 4 steps per epoch, one of them warmup, 8 in all
+    config = TrainConfig(
+        mode="full", epochs=2, batch_size=BATCH, lr=0.003, warmup_epochs=0.25, ema_decay=0.9,
+        augmentation="none", checkpoint_every=2, stop_after_steps=stop_after, num_workers=0,
+        shard_params=shard_params,
+    )  # fmt: skip
     result = loop.fit(
-        model, variables, source, jaxmodels.Augment(PREP, scale=(1.0, 1.0), ratio=(1.0, 1.0)),  # flips only
-        optim.OptimConfig(learning_rate=0.003, total_steps=total, warmup_steps=1),
-        step_lib.StepConfig(num_classes=NUM_CLASSES, ema_decay=0.9),
-        loop.FitConfig(epochs=epochs, global_batch=BATCH, mode="full", shard_params=shard_params,
-                       checkpoint_dir=None if checkpoint is None else str(tmp / checkpoint),
-                       checkpoint_every=2, stop_after_steps=stop_after, log_path=str(log_path),
-                       log_every=1, progress=False),
-        log=lambda _: None,
+        model, variables, _source(), PREP, config,
+        checkpoint_dir=None if checkpoint is None else str(tmp / checkpoint),
+        log_path=str(log_path), log_every=1, progress=False, log=lambda _: None,
     )  # fmt: skip
     # (loss, gradient norm) per step: Adam is nearly blind to the gradients' scale, their norm
     # is not (a mean taken as a sum would show there only)
@@ -243,13 +241,13 @@ def test_the_flat_sharded_state_holds_an_eighth_per_device():
     model = Divisible()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     mesh = sharding.data_mesh()
-    config = optim.OptimConfig(total_steps=8)
+    config = TrainConfig(mode="full", epochs=2)
     mask = masks.trainable_mask(variables["params"], "full")
     trainable, _ = masks.split_params(variables["params"], mask)
     decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
     decay = {k: bool(decay[k]) for k in trainable}
     optimizer = optim.make_optimizer(config, decay)
-    schedule = optim.schedule_state(config)
+    schedule = optim.schedule_state(config, 4)
     init, variable_shardings, state_shardings = loop.state_initializer(
         variables, schedule, mask, optimizer, ema=True, mesh=mesh, shard_params=True
     )

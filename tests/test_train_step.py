@@ -13,26 +13,26 @@ from jaxmodels import sharding
 from jaxmodels.models import paths
 from training import flat_sharded, masks, optim
 from training import step as step_lib
+from training.config import TrainConfig
 
 NUM_CLASSES = 3
 
 
-def _setup(mode, *, ssf=True, batch_norm=False, ema=None, compute_dtype="float32", clip_norm=1.0,
-           **step_kw):  # fmt: skip
+def _config(mode="ssf", **kwargs):
+    return TrainConfig(**{"mode": mode, "lr": 0.05, "weight_decay": 0.1, "augmentation": "none",
+                          **kwargs})  # fmt: skip
+
+
+def _setup(mode, *, ssf=True, batch_norm=False, **config_kw):
     model, variables = init_tiny(ssf=ssf, batch_norm=batch_norm, num_classes=NUM_CLASSES)
     params = variables["params"]
     mask = masks.trainable_mask(params, mode)
     trainable, _ = masks.split_params(params, mask)
     decay = paths.flatten(masks.weight_decay_mask(params))
-    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1,
-                               clip_norm=clip_norm)  # fmt: skip
+    config = _config(mode, **config_kw)
     optimizer, _ = optim.init_optimizer(config, trainable, decay)
-    state = step_lib.init_train_state(variables, mask, optimizer, ema=ema is not None)
-    step_config = step_lib.StepConfig(
-        num_classes=NUM_CLASSES, ema_decay=ema, compute_dtype=compute_dtype,
-        update_batch_stats=(mode == "full"), **step_kw,
-    )  # fmt: skip
-    step = step_lib.make_train_step(model.apply, optimizer, step_config)
+    state = step_lib.init_train_state(variables, mask, optimizer, ema=config.ema_decay is not None)
+    step = step_lib.make_train_step(model.apply, optimizer, config, NUM_CLASSES)
     return model, variables, state, step
 
 
@@ -100,7 +100,7 @@ def test_gradient_is_taken_only_wrt_trainable_leaves():
         return jax.tree.map(jnp.zeros_like, grads), opt_state
 
     spy = optax.GradientTransformation(lambda p: optax.EmptyState(), update)
-    step = step_lib.make_train_step(model.apply, spy, step_lib.StepConfig(num_classes=3))
+    step = step_lib.make_train_step(model.apply, spy, _config(), NUM_CLASSES)
     state = state.replace(opt_state=spy.init(state.trainable))
     step(state, _batch(), jax.random.key(0))
     assert seen["keys"] == set(state.trainable)
@@ -108,7 +108,7 @@ def test_gradient_is_taken_only_wrt_trainable_leaves():
 
 
 def test_ema_is_decay_weighted_average_of_trainable_weights():
-    _, _, state, step = _setup("ssf", ema=0.9)
+    _, _, state, step = _setup("ssf", ema_decay=0.9)
     new_state, _ = jax.jit(step)(state, _batch(), jax.random.key(0))
     for k, old in state.trainable.items():
         expected = 0.9 * np.asarray(old) + 0.1 * np.asarray(new_state.trainable[k])
@@ -117,7 +117,7 @@ def test_ema_is_decay_weighted_average_of_trainable_weights():
 
 
 def test_bfloat16_compute_keeps_float32_master_weights():
-    _, _, state, step = _setup("full", compute_dtype="bfloat16")
+    _, _, state, step = _setup("full", bf16=True)
     new_state, metrics = jax.jit(step)(state, _batch(), jax.random.key(0))
     assert all(v.dtype == jnp.float32 for v in new_state.trainable.values())
     assert np.isfinite(float(metrics["loss"]))
@@ -166,7 +166,8 @@ def test_cutmix_label_weight_equals_pasted_area(jit):
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_mix_picks_mixup_or_cutmix_per_batch(jit):
-    config = step_lib.StepConfig(num_classes=4, mixup_alpha=0.8, cutmix_alpha=1.0)
+    config = _config(augmentation="strong")
+    assert config.mix_alphas == (0.8, 1.0)
     b = 4
     x = np.broadcast_to(np.arange(b, dtype=np.float32)[:, None, None, None], (b, 6, 6, 1))
     y = np.eye(b, dtype=np.float32)
@@ -211,13 +212,12 @@ def test_flat_reduce_step_equals_the_single_device_step():
     batch = _batch(batch=16)
     expected, expected_metrics = jax.jit(step)(state, batch, jax.random.key(0))
     mesh = sharding.data_mesh()
+    config = _config()
     optimizer = optim.init_optimizer(
-        optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1),
-        state.trainable,
-        paths.flatten(masks.weight_decay_mask(variables["params"])),
+        config, state.trainable, paths.flatten(masks.weight_decay_mask(variables["params"]))
     )[0]
-    config = step_lib.StepConfig(num_classes=NUM_CLASSES, update_batch_stats=False)
-    flat_step = step_lib.make_train_step(model.apply, optimizer, config, flat_reduce_mesh=mesh)
+    flat_step = step_lib.make_train_step(model.apply, optimizer, config, NUM_CLASSES,
+                                         flat_reduce_mesh=mesh)  # fmt: skip
     sharded = sharding.shard_local_batch(jax.device_get(batch), mesh)
     state_r = jax.device_put(state, NamedSharding(mesh, P()))
     key = jax.device_put(jax.random.key(0), NamedSharding(mesh, P()))
@@ -235,19 +235,10 @@ def test_flat_reduce_step_equals_the_single_device_step():
         np.testing.assert_allclose(float(metrics[name]), float(expected_metrics[name]), rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"num_classes": 1}, "num_classes must be >= 2"),
-        ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
-        ({"mixup_alpha": -1.0}, "mixup_alpha and cutmix_alpha must be >= 0"),
-        ({"ema_decay": 1.0}, r"ema_decay must be in \(0, 1\)"),
-        ({"compute_dtype": "float16"}, "compute_dtype must be one of"),
-    ],
-)
-def test_bad_step_config_is_a_value_error(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        step_lib.StepConfig(**{"num_classes": 3, **kwargs})
+def test_a_head_of_one_class_is_refused():
+    model, _ = init_tiny(num_classes=NUM_CLASSES)
+    with pytest.raises(ValueError, match="num_classes must be >= 2"):
+        step_lib.make_train_step(model.apply, optax.sgd(0.1), _config(), 1)
 
 
 @pytest.mark.parametrize(
@@ -263,12 +254,10 @@ def test_jaxmodels_step_changes_only_mode_leaves(name, mode, head):
     mask = masks.trainable_mask(params, mode, head)
     trainable, _ = masks.split_params(params, mask)
     decay = paths.flatten(masks.weight_decay_mask(params))
-    optimizer, _ = optim.init_optimizer(optim.OptimConfig(learning_rate=0.01), trainable, decay)
+    config = _config(mode, lr=0.01)
+    optimizer, _ = optim.init_optimizer(config, trainable, decay)
     state = step_lib.init_train_state(variables, mask, optimizer)
-    step = step_lib.make_train_step(
-        model.apply, optimizer,
-        step_lib.StepConfig(num_classes=NUM_CLASSES, update_batch_stats=False),
-    )  # fmt: skip
+    step = step_lib.make_train_step(model.apply, optimizer, config, NUM_CLASSES)
     new_state, _ = jax.jit(step)(state, _batch(size=32), jax.random.key(0))
     before = paths.flatten(params)
     changed = _changed(before, paths.flatten(new_state.params()))
@@ -280,7 +269,7 @@ def test_jaxmodels_step_changes_only_mode_leaves(name, mode, head):
 def test_each_step_draws_new_mixing_from_the_run_key():
     # the run passes one key; the step number is folded in, so step 1 mixes differently from
     # step 0 on the same batch and weights (a run that reused one draw would mix alike)
-    _, _, state, step = _setup("ssf", mixup_alpha=0.8, cutmix_alpha=1.0)
+    _, _, state, step = _setup("ssf", augmentation="strong")
     step = jax.jit(step)
     batch, key = _batch(batch=16), jax.random.key(3)
     losses = [float(step(state.replace(step=jnp.asarray(s, jnp.int32)), batch, key)[1]["loss"])
@@ -294,18 +283,16 @@ def _flat_sharded_setup(ema=0.9):
     """A tiny ssf model (decayed, not-decayed and frozen leaves; frozen BatchNorm statistics):
     the single-device reference step, and the flat sharded state and step on 8 devices."""
     # clip_norm below the gradients' norm (≈ 0.74): the clipping uses the flat step's norm
-    model, variables, state, step = _setup("ssf", batch_norm=True, ema=ema, clip_norm=0.5)
+    model, variables, state, step = _setup("ssf", batch_norm=True, ema_decay=ema, clip_norm=0.5)
     mesh = sharding.data_mesh()
     decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
     replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), state)
-    config = optim.OptimConfig(learning_rate=0.05, total_steps=10, weight_decay=0.1, clip_norm=0.5)
+    config = _config(ema_decay=ema, clip_norm=0.5)
     flat = flat_sharded.build(state, replicated, config, {k: decay[k] for k in state.trainable},
                               mesh)  # fmt: skip
-    step_config = step_lib.StepConfig(num_classes=NUM_CLASSES, ema_decay=ema,
-                                      update_batch_stats=False)  # fmt: skip
     flat_step = jax.jit(
-        step_lib.make_train_step(model.apply, flat.optimizer, step_config, flat_reduce_mesh=mesh,
-                                 flat_layout=flat.layout),
+        step_lib.make_train_step(model.apply, flat.optimizer, config, NUM_CLASSES,
+                                 flat_reduce_mesh=mesh, flat_layout=flat.layout),
         out_shardings=(flat.shardings, NamedSharding(mesh, P())),
     )  # fmt: skip
     flat_state = flat.to_flat(jax.device_put(state, replicated))
@@ -353,3 +340,17 @@ def test_flat_sharded_step_has_one_all_gather_and_one_reduce_scatter():
     (all_reduce,) = [line for line in hlo.splitlines() if " all-reduce(" in line]
     assert " = f32[3]{0} all-reduce(" in all_reduce
     assert "collective-permute(" not in hlo and "all-to-all(" not in hlo
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"label_smoothing": 0.1}, {"augmentation": "strong"}, {"ema_decay": 0.9}, {"bf16": True},
+     {"mode": "full"}],
+)  # fmt: skip
+def test_settings_the_step_compiles_in_are_in_its_compile_key(change):
+    # the loop reuses a compiled step for an equal key: a setting read as a Python value by
+    # the step but missing from the key would run a sweep's later runs with the first's value
+    assert step_lib.compile_key(_config(**change)) != step_lib.compile_key(_config())
+    assert step_lib.compile_key(_config(lr=0.3, seed=4, epochs=3)) == step_lib.compile_key(
+        _config()
+    )

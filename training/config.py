@@ -1,4 +1,5 @@
-"""What one fine-tuning run is: `RunConfig`, every field checked when it is made.
+"""What one fine-tuning run is: `TrainConfig` (how to train) inside `RunConfig` (which run),
+every field checked when it is made.
 
 A run folder stores its config as JSON (`config.json`, and again in `result.json`); a command
 started on an existing folder is compared with it field by field (`differences`), so a finished
@@ -39,41 +40,31 @@ OPERATIONAL_FIELDS = (
 
 
 @dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything one fine-tuning run needs (all JSON-able).
+class TrainConfig:
+    """How to train: the one settings object the loop, the train step, the optimizer and the
+    data pipeline read (`RunConfig` adds what names a run: its model, data and folder).
 
     Attributes:
-        model: a `jaxmodels.parse_model_ref` reference: ``NAME`` (random init), ``NAME=CHECKPOINT``
-            or a model/run folder (e.g. a linear-probe run, whose head is kept when the classes
-            match: the LP-FT recipe model soups need).
-        train_data: a data spec (`jaxmodels.data.sources.open_source`): ``tfds:NAME[:SPLIT]``, a ``.npz``
-            file or an image folder.
-        out_dir: the run folder (checkpoints, weights, metrics, results).
-        eval_data: evaluated after every epoch; ``None`` skips evaluation.
-        mode: ``full``, ``linear``, ``bitfit`` or ``ssf``.
-        epochs, batch_size: passes over the data and the global batch size.
-        lr, weight_decay, warmup_epochs, clip_norm: optimizer (AdamW, warmup + cosine).
+        mode: ``full``, ``linear``, ``bitfit`` or ``ssf`` (`training.masks`).
+        epochs, batch_size: passes over the data (each drops its last partial batch) and the
+            global batch size (a multiple of the device count).
+        lr, weight_decay, warmup_epochs, clip_norm: the optimizer (`training.optim`: AdamW,
+            linear warmup over ``warmup_epochs``, then cosine to zero; ``clip_norm=None`` does
+            not clip).
         label_smoothing: ε of label smoothing.
-        augmentation: a key of :data:`AUGMENTATIONS`.
+        augmentation: a key of :data:`AUGMENTATIONS`: the crop and flip of the pipeline, and
+            mixup/cutmix in the step.
         ema_decay: EMA of the trained weights (``None`` = off); the EMA is evaluated and saved.
-        bf16: compute in bfloat16 (float32 master weights).
-        image_size: model input side (default the model's own).
+        bf16: compute in bfloat16 (float32 master weights, optimizer state and loss).
         num_classes: the head's size; default the training data's class count.
         seed: data order, augmentation, dropout and mixup/cutmix randomness.
-        init_seed: every freshly initialised parameter (a new head, SSF, a random init). Runs of
-            a sweep share it, so they start from one point — what a model soup needs.
         checkpoint_every: steps between checkpoints (always one at the end).
-        tfds_data_dir: TFDS data directory.
-        num_workers: image-decoding threads.
-        stop_after_steps: stop early (e.g. a smoke test) without marking the run finished.
+        num_workers: image-decoding threads per process.
+        stop_after_steps: stop early (a smoke test, a killed job) without finishing the run.
         shard_params: shard parameters, gradients and optimizer state over the devices (fully
             sharded data parallel) instead of replicating them.
     """
 
-    model: str
-    train_data: str
-    out_dir: str
-    eval_data: str | None = None
     mode: str = "ssf"
     epochs: int = 10
     batch_size: int = 64
@@ -85,20 +76,14 @@ class RunConfig:
     augmentation: str = "light"
     ema_decay: float | None = None
     bf16: bool = False
-    image_size: int | None = None
     num_classes: int | None = None
     seed: int = 0
-    init_seed: int = 0
     checkpoint_every: int = 500
-    tfds_data_dir: str | None = None
     num_workers: int = 4
     stop_after_steps: int | None = None
     shard_params: bool = False
 
     def __post_init__(self):
-        for name in ("model", "train_data", "out_dir"):
-            if not isinstance(getattr(self, name), str) or not getattr(self, name):
-                raise RunError(f"{name} must be a non-empty string; got {getattr(self, name)!r}")
         if self.mode not in masks.MODES:
             raise RunError(f"mode must be one of {', '.join(masks.MODES)}; got {self.mode!r}")
         if self.augmentation not in AUGMENTATIONS:
@@ -108,11 +93,10 @@ class RunConfig:
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
         _positive_int("checkpoint_every", self.checkpoint_every)
-        for name in ("seed", "init_seed", "num_workers"):
+        for name in ("seed", "num_workers"):
             _int_at_least(name, getattr(self, name), 0)
-        for name in ("image_size", "stop_after_steps"):
-            if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+        if self.stop_after_steps is not None:
+            _positive_int("stop_after_steps", self.stop_after_steps)
         if self.num_classes is not None:
             _int_at_least("num_classes", self.num_classes, 2)
         _finite("lr", self.lr, low=0.0, low_open=True)
@@ -125,6 +109,65 @@ class RunConfig:
             _finite("ema_decay", self.ema_decay, low=0.0, low_open=True, high=1.0)
         if not isinstance(self.bf16, bool) or not isinstance(self.shard_params, bool):
             raise RunError("bf16 and shard_params must be booleans")
+
+    @property
+    def compute_dtype(self) -> str:
+        """``bfloat16`` or ``float32``: the dtype of the forward and backward passes."""
+        return "bfloat16" if self.bf16 else "float32"
+
+    @property
+    def update_batch_stats(self) -> bool:
+        """Only full fine-tuning moves BatchNorm statistics; other modes freeze the backbone."""
+        return self.mode == "full"
+
+    @property
+    def mix_alphas(self) -> tuple[float, float]:
+        """(mixup α, cutmix α) of the augmentation preset (0 = off)."""
+        preset = AUGMENTATIONS[self.augmentation]
+        return preset.get("mixup_alpha", 0.0), preset.get("cutmix_alpha", 0.0)
+
+    @property
+    def crop_options(self) -> dict[str, Any]:
+        """The pipeline's crop and flip (`jaxmodels.data.pipeline.Augment`'s options)."""
+        preset = AUGMENTATIONS[self.augmentation]
+        return {k: v for k, v in preset.items() if k not in ("mixup_alpha", "cutmix_alpha")}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig(TrainConfig):
+    """Everything one fine-tuning run needs (all JSON-able): how to train (`TrainConfig`'s
+    fields, keyword-only here too) and what the run is.
+
+    Attributes:
+        model: a `jaxmodels.parse_model_ref` reference: ``NAME`` (random init), ``NAME=CHECKPOINT``
+            or a model/run folder (e.g. a linear-probe run, whose head is kept when the classes
+            match: the LP-FT recipe model soups need).
+        train_data: a data spec (`jaxmodels.data.sources.open_source`): ``tfds:NAME[:SPLIT]``, a
+            ``.npz`` file or an image folder.
+        out_dir: the run folder (checkpoints, weights, metrics, results).
+        eval_data: evaluated after every epoch; ``None`` skips evaluation.
+        image_size: model input side (default the model's own).
+        init_seed: every freshly initialised parameter (a new head, SSF, a random init). Runs of
+            a sweep share it, so they start from one point — what a model soup needs.
+        tfds_data_dir: TFDS data directory.
+    """
+
+    model: str
+    train_data: str
+    out_dir: str
+    eval_data: str | None = None
+    image_size: int | None = None
+    init_seed: int = 0
+    tfds_data_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("model", "train_data", "out_dir"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise RunError(f"{name} must be a non-empty string; got {getattr(self, name)!r}")
+        super().__post_init__()
+        _int_at_least("init_seed", self.init_seed, 0)
+        if self.image_size is not None:
+            _positive_int("image_size", self.image_size)
 
     @property
     def model_name(self) -> str:

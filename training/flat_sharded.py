@@ -49,6 +49,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from jaxmodels import sharding
 from training import optim
+from training.config import TrainConfig
 
 DATA = sharding.DATA_AXIS
 DECAYED, NOT_DECAYED, FROZEN = "decayed", "not_decayed", "frozen"
@@ -172,14 +173,14 @@ class FlatSharded:
     to_tree: Callable
 
 
-def build(abstract_state, state_shardings, optim_config: optim.OptimConfig,
+def build(abstract_state, state_shardings, config: TrainConfig,
           decay: Mapping[str, bool], mesh: Mesh) -> FlatSharded | None:  # fmt: skip
     """The flat sharded state for a run whose pytree state is `abstract_state`.
 
     Args:
         abstract_state: the pytree `TrainState` (arrays or `jax.ShapeDtypeStruct`s).
         state_shardings: its shardings (from `loop.state_initializer`): `to_tree` returns them.
-        optim_config: the run's optimizer settings.
+        config: the run's settings (its optimizer's).
         decay: ``{path: bool}`` weight decay over the trainable leaves.
         mesh: the data mesh.
 
@@ -198,7 +199,7 @@ def build(abstract_state, state_shardings, optim_config: optim.OptimConfig,
     )
     to_flat = jax.jit(lambda s: state_to_flat(layout, s), out_shardings=shardings)
     to_tree = jax.jit(lambda s: state_to_tree(layout, s), out_shardings=state_shardings)
-    optimizer = optim.make_optimizer(optim_config, layout.decay_mask())
+    optimizer = optim.make_optimizer(config, layout.decay_mask())
     return FlatSharded(layout, optimizer, shardings, to_flat, to_tree)
 
 

@@ -35,62 +35,15 @@ from tqdm.auto import tqdm
 
 import jaxmodels
 from jaxmodels import jit_cache, sharding
-from jaxmodels.data import pipeline
+from jaxmodels.data import pipeline, preprocess
 from jaxmodels.models import paths
 from training import checkpoints, flat_reduce, flat_sharded, masks, optim
 from training import step as step_lib
+from training.config import TrainConfig
 
-
-@dataclasses.dataclass(frozen=True)
-class FitConfig:
-    """Loop settings.
-
-    Attributes:
-        epochs: passes over the training data (each drops the last partial batch).
-        global_batch: examples per step over all devices (divisible by the device count).
-        seed: data order, augmentation and dropout/mixup randomness.
-        mode: ``full``, ``linear``, ``bitfit`` or ``ssf`` (see ``training.masks``).
-        head_name: the top-level classifier module (``head`` for ViT, ``fc`` for ResNet).
-        checkpoint_dir: where to save/resume; ``None`` disables checkpoints.
-        checkpoint_every: save every this many steps (and always at the end).
-        log_path: JSON-lines metrics file; ``None`` disables it.
-        log_every: write training metrics every this many steps.
-        eval_with_ema: evaluate the EMA weights when EMA is on.
-        stop_after_steps: stop (without a final save) once the step count reaches this;
-            simulates a killed job and bounds benchmark runs. ``None`` runs to the end.
-        progress: show a tqdm progress bar (process 0 only).
-        num_workers: image-decoding threads per process.
-        shard_params: fully shard parameters, gradients, optimizer state and EMA over the
-            devices (FSDP) instead of replicating them; the same run to float32 rounding.
-    """
-
-    epochs: int = 1
-    global_batch: int = 64
-    seed: int = 0
-    mode: str = "full"
-    head_name: str = masks.HEAD_NAME
-    checkpoint_dir: str | None = None
-    checkpoint_every: int = 500
-    log_path: str | None = None
-    log_every: int = 10
-    eval_with_ema: bool = True
-    stop_after_steps: int | None = None
-    progress: bool = True
-    num_workers: int = 0
-    shard_params: bool = False
-
-    def __post_init__(self):
-        if self.mode not in masks.MODES:
-            raise ValueError(f"mode must be one of {masks.MODES}; got {self.mode!r}")
-        if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1; got {self.epochs}")
-        if self.global_batch < 1:
-            raise ValueError(f"global_batch must be >= 1; got {self.global_batch}")
-        if self.checkpoint_every < 1 or self.log_every < 1:
-            raise ValueError(
-                f"checkpoint_every and log_every must be >= 1; "
-                f"got {self.checkpoint_every}, {self.log_every}"
-            )
+# Training metrics are fetched from the device and logged every this many steps (a host sync)
+# by default.
+LOG_EVERY = 10
 
 
 # An interrupted or crashed single-process run loses at most this much training: a checkpoint
@@ -176,72 +129,72 @@ def fit(
     model,
     variables: dict,
     train_source,
-    augment: pipeline.Augment,
-    optim_config: optim.OptimConfig,
-    step_config: step_lib.StepConfig,
-    config: FitConfig,
+    preprocessing: preprocess.Preprocessing,
+    config: TrainConfig,
     *,
+    head_name: str = masks.HEAD_NAME,
     eval_data=None,
+    checkpoint_dir: str | None = None,
+    log_path: str | None = None,
+    log_every: int = LOG_EVERY,
     identity: dict | None = None,
+    progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> FitResult:
     """Fine-tunes ``variables`` on ``train_source`` and evaluates after each epoch.
 
     Args:
-        model: a Flax Linen classifier taking ``(variables, images, train=)``; the classifier
-            is its top-level module ``config.head_name``.
+        model: a Flax Linen classifier taking ``(variables, images, train=)``.
         variables: initial ``{"params": ..., ["batch_stats": ...]}``.
         train_source: an `ImageSource` (`jaxmodels.data.sources`) of training examples.
-        augment: the training augmentation; its ``prep`` is the model's preprocessing, also used
-            to normalise on the device and to prepare the evaluation set.
-        optim_config: optimizer settings; its ``total_steps`` should equal
-            ``epochs * steps_per_epoch`` (use :func:`total_steps`).
-        step_config: train-step options.
-        config: loop settings.
+        preprocessing: the model's; the pipeline crops to its side (``config.augmentation``),
+            the step normalises on the device, and the evaluation set is prepared with it.
+        config: the run's settings, read as one object by this loop, the pipeline, the step
+            (`step.compile_key`) and the optimizer (`optim.make_optimizer`).
+        head_name: the classifier's top-level module (``head`` for ViT, ``fc`` for ResNet).
         eval_data: optional labelled data (a source, spec or `jaxmodels.Prepared` set)
             evaluated after each epoch and at the end.
+        checkpoint_dir: where to save and resume; ``None`` disables checkpoints.
+        log_path: JSON-lines metrics file; ``None`` disables it.
+        log_every: write training metrics every this many steps (and at the last).
         identity: extra facts a resumed run must match (e.g. ``{"model": "vit_s16"}``).
+        progress: show a tqdm progress bar (process 0 only).
         log: prints progress lines (evaluations, resumption) on process 0; default `print`.
 
     Returns:
         A :class:`FitResult`.
 
     Raises:
-        ValueError: bad mode, a mask that selects nothing, a batch not divisible by the
-            device count, a schedule length other than the run's.
+        ValueError: a mask that selects nothing, a batch not divisible by the device count.
         training.config.RunError: a checkpoint from a different run.
     """
     log = log or print
     say = lambda text: log(text) if jax.process_index() == 0 else None
     mesh = sharding.data_mesh()
-    sharding.check_batch_size(config.global_batch, mesh)
+    sharding.check_batch_size(config.batch_size, mesh)
+    augment = pipeline.Augment(preprocessing, **config.crop_options)
+    num_classes = config.num_classes or train_source.num_classes
     train = pipeline.train_dataset(
-        train_source, augment, global_batch=config.global_batch, seed=config.seed,
+        train_source, augment, global_batch=config.batch_size, seed=config.seed,
         epochs=config.epochs, num_threads=config.num_workers,
     )  # fmt: skip
     per_epoch = train.steps_per_epoch
     total = config.epochs * per_epoch
-    if optim_config.total_steps != total:
-        # otherwise the cosine schedule would end early or never reach its floor
-        raise ValueError(
-            f"optim_config.total_steps must equal epochs * steps per epoch = "
-            f"{config.epochs} * {per_epoch} = {total}; got {optim_config.total_steps}"
-        )
-    trainable_mask = masks.trainable_mask(variables["params"], config.mode, config.head_name)
+    trainable_mask = masks.trainable_mask(variables["params"], config.mode, head_name)
     decay_mask = paths.flatten(masks.weight_decay_mask(variables["params"]))
     trainable, _ = masks.split_params(variables["params"], trainable_mask)
-    optimizer = optim.make_optimizer(optim_config, {k: bool(decay_mask[k]) for k in trainable})
+    optimizer = optim.make_optimizer(config, {k: bool(decay_mask[k]) for k in trainable})
 
     replicated = sharding.replicated_sharding(mesh)
-    ema = step_config.ema_decay is not None
-    schedule = optim.schedule_state(optim_config)
+    ema = config.ema_decay is not None
+    schedule = optim.schedule_state(config, per_epoch)
     decay_trainable = {k: bool(decay_mask[k]) for k in trainable}
     # one compiled initialiser and one compiled step per (model, optimizer shape, step options,
     # preprocessing, mesh, placement): the runs of a sweep differ in rates, seeds and lengths
     # only, which both read as data
-    key_fields = (model, config.mode, config.head_name,
-                  optim.compile_key(optim_config, decay_trainable), step_config, augment.prep,
-                  mesh, config.shard_params)  # fmt: skip
+    key_fields = (model, config.mode, head_name, num_classes,
+                  optim.compile_key(config, decay_trainable), step_lib.compile_key(config),
+                  preprocessing, mesh, config.shard_params)  # fmt: skip
     init, variable_shardings, state_shardings = jit_cache.cached(
         ("train_state_init", *key_fields),
         lambda: state_initializer(
@@ -256,33 +209,33 @@ def fit(
             **(identity or {}),
             "mode": config.mode,
             "seed": config.seed,
-            "global_batch": config.global_batch,
+            "global_batch": config.batch_size,
             "num_train_examples": len(train_source),
         },
     )
-    manager = checkpoints.make_manager(config.checkpoint_dir) if config.checkpoint_dir else None
+    manager = checkpoints.make_manager(checkpoint_dir) if checkpoint_dir else None
     resumed_from = None
     if manager is not None:
         restored = checkpoints.restore_latest(manager, state, run_id, say)
         if restored is not None:
             state, resumed_from = restored
-            say(f"resumed from step {resumed_from} of {total} ({config.checkpoint_dir})")
+            say(f"resumed from step {resumed_from} of {total} ({checkpoint_dir})")
             train = pipeline.train_dataset(
-                train_source, augment, global_batch=config.global_batch, seed=config.seed,
+                train_source, augment, global_batch=config.batch_size, seed=config.seed,
                 epochs=config.epochs, num_threads=config.num_workers, start_step=resumed_from,
             )  # fmt: skip
     batches = iter(train)
-    metrics_log = _MetricsLog(config.log_path)
+    metrics_log = _MetricsLog(log_path)
     evals = metrics_log.resume(resumed_from)
 
     flat = flat_reduce.flat_reduce_pays(mesh)
     # shard_params where flat collectives pay: a flat state (training.flat_sharded), put back in
     # the pytree layout for checkpoints, evaluations and the result
     use_flat = config.shard_params and flat
-    use_flat = use_flat and not (state.batch_stats and step_config.update_batch_stats)
+    use_flat = use_flat and not (state.batch_stats and config.update_batch_stats)
     flat_state = jit_cache.cached(
         ("flat_sharded", *key_fields, use_flat),
-        lambda: flat_sharded.build(state, state_shardings, optim_config, decay_trainable, mesh)
+        lambda: flat_sharded.build(state, state_shardings, config, decay_trainable, mesh)
         if use_flat else None,
     )  # fmt: skip
     as_tree = flat_state.to_tree if flat_state else lambda s: s
@@ -291,8 +244,8 @@ def fit(
         ("train_step", *key_fields, flat),
         lambda: jax.jit(
             step_lib.make_train_step(
-                model.apply, flat_state.optimizer if flat_state else optimizer, step_config,
-                augment.prep,
+                model.apply, flat_state.optimizer if flat_state else optimizer, config,
+                num_classes, preprocessing,
                 grad_shardings=state_shardings.trainable if config.shard_params else None,
                 flat_reduce_mesh=mesh if flat else None,
                 flat_layout=flat_state.layout if flat_state else None,
@@ -304,10 +257,10 @@ def fit(
     prepared = None
     if eval_data is not None:
         prepared = jaxmodels.prepare(
-            eval_data, augment.prep, batch_size=config.global_batch, mesh=mesh, progress=False
+            eval_data, preprocessing, batch_size=config.batch_size, mesh=mesh, progress=False
         )
-    eval_dtype = None if step_config.compute_dtype == "float32" else jnp.bfloat16
-    use_ema = config.eval_with_ema and step_config.ema_decay is not None
+    eval_dtype = jnp.bfloat16 if config.bf16 else None
+    use_ema = config.ema_decay is not None  # the EMA weights are the run's result
     # made on the mesh: a key array on one local device cannot be put on other hosts' devices
     key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
     metrics: dict = {}
@@ -316,7 +269,7 @@ def fit(
     bar = tqdm(
         total=total,
         initial=step,
-        disable=not config.progress or jax.process_index() > 0,
+        disable=not progress or jax.process_index() > 0,
         desc=f"fit[{config.mode}]",
         unit="step",
         leave=False,
@@ -339,7 +292,7 @@ def fit(
                 raise Interrupted(step, saved) from None
             step += 1
             bar.update(1)
-            if step % config.log_every == 0 or step == end:
+            if step % log_every == 0 or step == end:
                 metrics = {k: float(v) for k, v in host_copy(metrics).items()}
                 record = {"split": "train", "step": step, "epoch": step / per_epoch, **metrics}
                 metrics_log.write({**record, "elapsed_s": time.perf_counter() - tick})
@@ -415,8 +368,3 @@ def state_initializer(
     state_shardings = sharding.param_shardings(abstract, mesh, shard=shard_params)
     variable_shardings = sharding.param_shardings(variables, mesh, shard=shard_params)
     return jax.jit(init, out_shardings=state_shardings), variable_shardings, state_shardings
-
-
-def total_steps(num_examples: int, global_batch: int, epochs: int) -> int:
-    """Optimizer steps of a run: ``epochs * (num_examples // global_batch)``."""
-    return epochs * pipeline.steps_per_epoch(num_examples, global_batch)

@@ -11,68 +11,38 @@ References:
     Loshchilov, Hutter. "SGDR: Stochastic Gradient Descent with Warm Restarts", ICLR 2017.
 """
 
-import dataclasses
 from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from training.config import TrainConfig
 
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
-    """Optimizer hyper-parameters.
-
-    Attributes:
-        learning_rate: peak learning rate reached after warmup.
-        total_steps: number of optimizer steps of the whole run (the cosine ends there).
-        warmup_steps: linear warmup from 0 to ``learning_rate``.
-        end_lr_ratio: final learning rate as a fraction of the peak.
-        weight_decay: decoupled weight decay (AdamW), applied to masked-in leaves only.
-        clip_norm: clip gradients to this global norm; ``None`` disables clipping.
-        b1: Adam first-moment decay.
-        b2: Adam second-moment decay.
-    """
-
-    learning_rate: float = 1e-3
-    total_steps: int = 1000
-    warmup_steps: int = 0
-    end_lr_ratio: float = 0.0
-    weight_decay: float = 0.05
-    clip_norm: float | None = 1.0
-    b1: float = 0.9
-    b2: float = 0.999
-
-    def __post_init__(self):
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0; got {self.learning_rate}")
-        if self.total_steps < 1:
-            raise ValueError(f"total_steps must be >= 1; got {self.total_steps}")
-        if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(
-                f"warmup_steps must be in [0, total_steps={self.total_steps}]; "
-                f"got {self.warmup_steps}"
-            )
-        if not 0 <= self.end_lr_ratio <= 1:
-            raise ValueError(f"end_lr_ratio must be in [0, 1]; got {self.end_lr_ratio}")
-        if self.weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0; got {self.weight_decay}")
-        if self.clip_norm is not None and not self.clip_norm > 0:
-            raise ValueError(f"clip_norm must be > 0 or None; got {self.clip_norm}")
+# Adam's moment decays (the paper's, and big_vision's and timm's defaults for fine-tuning)
+ADAM_B1, ADAM_B2 = 0.9, 0.999
 
 
-def schedule_state(config: OptimConfig) -> dict[str, jax.Array]:
+def schedule_state(config: TrainConfig, steps_per_epoch: int) -> dict[str, jax.Array]:
     """The learning-rate schedule as data: peak and final rates, warmup and total steps.
 
-    A train state carries this dict and `learning_rate` reads it inside the step, so the compiled
-    step does not depend on the rates or the run's length: every run of a sweep (learning rates,
-    seeds, epochs) reuses one compilation.
+    Linear warmup to ``config.lr`` over ``config.warmup_epochs``, then cosine decay to zero at
+    the run's last step (``config.epochs * steps_per_epoch``). A train state carries this dict
+    and `learning_rate` reads it inside the step, so the compiled step does not depend on the
+    rates or the run's length: every run of a sweep (learning rates, seeds, epochs) reuses one
+    compilation.
     """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1; got {steps_per_epoch}")
+    total = config.epochs * steps_per_epoch
     return {
-        "peak_lr": jnp.asarray(config.learning_rate, jnp.float32),
-        "end_lr": jnp.asarray(config.learning_rate * config.end_lr_ratio, jnp.float32),
-        "warmup_steps": jnp.asarray(config.warmup_steps, jnp.int32),
-        "total_steps": jnp.asarray(config.total_steps, jnp.int32),
+        "peak_lr": jnp.asarray(config.lr, jnp.float32),
+        # the schedule ends at zero; the key stays so every checkpoint has one layout
+        "end_lr": jnp.asarray(0.0, jnp.float32),
+        "warmup_steps": jnp.asarray(
+            min(total, round(config.warmup_epochs * steps_per_epoch)), jnp.int32
+        ),
+        "total_steps": jnp.asarray(total, jnp.int32),
     }
 
 
@@ -94,23 +64,23 @@ def learning_rate(step, schedule: Mapping[str, jax.Array]) -> jax.Array:
     return jnp.where((step < warmup) | (decay == 0), jnp.minimum(ramp, peak), cosine)
 
 
-def make_schedule(config: OptimConfig):
+def make_schedule(config: TrainConfig, steps_per_epoch: int):
     """``step -> learning rate`` of `config` (warmup, then cosine), for logging and plots."""
-    state = schedule_state(config)
+    state = schedule_state(config, steps_per_epoch)
     return lambda step: learning_rate(step, state)
 
 
 def make_optimizer(
-    config: OptimConfig, decay_mask: Mapping[str, bool]
+    config: TrainConfig, decay_mask: Mapping[str, bool]
 ) -> optax.GradientTransformation:
     """Clipping + AdamW for a flat trainable dict, with its learning rate held in its state.
 
-    The rate starts at ``config.learning_rate``; the train step sets each step's scheduled rate
+    The rate starts at ``config.lr``; the train step sets each step's scheduled rate
     with `with_learning_rate` (optax's ``inject_hyperparams``), so the compiled update does not
     depend on it.
 
     Args:
-        config: hyper-parameters.
+        config: the run's settings (``lr``, ``weight_decay``, ``clip_norm``).
         decay_mask: ``{path: bool}`` with exactly the keys of the trainable flat dict the
             optimizer will be initialised with (True = apply weight decay).
 
@@ -125,15 +95,15 @@ def make_optimizer(
         transforms.append(
             optax.adamw(
                 learning_rate=learning_rate,
-                b1=config.b1,
-                b2=config.b2,
+                b1=ADAM_B1,
+                b2=ADAM_B2,
                 weight_decay=config.weight_decay,
                 mask=dict(decay_mask),
             )
         )
         return optax.chain(*transforms)
 
-    return optax.inject_hyperparams(chain)(learning_rate=config.learning_rate)
+    return optax.inject_hyperparams(chain)(learning_rate=config.lr)
 
 
 def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
@@ -160,19 +130,18 @@ def with_learning_rate(opt_state, rate: jax.Array):
     return opt_state._replace(hyperparams=hyperparams)
 
 
-def compile_key(config: OptimConfig, decay_mask: Mapping[str, bool]) -> tuple:
+def compile_key(config: TrainConfig, decay_mask: Mapping[str, bool]) -> tuple:
     """What the compiled update depends on: everything but the schedule's rates and length."""
-    return (config.b1, config.b2, config.weight_decay, config.clip_norm,
-            tuple(sorted(decay_mask.items())))  # fmt: skip
+    return (config.weight_decay, config.clip_norm, tuple(sorted(decay_mask.items())))
 
 
 def init_optimizer(
-    config: OptimConfig, trainable: Mapping[str, jax.Array], decay_mask: Mapping[str, bool]
+    config: TrainConfig, trainable: Mapping[str, jax.Array], decay_mask: Mapping[str, bool]
 ) -> tuple[optax.GradientTransformation, optax.OptState]:
     """Builds the optimizer over ``trainable`` and returns it with its initial state.
 
     Args:
-        config: hyper-parameters.
+        config: the run's settings.
         trainable: flat ``{path: array}`` trainable dict from ``split_params``.
         decay_mask: flat ``{path: bool}`` decay mask over *all* params (extra keys for frozen
             leaves are dropped here).

@@ -37,10 +37,9 @@ from jaxmodels import sharding
 from jaxmodels.data import pipeline
 from jaxmodels.data import sources as data_lib
 from jaxmodels.models import paths, registry
-from training import loop, masks, optim
+from training import loop, masks
 from training import run_folder as folder_lib
-from training import step as step_lib
-from training.config import AUGMENTATIONS, RunConfig, RunError
+from training.config import RunConfig, RunError
 
 
 @dataclasses.dataclass
@@ -268,47 +267,13 @@ def _execute(run_plan: Plan, progress: bool, log) -> dict:
     if jax.process_index() == 0:
         for line in data_summary(run_plan, spec.preprocessing.image_size):
             log(line)
-    augment_options = dict(AUGMENTATIONS[config.augmentation])
-    mixup_alpha = augment_options.pop("mixup_alpha", 0.0)
-    cutmix_alpha = augment_options.pop("cutmix_alpha", 0.0)
-    augment = pipeline.Augment(spec.preprocessing, **augment_options)
-    steps = config.epochs * run_plan.steps_per_epoch
-    optim_config = optim.OptimConfig(
-        learning_rate=config.lr,
-        total_steps=steps,
-        warmup_steps=min(steps, round(config.warmup_epochs * run_plan.steps_per_epoch)),
-        weight_decay=config.weight_decay,
-        clip_norm=config.clip_norm,
-    )
-    step_config = step_lib.StepConfig(
-        num_classes=run_plan.num_classes,
-        label_smoothing=config.label_smoothing,
-        mixup_alpha=mixup_alpha,
-        cutmix_alpha=cutmix_alpha,
-        ema_decay=config.ema_decay,
-        compute_dtype="bfloat16" if config.bf16 else "float32",
-        # only full fine-tuning moves BatchNorm statistics; other modes freeze the backbone
-        update_batch_stats=config.mode == "full",
-    )
-    fit_config = loop.FitConfig(
-        epochs=config.epochs,
-        global_batch=config.batch_size,
-        seed=config.seed,
-        mode=config.mode,
-        head_name=spec.head,
-        checkpoint_dir=str(folder / folder_lib.CHECKPOINT_DIR),
-        checkpoint_every=config.checkpoint_every,
-        log_path=str(folder / folder_lib.METRICS_JSONL),
-        stop_after_steps=config.stop_after_steps,
-        progress=progress,
-        num_workers=config.num_workers,
-        shard_params=config.shard_params,
-    )
     start = time.perf_counter()
     fitted = loop.fit(
-        model, variables, run_plan.train_source, augment, optim_config, step_config, fit_config,
-        eval_data=run_plan.eval_source,
-        identity={**config.identity(), "start_sha256": start_sha256}, log=log,
+        model, variables, run_plan.train_source, spec.preprocessing, config,
+        head_name=spec.head, eval_data=run_plan.eval_source,
+        checkpoint_dir=str(folder / folder_lib.CHECKPOINT_DIR),
+        log_path=str(folder / folder_lib.METRICS_JSONL),
+        identity={**config.identity(), "start_sha256": start_sha256}, progress=progress, log=log,
     )  # fmt: skip
     seconds = time.perf_counter() - start
     state = fitted.state

@@ -16,7 +16,6 @@ References:
     Polyak, Juditsky. "Acceleration of stochastic approximation by averaging" (EMA), 1992.
 """
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ from flax import struct
 
 from jaxmodels.data import preprocess
 from training import flat_reduce, flat_sharded, masks, optim
+from training.config import TrainConfig
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -60,47 +60,11 @@ class TrainState:
         return masks.merge_params(trainable, self.frozen)
 
 
-@dataclasses.dataclass(frozen=True)
-class StepConfig:
-    """Options of the train step.
-
-    Attributes:
-        num_classes: K, the number of classes (labels are ints in [0, K)).
-        label_smoothing: ε in [0, 1): targets become (1-ε)·onehot + ε/K.
-        mixup_alpha: Beta(α, α) for mixup; 0 disables it.
-        cutmix_alpha: Beta(α, α) for cutmix; 0 disables it. With both on, each batch uses one
-            of the two with probability 1/2 (as timm's ``switch_prob=0.5``).
-        ema_decay: EMA decay of the trainable weights; ``None`` disables EMA.
-        compute_dtype: ``"float32"`` or ``"bfloat16"`` for the forward/backward pass
-            (master weights, optimizer state and the loss stay float32).
-        update_batch_stats: run BatchNorm in training mode and update its running statistics;
-            False keeps them frozen (the model runs with ``train=False``).
-    """
-
-    num_classes: int
-    label_smoothing: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-    ema_decay: float | None = None
-    compute_dtype: str = "float32"
-    update_batch_stats: bool = True
-
-    def __post_init__(self):
-        if self.num_classes < 2:
-            raise ValueError(f"num_classes must be >= 2; got {self.num_classes}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1); got {self.label_smoothing}")
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ValueError(
-                f"mixup_alpha and cutmix_alpha must be >= 0; "
-                f"got {self.mixup_alpha}, {self.cutmix_alpha}"
-            )
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in (0, 1) or None; got {self.ema_decay}")
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"compute_dtype must be one of {sorted(COMPUTE_DTYPES)}; got {self.compute_dtype!r}"
-            )
+def compile_key(config: TrainConfig) -> tuple:
+    """What a compiled train step depends on in `config` (`make_train_step` reads these as
+    Python values; rates, seeds and lengths are data, so a sweep over them compiles once)."""
+    return (config.label_smoothing, config.mix_alphas, config.ema_decay, config.compute_dtype,
+            config.update_batch_stats)  # fmt: skip
 
 
 def init_train_state(
@@ -170,19 +134,20 @@ def cutmix(images_BHWC, targets_BK, lam, key):
     return images, targets
 
 
-def _mix(config: StepConfig, images, targets, key):
-    if not (config.mixup_alpha or config.cutmix_alpha):
+def _mix(config: TrainConfig, images, targets, key):
+    mixup_alpha, cutmix_alpha = config.mix_alphas
+    if not (mixup_alpha or cutmix_alpha):
         return images, targets
     key_choice, key_mix, key_lam_m, key_lam_c = jax.random.split(key, 4)
-    if config.mixup_alpha:
-        lam_m = jax.random.beta(key_lam_m, config.mixup_alpha, config.mixup_alpha)
+    if mixup_alpha:
+        lam_m = jax.random.beta(key_lam_m, mixup_alpha, mixup_alpha)
         mixed_m = mixup(images, targets, lam_m)
-    if config.cutmix_alpha:
-        lam_c = jax.random.beta(key_lam_c, config.cutmix_alpha, config.cutmix_alpha)
+    if cutmix_alpha:
+        lam_c = jax.random.beta(key_lam_c, cutmix_alpha, cutmix_alpha)
         mixed_c = cutmix(images, targets, lam_c, key_mix)
-    if not config.cutmix_alpha:
+    if not cutmix_alpha:
         return mixed_m
-    if not config.mixup_alpha:
+    if not mixup_alpha:
         return mixed_c
     use_cutmix = jax.random.bernoulli(key_choice, 0.5)
     return jax.tree.map(lambda c, m: jnp.where(use_cutmix, c, m), mixed_c, mixed_m)
@@ -191,7 +156,8 @@ def _mix(config: StepConfig, images, targets, key):
 def make_train_step(
     apply_fn: Callable,
     optimizer: optax.GradientTransformation,
-    config: StepConfig,
+    config: TrainConfig,
+    num_classes: int,
     preprocessing: preprocess.Preprocessing | None = None,
     grad_shardings: dict | None = None,
     flat_reduce_mesh=None,
@@ -202,7 +168,10 @@ def make_train_step(
     Args:
         apply_fn: ``model.apply`` of a Flax Linen module taking ``(variables, images, train=)``.
         optimizer: the same transformation the state's ``opt_state`` was made with.
-        config: step options.
+        config: the run's settings; the step reads ``label_smoothing``, the augmentation's
+            mixup/cutmix, ``ema_decay``, ``bf16`` and (through ``mode``) whether BatchNorm
+            statistics move (`compile_key`).
+        num_classes: K, the head's size (labels are ints in [0, K)).
         preprocessing: normalises uint8 batches on the device (``preprocess.normalize``), as the
             data pipelines deliver them; float batches are taken as already normalised.
         grad_shardings: ``{path: Sharding}`` over the trainable leaves: the gradients are
@@ -222,6 +191,8 @@ def make_train_step(
         draws the same numbers), returning the new state and scalar metrics ``loss``,
         ``accuracy``, ``grad_norm``, ``lr``.
     """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2; got {num_classes}")
     dtype = COMPUTE_DTYPES[config.compute_dtype]
 
     def loss_fn(trainable, frozen, batch_stats, images, targets, key):
@@ -251,7 +222,7 @@ def make_train_step(
         key = jax.random.fold_in(key, state.step)
         key_mix, key_model = jax.random.split(key)
         labels_B = batch["label"]
-        targets = soft_targets(labels_B, config.num_classes, config.label_smoothing)
+        targets = soft_targets(labels_B, num_classes, config.label_smoothing)
         images = batch["image"]
         if images.dtype == jnp.uint8:
             if preprocessing is None:

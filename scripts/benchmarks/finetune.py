@@ -30,6 +30,7 @@ import jaxmodels
 from jaxmodels.models import paths
 from training import masks, optim
 from training import step as step_lib
+from training.config import TrainConfig
 
 MODES = ("full", "linear", "bitfit", "ssf")
 
@@ -80,12 +81,11 @@ def bench_mode(
     mask = masks.trainable_mask(variables["params"], mode, head)
     trainable, frozen = masks.split_params(variables["params"], mask)
     decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
-    optimizer, _ = optim.init_optimizer(optim.OptimConfig(total_steps=1000), trainable, decay)
+    config = TrainConfig(mode=mode, bf16=compute_dtype == "bfloat16", augmentation="none")
+    optimizer, _ = optim.init_optimizer(config, trainable, decay)
     state = step_lib.init_train_state(variables, mask, optimizer)
-    step_config = step_lib.StepConfig(
-        num_classes=num_classes, compute_dtype=compute_dtype, update_batch_stats=mode == "full"
-    )
-    step = jax.jit(step_lib.make_train_step(model.apply, optimizer, step_config), donate_argnums=0)
+    step = jax.jit(step_lib.make_train_step(model.apply, optimizer, config, num_classes),
+                   donate_argnums=0)  # fmt: skip
     batch = _batch(batch_size, size, num_classes)
     key = jax.random.key(0)
     start = time.perf_counter()

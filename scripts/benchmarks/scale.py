@@ -59,6 +59,7 @@ def _state_setup(name: str, overrides: dict, mesh, shard_params: bool, ema: bool
     from jaxmodels import sharding
     from jaxmodels.models import paths
     from training import flat_sharded, loop, masks, optim
+    from training.config import TrainConfig
 
     model = jaxmodels.create(name, num_classes=NUM_CLASSES, **overrides)
     size = model.image_size
@@ -67,9 +68,10 @@ def _state_setup(name: str, overrides: dict, mesh, shard_params: bool, ema: bool
     mask = masks.trainable_mask(variables["params"], "full", masks.head_name_for(name))
     decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
     trainable, _ = masks.split_params(variables["params"], mask)
-    config = optim.OptimConfig(total_steps=1000, warmup_steps=10)
+    # 10 epochs of 100 steps, 10 of them warmup (the schedule is data: any length times alike)
+    config = TrainConfig(mode="full", epochs=10, warmup_epochs=0.1, augmentation="none")
     optimizer = optim.make_optimizer(config, {k: bool(decay[k]) for k in trainable})
-    schedule = optim.schedule_state(config)
+    schedule = optim.schedule_state(config, 100)
     init, variable_shardings, state_shardings = loop.state_initializer(
         variables, schedule, mask, optimizer, ema=ema, mesh=mesh, shard_params=shard_params
     )
@@ -166,6 +168,7 @@ def time_steps(
     from jaxmodels import sharding
     from training import flat_reduce
     from training import step as step_lib
+    from training.config import TrainConfig
 
     mesh = sharding.data_mesh() if mesh is None else mesh
     name = "vit_tiny" if overrides else MEMORY_MODEL
@@ -183,8 +186,8 @@ def time_steps(
     step = jax.jit(
         step_lib.make_train_step(
             model.apply, optimizer if flat is None else flat.optimizer,
-            step_lib.StepConfig(num_classes=NUM_CLASSES, compute_dtype=dtype),
-            jaxmodels.spec_of(model).preprocessing,
+            TrainConfig(mode="full", bf16=dtype == "bfloat16", augmentation="none"),
+            NUM_CLASSES, jaxmodels.spec_of(model).preprocessing,
             grad_shardings=state_shardings.trainable if shard else None,
             flat_reduce_mesh=mesh if pays else None,
             flat_layout=None if flat is None else flat.layout,
