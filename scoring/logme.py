@@ -259,8 +259,9 @@ def logme(
       `scripts/benchmarks/logme.py`'s tasks). Speed: a QR costs more than a Gram matrix (on CPU
       LAPACK's QR runs at about a third of XLA's matmul rate), and any method exact at the
       level of singular values needs one. At (N, D, C) = (20000, 2048, 200) on a 2-core CPU
-      it takes 1.3× the time of one float32 FᵀF plus `eigh` (`scripts/benchmarks/logme.py`;
-      the figure and its commit in docs/benchmarks.md).
+      it takes 3.3× the time of one float32 FᵀF plus `eigh`, and float64 1.24× its own
+      FᵀF plus `eigh` (quiet machine, `scripts/benchmarks/logme.py`; the figures and their
+      commit in docs/benchmarks.md).
     * "gram": `eigh` of FᵀF (N ≥ D) or FFᵀ (N < D), the reference's own route and the fastest.
       λ is resolved to about max(N, D)·eps·λ_max and smaller eigenvalues are dropped as noise:
       exact to ~1e-12 in float64 for κ(FᵀF) up to ~1e8 (the fixtures of the reference
