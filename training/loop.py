@@ -183,12 +183,12 @@ def fit(
     trainable_mask = masks.trainable_mask(variables["params"], config.mode, head_name)
     decay_mask = paths.flatten(masks.weight_decay_mask(variables["params"]))
     trainable, _ = masks.split_params(variables["params"], trainable_mask)
-    optimizer = optim.make_optimizer(config, {k: bool(decay_mask[k]) for k in trainable})
+    decay_trainable = {k: bool(decay_mask[k]) for k in trainable}
+    optimizer = optim.make_optimizer(config, decay_trainable)
 
     replicated = sharding.replicated_sharding(mesh)
     ema = config.ema_decay is not None
     schedule = optim.schedule_state(config, per_epoch)
-    decay_trainable = {k: bool(decay_mask[k]) for k in trainable}
     # one compiled initialiser and one compiled step per (model, optimizer shape, step options,
     # preprocessing, mesh, placement): the runs of a sweep differ in rates, seeds and lengths
     # only, which both read as data
@@ -260,7 +260,6 @@ def fit(
             eval_data, preprocessing, batch_size=config.batch_size, mesh=mesh, progress=False
         )
     eval_dtype = jnp.bfloat16 if config.bf16 else None
-    use_ema = config.ema_decay is not None  # the EMA weights are the run's result
     # made on the mesh: a key array on one local device cannot be put on other hosts' devices
     key = jax.jit(lambda: jax.random.key(config.seed), out_shardings=replicated)()
     metrics: dict = {}
@@ -306,7 +305,7 @@ def fit(
                 checkpoints.save(manager, as_tree(state), run_id)
                 last_save = time.perf_counter()
             if prepared is not None and (step % per_epoch == 0 or step == total):
-                variables_now = {"params": as_tree(state).params(use_ema=use_ema)}
+                variables_now = {"params": as_tree(state).params(use_ema=ema)}
                 if state.batch_stats:
                     variables_now["batch_stats"] = state.batch_stats
                 result = jaxmodels.evaluate(model, variables_now, prepared, dtype=eval_dtype)
