@@ -56,19 +56,31 @@ class Spectrum(NamedTuple):
     scale_exp: jax.Array
 
 
+def power_of_two_exponent(x: jax.Array) -> jax.Array:
+    """[] int32 e with max |x · 2^−e| in [0.5, 1); 0 for all-zero input."""
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(x)))
+    return exponent.astype(jnp.int32)
+
+
+def scale_by_power_of_two(x: jax.Array, exponent: jax.Array) -> jax.Array:
+    """x · 2^−exponent, exact wherever the result is a normal number.
+
+    Two multiplications by powers of two instead of `ldexp(x, −e)`: the same values with one
+    fused multiply pass, 2.5× faster on CPU (ldexp takes its exponent apart per element), and
+    each factor 2^−e/2 stays a normal number for any finite x.
+    """
+    half = exponent // 2
+    one = jnp.ones((), x.dtype)
+    return x * jnp.ldexp(one, -half) * jnp.ldexp(one, half - exponent)
+
+
 def power_of_two_scale(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(x · 2^−e, e) with max |x · 2^−e| in [0.5, 1): an exact rescaling (no rounding).
 
     All-zero input gives e = 0.
     """
-    _, exponent = jnp.frexp(jnp.max(jnp.abs(x)))
-    # Two multiplications by powers of two instead of `ldexp(x, −e)`: the same (exact) values
-    # with one fused multiply pass, 2.5× faster on CPU (ldexp takes its exponent apart per
-    # element), and each factor 2^−e/2 stays a normal number for any finite x.
-    half = exponent // 2
-    one = jnp.ones((), x.dtype)
-    scaled = x * jnp.ldexp(one, -half) * jnp.ldexp(one, half - exponent)
-    return scaled, exponent.astype(jnp.int32)
+    exponent = power_of_two_exponent(x)
+    return scale_by_power_of_two(x, exponent), exponent
 
 
 def _targets_matrix(targets, num_classes, dtype):
@@ -105,8 +117,9 @@ def gram_spectrum(feats_ND, targets, num_classes=None) -> Spectrum:
         `Spectrum` with K = D (N ≥ D) or K = N (N < D).
     """
     num_samples, dim = feats_ND.shape
-    scaled_ND, scale_exp = power_of_two_scale(feats_ND)
+    scale_exp = power_of_two_exponent(feats_ND)
     if num_samples < dim:
+        scaled_ND = scale_by_power_of_two(feats_ND, scale_exp)
         kernel_NN = jnp.matmul(scaled_ND, scaled_ND.T, precision=HIGHEST)
         eig_N, vecs_NN = jnp.linalg.eigh(kernel_NN)
         kept_N = eig_N > gram_cutoff(eig_N, num_samples, dim)
@@ -121,14 +134,37 @@ def gram_spectrum(feats_ND, targets, num_classes=None) -> Spectrum:
             res_out_C,
             scale_exp,
         )
-    gram_DD = jnp.matmul(scaled_ND.T, scaled_ND, precision=HIGHEST)
+    gram_DD, fty_DC = jax.lax.cond(
+        jnp.abs(scale_exp) <= _unscaled_sums_exponent(feats_ND.dtype),
+        # FᵀF · 2^−2e and FᵀY · 2^−e are the sums of F · 2^−e, bit for bit (products and sums
+        # of powers of two scale exactly), without writing the scaled copy of F: in float64 at
+        # (20000, 2048) that copy cost as much as 10 % of the Gram matrix and its `eigh`.
+        lambda: _scale_sums(*_gram_sums(feats_ND, targets, num_classes), scale_exp),
+        lambda: _gram_sums(scale_by_power_of_two(feats_ND, scale_exp), targets, num_classes),
+    )
     if num_classes is None:
-        fty_DC = jnp.matmul(scaled_ND.T, targets, precision=HIGHEST)
         yy_C = jnp.sum(targets**2, axis=0)
-    else:  # Fᵀ onehot(y) is a per-class sum of rows: O(ND) instead of a [D, N] × [N, C] product.
-        fty_DC = jax.ops.segment_sum(scaled_ND, targets, num_segments=num_classes).T
+    else:
         yy_C = jnp.zeros(num_classes, feats_ND.dtype).at[targets].add(1)
     return _spectrum_from_gram(gram_DD, fty_DC, yy_C, num_samples, scale_exp)
+
+
+def _unscaled_sums_exponent(dtype) -> int:
+    """Features with max |F| within 2^±this form FᵀF without overflow (N ≤ 2^(maxexp/2)) or
+    products falling below the normal range before any rounding that scaling would avoid."""
+    return jnp.finfo(dtype).maxexp // 8
+
+
+def _gram_sums(feats_ND, targets, num_classes):
+    """(FᵀF [D, D], FᵀY [D, C]); class-index targets by a per-class sum of rows (O(ND))."""
+    gram_DD = jnp.matmul(feats_ND.T, feats_ND, precision=HIGHEST)
+    if num_classes is None:
+        return gram_DD, jnp.matmul(feats_ND.T, targets, precision=HIGHEST)
+    return gram_DD, jax.ops.segment_sum(feats_ND, targets, num_segments=num_classes).T
+
+
+def _scale_sums(gram_DD, fty_DC, scale_exp):
+    return scale_by_power_of_two(gram_DD, 2 * scale_exp), scale_by_power_of_two(fty_DC, scale_exp)
 
 
 def gram_spectrum_from_sums(gram_DD, fty_DC, yy_C, num_samples) -> Spectrum:

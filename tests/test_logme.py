@@ -461,3 +461,17 @@ def test_float32_step_where_the_backend_lacks_float64(span, monkeypatch):
     np.testing.assert_allclose(got[False], exact, rtol=1e-6 if span >= 1e-4 else 1e-2)
     if span < 1e-4:  # the float64 step is what resolves the smallest directions
         assert abs(got[False] / exact - 1) > 10 * abs(got[True] / exact - 1)
+
+
+@pytest.mark.parametrize("scale", [2.0**-60, 1e-6, 1e6, 2.0**70])
+def test_gram_route_on_both_sides_of_the_unscaled_sums_window(scale):
+    """float32 "gram": FᵀF is formed from F itself while max |F| lies within 2^±16 and from F
+    scaled by a power of two beyond (F at 2^70 squares past float32's range). Either way it
+    agrees with the "factor" route, which always scales."""
+    rng = np.random.default_rng(0)
+    feats = (rng.normal(size=(200, 12)) * scale).astype(np.float32)
+    labels = np.arange(200) % 4
+    gram = scoring.logme(feats, labels, method="gram")
+    factor = scoring.logme(feats, labels, method="factor")
+    assert np.isfinite(float(gram.score))
+    np.testing.assert_allclose(gram.evidence, factor.evidence, rtol=1e-5)
