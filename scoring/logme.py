@@ -259,7 +259,7 @@ def logme(
       `scripts/benchmarks/logme.py`'s tasks). Speed: a QR costs more than a Gram matrix (on CPU
       LAPACK's QR runs at about a third of XLA's matmul rate), and any method exact at the
       level of singular values needs one. At (N, D, C) = (20000, 2048, 200) on a 2-core CPU
-      it takes 3.3× the time of one float32 FᵀF plus `eigh`, and float64 1.24× its own
+      it takes 3.1× the time of one float32 FᵀF plus `eigh`, and float64 1.11× its own
       FᵀF plus `eigh` (quiet machine, `scripts/benchmarks/logme.py`; the figures and their
       commit in docs/benchmarks.md).
     * "gram": `eigh` of FᵀF (N ≥ D) or FFᵀ (N < D), the reference's own route and the fastest.
