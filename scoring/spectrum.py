@@ -164,6 +164,7 @@ def _gram_sums(feats_ND, targets, num_classes):
 
 
 def _scale_sums(gram_DD, fty_DC, scale_exp):
+    """The sums of F · 2^−e from those of F: FᵀF · 2^−2e and FᵀY · 2^−e."""
     return scale_by_power_of_two(gram_DD, 2 * scale_exp), scale_by_power_of_two(fty_DC, scale_exp)
 
 
@@ -175,8 +176,7 @@ def gram_spectrum_from_sums(gram_DD, fty_DC, yy_C, num_samples) -> Spectrum:
     _, exponent = jnp.frexp(jnp.max(jnp.abs(gram_DD)))
     # Scale FᵀF by 2^−2e and FᵀY by 2^−e: the sums of F · 2^−e (exact for an even power).
     scale_exp = (exponent // 2).astype(jnp.int32)
-    gram_DD = jnp.ldexp(gram_DD, -2 * scale_exp)
-    fty_DC = jnp.ldexp(fty_DC, -scale_exp)
+    gram_DD, fty_DC = _scale_sums(gram_DD, fty_DC, scale_exp)
     return _spectrum_from_gram(gram_DD, fty_DC, yy_C, num_samples, scale_exp)
 
 
