@@ -22,6 +22,7 @@ import jaxmodels
 from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees.executors import Cascade, Ensemble, Member, simulate_cascade
 from jaxmodels.committees.online import OnlineCascade, request_latency
+from jaxmodels.inference import row_batches
 
 NUM_CLASSES = 5
 NUM_IMAGES = 37  # divisible by neither the 8 devices nor any bucket
@@ -287,13 +288,71 @@ def test_cascade_compiles_once_per_stage_and_bucket(cascade_members):
     thresholds = [separating_threshold(conf_MN[0], 0.5), separating_threshold(conf_MN[1], 0.5)]
     cascade = Cascade(members, thresholds, confidence=counting_max_prob, batch_size=16)
     assert cascade.buckets == (8, 16)
+    # A run may call each stage at each bucket: the warm-up compiles exactly those, ahead.
+    assert cascade.warmup(inputs) == len(traces) == 2 * len(members)
+    # Traced on each device's rows: 37 rows on 8 devices are 5 per device, in calls of the
+    # buckets' 16/8 = 2 and 8/8 = 1 rows (2, 2, 1 at stage 0).
+    assert {s[0] for s in traces} == {1, 2}
     first = cascade.run(inputs)
-    # stage 0: batches 16, 16 and 5 → 8; later stages: at most both buckets each.
-    assert len(traces) <= 2 * len(members) and {s[0] for s in traces} <= {8, 16}
-    n_traces = len(traces)
+    assert len(traces) == 2 * len(members)  # the run compiled nothing
     again = Cascade(members, thresholds, confidence=counting_max_prob, batch_size=16).run(inputs)
-    assert len(traces) == n_traces  # a new Cascade of the same pieces reuses the compiled steps
+    assert len(traces) == 2 * len(members)  # a new Cascade of the same pieces reuses them
     np.testing.assert_array_equal(again.exit_stage, first.exit_stage)
+
+
+def test_float32_thresholds_decide_as_the_float64_ones():
+    rng = np.random.default_rng(0)
+    near_K = rng.random(500).astype(np.float32).astype(np.float64)
+    t_K = np.concatenate([near_K - 1e-12, near_K, near_K + 1e-12, rng.random(500)])
+    t32_K = cascade_rules.float32_thresholds(t_K)
+    assert t32_K.dtype == np.float32
+    # every float32 confidence within two ulps of each threshold, on both sides
+    c_JK = np.stack([t_K.astype(np.float32)] * 5)
+    for j, steps in enumerate((-2, -1, 1, 2)):
+        for _ in range(abs(steps)):
+            c_JK[j] = np.nextafter(c_JK[j], np.float32(np.sign(steps) * np.inf))
+    np.testing.assert_array_equal(c_JK > t32_K, c_JK.astype(np.float64) > t_K)
+
+
+def test_default_buckets_are_coarse_off_the_cpu():
+    fine = row_batches.default_buckets(256, 1)
+    assert sorted(fine) == [1, 2, 4, 8, *range(16, 257, 16)]
+    assert sorted(row_batches.default_buckets(256, 1, coarse=True)) == [2**k for k in range(9)]
+    assert sorted(row_batches.default_buckets(256, 8, coarse=True)) == [8, 16, 32, 64, 128, 256]
+
+
+def test_cascade_keeps_rows_on_the_devices_between_stages(cascade_members, monkeypatch):
+    """Inputs go up once and answers come down once: between stages only [S] counts do."""
+    members, inputs, logits_MNK = cascade_members
+    _, conf_MN = reference_stages(logits_MNK, "ensemble", "max_prob")
+    thresholds = [separating_threshold(conf_MN[0], 0.5), separating_threshold(conf_MN[1], 0.5)]
+    cascade = Cascade(members, thresholds, batch_size=16)
+    cascade.warmup(inputs)
+    fetched, converted = [], []
+    device_get, array_type = jax.device_get, type(jnp.zeros(1))
+    to_numpy = array_type.__array__
+
+    def spy_get(tree):
+        fetched.append(jax.tree.map(np.shape, tree))
+        with monkeypatch.context() as inner:  # device_get itself may convert
+            inner.setattr(array_type, "__array__", to_numpy)
+            return device_get(tree)
+
+    def spy_numpy(x, *args, **kwargs):  # np.asarray(device array): a fetch on any backend
+        converted.append(x.shape)
+        return to_numpy(x, *args, **kwargs)
+
+    monkeypatch.setattr(jax, "device_get", spy_get)
+    monkeypatch.setattr(array_type, "__array__", spy_numpy)
+    with jax.transfer_guard("disallow"):  # no implicit transfer anywhere in a run
+        out = cascade.run(inputs)
+    monkeypatch.undo()
+    assert converted == []
+    per_stage = [((8,), (8,))] * len(members)  # next counts and non-finite flags, one per device
+    assert fetched[:-1] == per_stage[: len(fetched) - 1]
+    rows = 8 * 5  # 37 images on 8 devices: 5 rows each
+    assert fetched[-1] == ((rows,), (rows, logits_MNK.shape[-1]))  # exit stages, answers, once
+    assert set(out.exit_stage) == {0, 1, 2}
 
 
 def test_cascade_with_everyone_exiting_first(cascade_members):

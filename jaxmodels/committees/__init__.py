@@ -1,9 +1,9 @@
 """Committees of models (Wisdom of Committees, Wang et al., ICLR 2022): ensembles and adaptive
-cascades on a device mesh (`executors`), their members (`members`), the decision rules
+cascades on a device mesh (`executors`, `cascade`), their members (`members`), the decision rules
 (`rules`), fitting thresholds on held-out logits (`fit`), measured wall time (`timing`) and the choice of
 what to deploy by that time (`deploy`), and requests of a few images in one call (`online`)."""
 
-from jaxmodels.committees import deploy, executors, fit, members, online, rules, timing
+from jaxmodels.committees import cascade, deploy, executors, fit, members, online, rules, timing
 from jaxmodels.committees.executors import (
     Cascade,
     CascadeFit,
@@ -23,6 +23,7 @@ __all__ = [
     "Ensemble",
     "FrontierPoint",
     "Member",
+    "cascade",
     "deploy",
     "executors",
     "fit",

@@ -8,23 +8,24 @@ of its average cost. This module runs them:
     architecture — equal Flax module, equal variable shapes — run as one `jax.vmap` over their
     stacked variables; members of different architectures run one after another inside the same
     jitted function.
-  * `Cascade(members, thresholds)` executes adaptively: stage 0 runs on every example; those
-    that did not exit are gathered on the host, padded to one of a few bucket sizes (so only a
-    few shapes ever compile), sharded over the mesh and sent to stage 1, and so on; answers are
-    scattered back in input order. Its decisions follow `jaxmodels.committees.rules`, which
-    `simulate_cascade` also uses, so the executor and the simulation agree on the same logits.
+  * `Cascade(members, thresholds)` (`jaxmodels.committees.cascade`) executes adaptively, on
+    the devices: each example stops at the first stage confident enough, and only the examples
+    still undecided run the next member. Its decisions follow `jaxmodels.committees.rules`,
+    which `simulate_cascade` also uses, so the executor and the simulation agree on the same
+    logits.
 
-The pieces live in five modules; this one re-exports their public names:
+The pieces live in six modules; this one re-exports their public names:
+  `jaxmodels.committees.cascade` — the adaptive executor;
   `jaxmodels.committees.rules` — confidences, stage rule, exit rule, `simulate_cascade`;
   `jaxmodels.committees.fit` — `fit_cascade` (thresholds) and `search_cascades` (Pareto frontier);
-  `jaxmodels.inference.row_batches` — bucketed, sharded execution over chosen rows;
+  `jaxmodels.inference.row_batches` — rows uploaded once, bucketed calls on each device's rows;
   `jaxmodels.committees.members` — `Member`, its inputs and its forward pass.
 
-Both shard every batch over the 'data' axis of a `Mesh` (all devices by default) with the
-variables replicated, and keep one jitted step per (model, input shape). Images are either one
-array [N, H, W, 3] for all members or one array per member (members with different input sizes);
-uint8 images are normalised on the device with the member's `Preprocessing`, float images are
-used as given. Single-process only (multi-host runs raise NotImplementedError).
+Both split the rows over the 'data' axis of a `Mesh` (all devices by default) with the
+variables replicated, and keep one compiled step per (model, bucket, input shape). Images are
+one array [N, H, W, 3] for all members or one array per member (members with different input
+sizes); uint8 images are normalised on the device with the member's `Preprocessing`, float
+images are used as given. Single-process only (multi-host runs raise NotImplementedError).
 
 Shapes: M members, N images, B rows of one device batch, K classes, H, W image side.
 
@@ -43,9 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import jit_cache, sharding
+from jaxmodels import sharding
 from jaxmodels.committees import members as members_lib
 from jaxmodels.committees import rules as cascade_rules
+from jaxmodels.committees.cascade import Cascade
 from jaxmodels.committees.fit import CascadeFit, FrontierPoint, fit_cascade, search_cascades
 from jaxmodels.committees.members import Member
 from jaxmodels.committees.rules import (
@@ -159,8 +161,8 @@ class Ensemble:
         self.weights = weights_M
         # An argument of the step, not a constant in it: ensembles differing only in weights
         # share one compiled step.
-        self._weights_M = jnp.asarray(weights_M, jnp.float32)
         self.mesh, self.buckets = row_batches.mesh_and_buckets(mesh, batch_size, None)
+        self._weights_M = sharding.replicate(np.asarray(weights_M, np.float32), self.mesh)
         self.batch_size = self.buckets[-1]
 
         if strategy not in ("auto", *STRATEGIES):
@@ -212,10 +214,10 @@ class Ensemble:
         slot_of = {key: i for i, key in enumerate(slots)}
         arrays = [next(x for x in inputs if id(x) == key) for key in slots]
         member_slots = tuple(slot_of[id(x)] for x in inputs)
-        step = self._step(member_slots, combined)
-        rows_N = np.arange(len(inputs[0]))
+        key, step = self._step(member_slots, combined)
+        rows = row_batches.DeviceRows(arrays, self.mesh, self.buckets)
         consts = (self._group_variables, self._weights_M)
-        return row_batches.map_rows(step, consts, arrays, rows_N, self.mesh, self.buckets)
+        return row_batches.map_rows(step, consts, rows, key)
 
     def _measured(self, inputs) -> Ensemble:
         """For "auto": the Ensemble of the strategy that ran one batch fastest (module cache)."""
@@ -250,190 +252,44 @@ class Ensemble:
         return self._by_strategy[strategy]
 
     def _step(self, member_slots: tuple[int, ...], combined: bool):
-        """The jitted step for one assignment of input arrays to members (cached)."""
+        """(key, step): the per-batch step for one assignment of input arrays to members, and
+        what it depends on (the key of its compiled forms)."""
         groups, combine, strategy = self._groups, self.combine, self.strategy
-        key = ("ensemble", tuple(groups), combine, member_slots, combined, self.mesh, strategy)
+        key = ("ensemble", tuple(groups), combine, member_slots, combined, strategy)
 
-        def build():
-
-            def step(group_variables, weights_M, *images):
-                out = [None] * len(member_slots)
-                for group, variables in zip(groups, group_variables, strict=True):
-                    slots = [member_slots[m] for m in group.members]
-                    forward = lambda v, x, g=group: members_lib.forward(
-                        g.model, g.preprocessing, v, x
-                    )
-                    if len(slots) == 1:  # a member on its own: no vmap
-                        logits_GBK = forward(variables, images[slots[0]])[None]
-                    elif len(set(slots)) == 1:  # shared images: map over the variables only
-                        shared = images[slots[0]]
-                        if strategy == "vmap":
-                            logits_GBK = jax.vmap(forward, in_axes=(0, None))(variables, shared)
-                        else:
-                            logits_GBK = jax.lax.map(
-                                lambda v, f=forward, x=shared: f(v, x), variables
-                            )
+        def step(group_variables, weights_M, *images):
+            out = [None] * len(member_slots)
+            for group, variables in zip(groups, group_variables, strict=True):
+                slots = [member_slots[m] for m in group.members]
+                forward = lambda v, x, g=group: members_lib.forward(g.model, g.preprocessing, v, x)
+                if len(slots) == 1:  # a member on its own: no vmap
+                    logits_GBK = forward(variables, images[slots[0]])[None]
+                elif len(set(slots)) == 1:  # shared images: map over the variables only
+                    shared = images[slots[0]]
+                    if strategy == "vmap":
+                        logits_GBK = jax.vmap(forward, in_axes=(0, None))(variables, shared)
                     else:
-                        images_G = jnp.stack([images[s] for s in slots])
-                        if strategy == "vmap":
-                            logits_GBK = jax.vmap(forward)(variables, images_G)
-                        else:
-                            logits_GBK = jax.lax.map(
-                                lambda vx, f=forward: f(*vx), (variables, images_G)
-                            )
-                    for j, m in enumerate(group.members):
-                        out[m] = logits_GBK[j]
-                if len({x.shape for x in out}) != 1:
-                    raise ValueError(
-                        f"members must all return logits of one shape; got {[x.shape for x in out]}"
-                    )
-                logits_MBK = jnp.stack(out)
-                if not combined:
-                    return (jnp.moveaxis(logits_MBK, 0, 1),)
-                if combine == "logits":
-                    return (cascade_rules.mean_logits(logits_MBK, weights_M),)
-                log_probs_MBK = jax.nn.log_softmax(logits_MBK, axis=-1)
-                return (jax.nn.logsumexp(log_probs_MBK, axis=0, b=weights_M[:, None, None]),)
-
-            return jax.jit(step, out_shardings=sharding.batch_sharding(self.mesh))
-
-        return jit_cache.cached(key, build)
-
-
-# ----------------------------------------------------------------------------- cascade
-
-
-class Cascade:
-    """An adaptive cascade: each example stops at the first stage confident enough.
-
-    Stage k predicts with the mean of members 0..k's logits (``rule="ensemble"``, the paper's)
-    or member k alone (``"single"``); an example exits at stage k < M − 1 when the confidence of
-    that prediction's softmax is > ``thresholds[k]``; the last stage answers the rest (see
-    `jaxmodels.committees.rules`). Only the examples still undecided run the next member.
-
-    Args:
-      members: the `Member`s, cheapest first: their ``flops`` must be non-decreasing (they are
-        not reordered, since thresholds belong to stage positions; a cost inversion raises).
-      thresholds: [M − 1] exit thresholds (in [0, 1] for ``max_prob`` and ``margin``).
-      confidence: ``"max_prob"``, ``"margin"``, ``"neg_entropy"`` or a jittable callable
-        probs_BC -> conf_B.
-      rule: ``"ensemble"`` or ``"single"``.
-      mesh: a `Mesh` with a 'data' axis; default all devices.
-      batch_size: rows of the largest device step; stage 0 runs in batches of this size.
-        Default 256 rounded up to a multiple of the 'data' size.
-      buckets: the padded sizes a stage's leftover examples may take (each a multiple of the
-        'data' size, none above batch_size); default `row_batches.default_buckets`: steps of
-        batch_size/16, and powers of two below. Each (stage, bucket) compiles once.
-
-    Raises:
-      TypeError / ValueError: bad members (empty, flops decreasing), thresholds, confidence,
-        rule, mesh, batch size or buckets.
-    """
-
-    def __init__(
-        self,
-        members,
-        thresholds,
-        *,
-        confidence="max_prob",
-        rule="ensemble",
-        mesh=None,
-        batch_size=None,
-        buckets=None,
-    ):
-        self.members = members_lib.check_members(members)
-        flops_M = np.array([m.flops for m in self.members], dtype=np.float64)
-        if (np.diff(flops_M) < 0).any():
-            raise ValueError(
-                "members must be ordered by cost (flops non-decreasing); got "
-                + ", ".join(f"{m.name or i}: {m.flops:.4g}" for i, m in enumerate(self.members))
-            )
-        self.flops = flops_M
-        self.thresholds = cascade_rules.check_thresholds(thresholds, len(self.members), confidence)
-        self.confidence = confidence
-        self._confidence_fn = cascade_rules.resolve_confidence(confidence)
-        self.rule = cascade_rules.check_rule(rule)
-        self.mesh, self.buckets = row_batches.mesh_and_buckets(mesh, batch_size, buckets)
-        self.batch_size = self.buckets[-1]
-        self._variables = [sharding.replicate(m.variables, self.mesh) for m in self.members]
-        self._steps = [self._stage_step(k) for k in range(len(self.members))]
-
-    @property
-    def full_flops(self) -> float:
-        """Cost of an example that runs every stage: Σ flops."""
-        return float(self.flops.sum())
-
-    def _stage_step(self, stage: int):
-        """Stage `stage`'s jitted step: (variables, images_B[, sum_prev_BK]) -> outputs.
-
-        Outputs: (conf_B, combined_BK) and, for ``rule="ensemble"`` before the last stage, the
-        running logit sum_BK that the next stage continues from.
-        """
-        member, rule, confidence_fn = self.members[stage], self.rule, self._confidence_fn
-        model, preprocessing = member.model, member.preprocessing
-        keep_sum = rule == "ensemble" and stage < len(self.members) - 1
-
-        def build():
-            def step(variables, images_BHWC, sum_prev_BK=None):
-                logits_BK = members_lib.forward(model, preprocessing, variables, images_BHWC)
-                sum_BK, combined_BK = cascade_rules.stage_combine(
-                    sum_prev_BK, logits_BK, stage=stage, rule=rule
+                        logits_GBK = jax.lax.map(lambda v, f=forward, x=shared: f(v, x), variables)
+                else:
+                    images_G = jnp.stack([images[s] for s in slots])
+                    if strategy == "vmap":
+                        logits_GBK = jax.vmap(forward)(variables, images_G)
+                    else:
+                        logits_GBK = jax.lax.map(
+                            lambda vx, f=forward: f(*vx), (variables, images_G)
+                        )
+                for j, m in enumerate(group.members):
+                    out[m] = logits_GBK[j]
+            if len({x.shape for x in out}) != 1:
+                raise ValueError(
+                    f"members must all return logits of one shape; got {[x.shape for x in out]}"
                 )
-                conf_B = cascade_rules.stage_confidence(combined_BK, confidence_fn)
-                return (conf_B, combined_BK, sum_BK) if keep_sum else (conf_B, combined_BK)
+            logits_MBK = jnp.stack(out)
+            if not combined:
+                return (jnp.moveaxis(logits_MBK, 0, 1),)
+            if combine == "logits":
+                return (cascade_rules.mean_logits(logits_MBK, weights_M),)
+            log_probs_MBK = jax.nn.log_softmax(logits_MBK, axis=-1)
+            return (jax.nn.logsumexp(log_probs_MBK, axis=0, b=weights_M[:, None, None]),)
 
-            return jax.jit(step, out_shardings=sharding.batch_sharding(self.mesh))
-
-        key = ("stage", model, preprocessing, stage, rule, confidence_fn, keep_sum, self.mesh)
-        return jit_cache.cached(key, build)
-
-    def run(self, images) -> CascadeOutput:
-        """Runs the cascade adaptively over `images`.
-
-        Args:
-          images: an array [N, H, W, 3] for all members or a sequence of one per member
-            (uint8: normalised on the device with each member's preprocessing; float: as
-            given).
-
-        Returns:
-          A `CascadeOutput` (predictions, exit stages, answering logits, average and worst
-          FLOPs of this run, wall-clock seconds, exit fractions).
-
-        Raises:
-          TypeError / ValueError: malformed images; a member producing NaN/inf logits.
-        """
-        members_lib.check_single_process()
-        inputs = members_lib.member_inputs(images, self.members)
-        num_stages, num_images = len(self.members), len(inputs[0])
-        start = time.perf_counter()
-        exit_N = np.full(num_images, num_stages - 1, dtype=np.int32)
-        answer_NK = None
-        sum_NK = None  # running logit sums of the undecided rows (rule="ensemble")
-        rows_R = np.arange(num_images)  # rows still undecided, ascending
-        for stage in range(num_stages):
-            row_arrays = (
-                [inputs[stage]] if stage == 0 or sum_NK is None else [inputs[stage], sum_NK]
-            )
-            outputs = row_batches.map_rows(
-                self._steps[stage], (self._variables[stage],), row_arrays, rows_R, self.mesh,
-                self.buckets,
-            )  # fmt: skip
-            conf_R, combined_RK = outputs[0], outputs[1]
-            if not np.isfinite(conf_R).all():
-                name = self.members[stage].name or f"member {stage}"
-                raise ValueError(f"stage {stage} ({name}) produced non-finite logits or confidence")
-            if answer_NK is None:
-                answer_NK = np.empty((num_images, combined_RK.shape[1]), np.float32)
-            last = stage == num_stages - 1
-            leaves_R = np.ones(len(rows_R), bool) if last else conf_R > self.thresholds[stage]
-            answer_NK[rows_R[leaves_R]] = combined_RK[leaves_R]
-            exit_N[rows_R[leaves_R]] = stage
-            if len(outputs) == 3:  # keep the sums where the next stage will read them
-                if sum_NK is None:
-                    sum_NK = np.empty_like(answer_NK)
-                sum_NK[rows_R] = outputs[2]
-            rows_R = rows_R[~leaves_R]
-            if not len(rows_R):
-                break
-        wall_seconds = time.perf_counter() - start
-        return cascade_rules.cascade_output(exit_N, answer_NK, self.flops, wall_seconds)
+        return key, step

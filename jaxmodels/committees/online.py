@@ -41,7 +41,7 @@ class OnlineCascade:
         self.device = device or jax.local_devices()[0]
         members = cascade.members
         self._variables = [jax.device_put(m.variables, self.device) for m in members]
-        thresholds = tuple(float(t) for t in cascade.thresholds)
+        thresholds = tuple(cascade_rules.float32_thresholds(cascade.thresholds))
         confidence_fn, rule = cascade._confidence_fn, cascade.rule
 
         def stage(k, variables_k, images_RHWC, sum_prev_RK):

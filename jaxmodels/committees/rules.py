@@ -116,6 +116,20 @@ def check_thresholds(thresholds, num_members: int, confidence) -> np.ndarray:
     return t_K
 
 
+def float32_thresholds(thresholds_K: np.ndarray) -> np.ndarray:
+    """Thresholds for float32 confidences on a device, deciding as the float64 ones do.
+
+    Each is the largest float32 ≤ t, so for every float32 c, ``c > t32`` exactly when ``c > t``
+    in float64 (rounding t to nearest could move a confidence within half an ulp of t to the
+    other side of it, and a device run would then disagree with `simulate_cascade`).
+    """
+    t_K = np.asarray(thresholds_K, np.float64)
+    t32_K = t_K.astype(np.float32)
+    above = t32_K.astype(np.float64) > t_K
+    t32_K[above] = np.nextafter(t32_K[above], np.float32(-np.inf))
+    return t32_K
+
+
 def lowest_threshold(confidence) -> float:
     """A threshold every example passes (conf > it), where one in range exists.
 

@@ -1,37 +1,49 @@
-"""Running a jitted step over chosen rows of host arrays, in a few fixed (bucket) batch shapes.
+"""Running jitted steps over rows that are uploaded once and stay on the devices.
 
-An adaptive cascade sends a different, data-dependent subset of the examples to each stage.
-Compiling one step per subset size would recompile all the time; padding every subset to the
-full batch would waste the savings. `map_rows` cuts the rows into batches of the largest bucket
-and pads only the remainder, to the smallest bucket that holds it, so each step compiles at
-most once per bucket, and the waste is below one bucket step (`default_buckets`). Every batch is gathered on the
-host, sharded over the 'data' axis of a `Mesh` and dispatched asynchronously; the previous
-batch's outputs are fetched while the next one computes.
+Committees run models over every row of a set (an ensemble) or, stage after stage, over the rows
+still undecided (a cascade). Both upload the host arrays once (`DeviceRows`): the N rows in
+contiguous blocks of n = ⌈N/S⌉, one block per device of the mesh's 'data' axis. Every call then
+runs inside `jax.shard_map` on each device's own rows: it gathers the rows it is given by their
+local index, so no row crosses between devices or back to the host, and it scatters its outputs
+into buffers that also stay on the devices and are fetched once, at the end
+(`DeviceRows.fetch`).
 
-Shapes: R rows to run, B rows of one device batch (a bucket size).
+A step is compiled once per bucket, a padded number of rows per call. Work is cut into calls of
+the largest bucket and the rest goes in the smallest bucket that holds it (`bucket_chunks`), so a
+subset of any size compiles at most once per bucket and wastes less than one bucket step
+(`default_buckets`). Buckets are global row counts, multiples of S; a device runs B/S rows of a
+call.
+
+Shapes: N rows, S devices on 'data', n rows per device, B rows of one call (a bucket), b = B/S
+of them per device.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
-from jaxmodels import sharding
+from jaxmodels import jit_cache, sharding
 
 DEFAULT_BATCH_SIZE = 256
 # Default buckets: multiples of batch/16 (a leftover of many rows wastes at most batch/16 of
 # them), and below batch/16 the powers of two (a small leftover at most doubles); every size
 # rounded up to the mesh. With batch 256 on one device: 1, 2, 4, 8, 16, 32, ..., 240, 256.
+# On accelerators the buckets are coarse, powers of two only (1, 2, 4, ..., 256): a compile
+# costs seconds there while padded rows cost little, so fewer executables pay.
 NUM_LINEAR_BUCKETS = 16
 
 
-def default_buckets(batch_size: int, shards: int) -> set[int]:
+def default_buckets(batch_size: int, shards: int, coarse: bool = False) -> set[int]:
     """The default bucket sizes for `batch_size` rows on `shards` devices (see above)."""
-    step = batch_size / NUM_LINEAR_BUCKETS
-    sizes = {math.ceil(step * i) for i in range(1, NUM_LINEAR_BUCKETS + 1)}
+    linear = 1 if coarse else NUM_LINEAR_BUCKETS
+    step = batch_size / linear
+    sizes = {math.ceil(step * i) for i in range(1, linear + 1)}
     size = 1
     while size < step:
         sizes.add(size)
@@ -46,7 +58,7 @@ def mesh_and_buckets(mesh, batch_size, buckets) -> tuple[Mesh, tuple[int, ...]]:
       mesh: a `Mesh` with a 'data' axis, or None for all devices.
       batch_size: rows of the largest batch, or None: the largest bucket if buckets are given,
         else `DEFAULT_BATCH_SIZE` rounded up to a multiple of the 'data' size.
-      buckets: padded batch sizes, or None for `default_buckets`.
+      buckets: padded batch sizes, or None for `default_buckets` (coarse off the CPU).
 
     Returns:
       (mesh, buckets) with every bucket a positive multiple of the 'data' size.
@@ -67,7 +79,7 @@ def mesh_and_buckets(mesh, batch_size, buckets) -> tuple[Mesh, tuple[int, ...]]:
         batch_size = max(buckets) if buckets else math.ceil(DEFAULT_BATCH_SIZE / shards) * shards
     sharding.check_batch_size(batch_size, mesh)
     if buckets is None:
-        buckets = default_buckets(batch_size, shards)
+        buckets = default_buckets(batch_size, shards, coarse=jax.default_backend() != "cpu")
     elif max(buckets) > batch_size:
         raise ValueError(f"buckets must not exceed batch_size {batch_size}; got {sorted(buckets)}")
     return mesh, tuple(sorted({int(size) for size in buckets} | {int(batch_size)}))
@@ -82,34 +94,142 @@ def bucket_chunks(num_rows: int, buckets: tuple[int, ...]):
         yield start, stop, next(size for size in buckets if size >= stop - start)
 
 
-def map_rows(step, consts, row_arrays, rows_R, mesh: Mesh, buckets) -> tuple[np.ndarray, ...]:
-    """Runs ``step(*consts, *batch)`` over the rows `rows_R` of host arrays; returns NumPy.
+class DeviceRows:
+    """Host arrays [N, ...] uploaded once, in contiguous blocks of n rows, one per device.
+
+    The last blocks are padded with zeros where N is not a multiple of S. Arrays given as one
+    object several times are uploaded once and shared.
 
     Args:
-      step: a jitted function returning a tuple of arrays whose leading axis is the batch.
-      consts: leading arguments passed unchanged (e.g. replicated variables).
-      row_arrays: host arrays [N, ...] (images, running sums); each batch takes rows of each.
-      rows_R: non-empty int array of the row indices to run, in the order wanted.
-      mesh: the data mesh the batches are sharded over.
-      buckets: ascending batch sizes (`mesh_and_buckets`).
+      host_arrays: arrays [N, ...] with one N.
+      mesh: the data mesh.
+      buckets: ascending global bucket sizes (`mesh_and_buckets`).
+
+    Attributes:
+      arrays: the device arrays [S·n, ...], sharded over 'data', in the order given.
+      num_rows, rows_per_device: N and n.
+      counts_S: [S] how many of each device's n rows are real rows.
+      local_buckets: the buckets in rows per device (b = B/S).
+    """
+
+    def __init__(self, host_arrays: Sequence[np.ndarray], mesh: Mesh, buckets: tuple[int, ...]):
+        shards = sharding.data_parallel_size(mesh)
+        self.mesh, self.shards = mesh, shards
+        self.num_rows = len(host_arrays[0])
+        self.rows_per_device = n = -(-self.num_rows // shards)
+        self.local_buckets = tuple(size // shards for size in buckets)
+        self.counts_S = np.clip(self.num_rows - n * np.arange(shards), 0, n).astype(np.int32)
+        uploaded: dict[int, jax.Array] = {}
+        for x in host_arrays:
+            if id(x) not in uploaded:
+                uploaded[id(x)] = self._upload(np.asarray(x))
+        self.arrays = tuple(uploaded[id(x)] for x in host_arrays)
+
+    def _upload(self, x_NX: np.ndarray) -> jax.Array:
+        """One explicit transfer per device, of its block of rows."""
+        n = self.rows_per_device
+        layout = sharding.batch_sharding(self.mesh)
+        shape = (self.shards * n, *x_NX.shape[1:])
+        blocks = []
+        for device, index in layout.addressable_devices_indices_map(shape).items():
+            first = index[0].start or 0
+            rows = x_NX[first : first + n]
+            if len(rows) < n:
+                rows = np.concatenate(
+                    [rows, np.zeros((n - len(rows), *rows.shape[1:]), x_NX.dtype)]
+                )
+            blocks.append(jax.device_put(rows, device))
+        return jax.make_array_from_single_device_arrays(shape, layout, blocks)
+
+    def zeros(self, row_shape: tuple[int, ...], dtype, rows_per_device: int | None = None):
+        """A device buffer [S·rows_per_device (default n), *row_shape] of zeros, made on the
+        devices (nothing uploaded)."""
+        shape = (self.shards * (rows_per_device or self.rows_per_device), *row_shape)
+        return _on_devices(
+            ("zeros", shape, np.dtype(dtype).name), self.mesh, lambda: jnp.zeros(shape, dtype)
+        )
+
+    def local_indices(self, rows_per_device: int) -> jax.Array:
+        """[S·rows_per_device] int32: 0..rows_per_device−1 on every device, made there."""
+        shape = self.shards * rows_per_device
+        return _on_devices(
+            ("indices", shape, rows_per_device),
+            self.mesh,
+            lambda: jnp.arange(shape, dtype=jnp.int32) % rows_per_device,
+        )
+
+    def scalar(self, value, dtype=np.int32) -> jax.Array:
+        """`value` on every device (an explicit upload of one number)."""
+        return jax.device_put(np.asarray(value, dtype), sharding.replicated_sharding(self.mesh))
+
+    def fetch(self, *buffers: jax.Array) -> tuple[np.ndarray, ...]:
+        """The real rows of device buffers [S·n, ...] as NumPy [N, ...], in input order (one
+        transfer for all)."""
+        return tuple(np.asarray(x)[: self.num_rows] for x in jax.device_get(buffers))
+
+
+def _on_devices(key: Hashable, mesh: Mesh, make: Callable[[], jax.Array]) -> jax.Array:
+    """``make()`` computed on the devices, split over 'data' (compiled once per key)."""
+    jitted = jit_cache.cached(
+        ("device-rows", key, mesh),
+        lambda: jax.jit(make, out_shardings=sharding.batch_sharding(mesh)),
+    )
+    return jitted()
+
+
+def per_device(fn: Callable, mesh: Mesh, in_specs, out_specs, donate_argnums=()) -> Callable:
+    """jit of `fn` run on each device's own rows (`jax.shard_map`; no collective inside)."""
+    mapped = jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+    return jax.jit(mapped, donate_argnums=donate_argnums)
+
+
+def compiled(key: Hashable, build: Callable[[], Callable], *args):
+    """The executable of ``build()`` for these arguments' shapes and shardings, compiled ahead of
+    the call (`jax.jit(...).lower(*args).compile()`) once per key and shapes."""
+    leaves, treedef = jax.tree.flatten(args)
+    shapes = tuple((np.shape(x), str(x.dtype), getattr(x, "sharding", None)) for x in leaves)
+    return jit_cache.cached(("aot", key, treedef, shapes), lambda: build().lower(*args).compile())
+
+
+def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[np.ndarray, ...]:
+    """Runs ``step(*consts, *batch)`` over every row of `rows`; returns its outputs as NumPy.
+
+    Args:
+      step: a per-batch function (not jitted) returning a tuple of arrays [b, ...]; it runs on
+        each device's rows, b = B/S of them per call.
+      consts: leading arguments, replicated (e.g. variables).
+      rows: the device-resident row arrays, passed to `step` in order.
+      key: what `step` is (with its consts' structure), for the compiled-function memo.
 
     Returns:
-      The step's outputs for rows `rows_R`, each [R, ...], in the order of `rows_R`. Padding
-      rows (copies of a chunk's last row) are dropped.
+      The outputs for all N rows, each [N, ...], in input order.
     """
-    if not len(rows_R):
-        raise ValueError("rows_R must not be empty")
-    in_flight, done = [], []
-    for start, stop, size in bucket_chunks(len(rows_R), buckets):
-        idx_B = rows_R[start:stop]
-        idx_B = np.concatenate([idx_B, np.full(size - len(idx_B), idx_B[-1])])
-        batch = sharding.shard_local_batch(tuple(x[idx_B] for x in row_arrays), mesh)
-        in_flight.append((step(*consts, *batch), stop - start))
-        if len(in_flight) > 1:  # async dispatch: fetch the previous batch while this one runs
-            done.append(_fetch(*in_flight.pop(0)))
-    done.extend(_fetch(*item) for item in in_flight)
-    return tuple(np.concatenate(parts) for parts in zip(*done, strict=True))
+    spec, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+    n = rows.rows_per_device
+    outs = None
+    for start, _, size in bucket_chunks(n, rows.local_buckets):
+        if outs is None:  # output buffers shaped like one call's outputs, per row
+            batch = [jax.ShapeDtypeStruct((size, *x.shape[1:]), x.dtype) for x in rows.arrays]
+            shapes = jit_cache.cached(  # tracing the step costs as much as running it
+                ("map-rows-shapes", key, tuple((b.shape, b.dtype.name) for b in batch)),
+                lambda batch=batch: jax.eval_shape(step, *consts, *batch),
+            )
+            outs = tuple(rows.zeros(s.shape[1:], s.dtype) for s in shapes)
 
+        def build(size=size):
+            def chunk(consts, arrays, buffers, offset):
+                idx_b = offset + jnp.arange(size)
+                valid_b = idx_b < n
+                idx_b = jnp.minimum(idx_b, n - 1)  # padding rows repeat the last row
+                results = step(*consts, *[x[idx_b] for x in arrays])
+                drop_b = jnp.where(valid_b, idx_b, n)  # out of range: dropped
+                return tuple(
+                    o.at[drop_b].set(r, mode="drop") for o, r in zip(buffers, results, strict=True)
+                )
 
-def _fetch(outputs, count: int) -> tuple[np.ndarray, ...]:
-    return tuple(np.asarray(x)[:count] for x in outputs)
+            in_specs = (replicated, spec, spec, replicated)
+            return per_device(chunk, rows.mesh, in_specs, spec, donate_argnums=2)
+
+        args = (consts, rows.arrays, outs, rows.scalar(start))
+        outs = compiled(("map-rows", key, size, rows.mesh), build, *args)(*args)
+    return rows.fetch(*outs)

@@ -1,0 +1,277 @@
+"""The adaptive cascade executor: each example stops at the first stage confident enough.
+
+`Cascade` runs on the devices (Wang et al., ICLR 2022). The images are uploaded once, split over
+the mesh's 'data' axis (`jaxmodels.inference.row_batches.DeviceRows`); stage 0 runs on every
+example; each device compacts the local indices of its rows that did not exit, and the next
+stage gathers those rows where they are, in calls of a few bucket sizes, each compiled once
+(ahead of the run with `Cascade.warmup`). Answers are scattered in place and fetched once, at
+the end; between stages only each device's count of undecided rows (and a non-finite flag)
+reaches the host, to pick the next calls' buckets. Decisions follow
+`jaxmodels.committees.rules`, as `simulate_cascade` does.
+
+Shapes: M members, N images, S devices on 'data', n = ⌈N/S⌉ rows per device, b rows of one
+call per device, K classes.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import PartitionSpec
+
+from jaxmodels import jit_cache, sharding
+from jaxmodels.committees import members as members_lib
+from jaxmodels.committees import rules as cascade_rules
+from jaxmodels.committees.rules import CascadeOutput
+from jaxmodels.inference import row_batches
+
+
+class Cascade:
+    """An adaptive cascade: each example stops at the first stage confident enough.
+
+    Stage k predicts with the mean of members 0..k's logits (``rule="ensemble"``, the paper's)
+    or member k alone (``"single"``); an example exits at stage k < M − 1 when the confidence of
+    that prediction's softmax is > ``thresholds[k]``; the last stage answers the rest (see
+    `jaxmodels.committees.rules`). Only the examples still undecided run the next member.
+
+    Args:
+      members: the `Member`s, cheapest first: their ``flops`` must be non-decreasing (they are
+        not reordered, since thresholds belong to stage positions; a cost inversion raises).
+      thresholds: [M − 1] exit thresholds (in [0, 1] for ``max_prob`` and ``margin``).
+      confidence: ``"max_prob"``, ``"margin"``, ``"neg_entropy"`` or a jittable callable
+        probs_BC -> conf_B.
+      rule: ``"ensemble"`` or ``"single"``.
+      mesh: a `Mesh` with a 'data' axis; default all devices.
+      batch_size: rows of the largest device step; stage 0 runs in batches of this size.
+        Default 256 rounded up to a multiple of the 'data' size.
+      buckets: the padded sizes a stage's leftover examples may take (each a multiple of the
+        'data' size, none above batch_size); default `row_batches.default_buckets`: on a CPU
+        steps of batch_size/16 and powers of two below, on accelerators powers of two. Each
+        (stage, bucket) compiles once (`warmup` compiles them all ahead).
+
+    Raises:
+      TypeError / ValueError: bad members (empty, flops decreasing), thresholds, confidence,
+        rule, mesh, batch size or buckets.
+    """
+
+    def __init__(
+        self,
+        members,
+        thresholds,
+        *,
+        confidence="max_prob",
+        rule="ensemble",
+        mesh=None,
+        batch_size=None,
+        buckets=None,
+    ):
+        self.members = members_lib.check_members(members)
+        flops_M = np.array([m.flops for m in self.members], dtype=np.float64)
+        if (np.diff(flops_M) < 0).any():
+            raise ValueError(
+                "members must be ordered by cost (flops non-decreasing); got "
+                + ", ".join(f"{m.name or i}: {m.flops:.4g}" for i, m in enumerate(self.members))
+            )
+        self.flops = flops_M
+        self.thresholds = cascade_rules.check_thresholds(thresholds, len(self.members), confidence)
+        self.confidence = confidence
+        self._confidence_fn = cascade_rules.resolve_confidence(confidence)
+        self.rule = cascade_rules.check_rule(rule)
+        self.mesh, self.buckets = row_batches.mesh_and_buckets(mesh, batch_size, buckets)
+        self.batch_size = self.buckets[-1]
+        self._variables = [sharding.replicate(m.variables, self.mesh) for m in self.members]
+        self._next_stage = jit_cache.cached(
+            ("cascade-next-stage", self.mesh),
+            lambda: jax.jit(_next_stage, out_shardings=sharding.batch_sharding(self.mesh)),
+        )
+        # float32 on the devices, deciding exactly as the float64 thresholds do in simulation
+        self._thresholds32 = [
+            sharding.replicate(np.float32(t), self.mesh)
+            for t in [*cascade_rules.float32_thresholds(self.thresholds), np.float32(np.inf)]
+        ]
+
+    @property
+    def full_flops(self) -> float:
+        """Cost of an example that runs every stage: Σ flops."""
+        return float(self.flops.sum())
+
+    def _chunk_step(self, stage: int, size: int):
+        """(key, build) of stage `stage`'s call on `size` undecided rows of each device.
+
+        The call gathers those rows by their local indices (the first ``count`` entries of
+        ``pending``, from ``start`` on), runs the member, combines and scores; rows that exit
+        write their answer and exit stage in place, rows that stay keep their running logit sum
+        (rule "ensemble") and append their index to ``next_pending``. Nothing leaves the device.
+        """
+        member, rule, confidence_fn = self.members[stage], self.rule, self._confidence_fn
+        model, preprocessing = member.model, member.preprocessing
+        last = stage == len(self.members) - 1
+        reads_sum = rule == "ensemble" and stage > 0
+        keeps_sum = rule == "ensemble" and not last
+
+        def chunk(variables, threshold, images_nX, state: _CascadeState, start):
+            n = images_nX.shape[0]  # drop index of rows' scatters (out of range)
+            room = state.pending.shape[0]  # drop index of the pending list's scatter
+            valid_b = start + jnp.arange(size) < state.count[0]
+            idx_b = jnp.where(valid_b, lax.dynamic_slice_in_dim(state.pending, start, size), 0)
+            logits_bK = members_lib.forward(model, preprocessing, variables, images_nX[idx_b])
+            sum_prev_bK = state.sums[idx_b] if reads_sum else None
+            sum_bK, combined_bK = cascade_rules.stage_combine(
+                sum_prev_bK, logits_bK, stage=stage, rule=rule
+            )
+            conf_b = cascade_rules.stage_confidence(combined_bK, confidence_fn)
+            bad = state.bad | jnp.any(valid_b & ~jnp.isfinite(conf_b))
+            leaves_b = valid_b if last else valid_b & (conf_b > threshold)
+            stays_b = valid_b & ~leaves_b
+            exits_b = jnp.where(leaves_b, idx_b, n)
+            answer = state.answer.at[exits_b].set(combined_bK, mode="drop")
+            exit_stage = state.exit_stage.at[exits_b].set(stage, mode="drop")
+            sums = state.sums
+            if keeps_sum:
+                sums = sums.at[jnp.where(stays_b, idx_b, n)].set(sum_bK, mode="drop")
+            slot_b = state.next_count[0] + jnp.cumsum(stays_b) - 1
+            next_pending = state.next_pending.at[jnp.where(stays_b, slot_b, room)].set(
+                idx_b, mode="drop"
+            )
+            next_count = state.next_count + jnp.sum(stays_b, dtype=jnp.int32)
+            return _CascadeState(
+                state.pending, state.count, sums, answer, exit_stage, next_pending, next_count, bad
+            )
+
+        def build():
+            rows, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+            in_specs = (replicated, replicated, rows, rows, replicated)
+            return row_batches.per_device(chunk, self.mesh, in_specs, rows, donate_argnums=3)
+
+        key = ("stage", model, preprocessing, stage, size, rule, confidence_fn, last, self.mesh)
+        return key, build
+
+    def _start(self, images) -> tuple[row_batches.DeviceRows, _CascadeState]:
+        """The images uploaded once, and the state of a run before stage 0: every row pending."""
+        inputs = members_lib.member_inputs(images, self.members)
+        rows = row_batches.DeviceRows(inputs, self.mesh, self.buckets)
+        num_classes = self._num_classes(rows)
+        by_device = sharding.batch_sharding(self.mesh)
+        # The pending lists have room for one padded call past the last row.
+        room = rows.rows_per_device + rows.local_buckets[-1]
+        counts = jax.device_put(rows.counts_S, by_device)
+        state = _CascadeState(
+            pending=rows.local_indices(room),
+            count=counts,
+            sums=rows.zeros((num_classes,), jnp.float32),
+            answer=rows.zeros((num_classes,), jnp.float32),
+            exit_stage=rows.zeros((), jnp.int32),
+            next_pending=rows.zeros((), jnp.int32, rows_per_device=room),
+            next_count=jax.device_put(np.zeros_like(rows.counts_S), by_device),
+            bad=jax.device_put(np.zeros(rows.shards, bool), by_device),
+        )
+        return rows, state
+
+    def _num_classes(self, rows: row_batches.DeviceRows) -> int:
+        """K, from stage 0's output shape (traced once per model and image shape)."""
+        member, x = self.members[0], rows.arrays[0]
+        one = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
+        forward = lambda v, x: members_lib.forward(member.model, member.preprocessing, v, x)
+        key = ("cascade-classes", member.model, member.preprocessing, one.shape, one.dtype.name)
+        return jit_cache.cached(
+            key, lambda: int(jax.eval_shape(forward, self._variables[0], one).shape[-1])
+        )
+
+    def _executable(self, rows, state, stage: int, size: int):
+        """Stage `stage`'s executable for calls of `size` rows per device (compiled once)."""
+        key, build = self._chunk_step(stage, size)
+        args = (self._variables[stage], self._thresholds32[stage], rows.arrays[stage], state)
+        return row_batches.compiled(key, build, *args, rows.scalar(0))
+
+    def warmup(self, images) -> int:
+        """Compiles every (stage, bucket) executable a run over `images` may call, ahead of it.
+
+        Returns:
+          How many (stage, bucket) executables a run may call (each compiled once per shapes).
+        """
+        rows, state = self._start(images)
+        chunks = row_batches.bucket_chunks(rows.rows_per_device, rows.local_buckets)
+        first = sorted({size for *_, size in chunks})
+        count = 0
+        for stage in range(len(self.members)):
+            for size in first if stage == 0 else rows.local_buckets:
+                self._executable(rows, state, stage, size)
+                count += 1
+        return count
+
+    def run(self, images) -> CascadeOutput:
+        """Runs the cascade adaptively over `images`.
+
+        The images are uploaded once; each stage runs on the rows still undecided, gathered on
+        their own device, and the answers stay on the devices until the end. Between stages
+        only each device's count of undecided rows (and a non-finite flag) reaches the host, to
+        pick the next calls' buckets.
+
+        Args:
+          images: an array [N, H, W, 3] for all members or a sequence of one per member
+            (uint8: normalised on the device with each member's preprocessing; float: as
+            given).
+
+        Returns:
+          A `CascadeOutput` (predictions, exit stages, answering logits, average and worst
+          FLOPs of this run, wall-clock seconds, exit fractions).
+
+        Raises:
+          TypeError / ValueError: malformed images; a member producing NaN/inf logits.
+        """
+        members_lib.check_single_process()
+        start_time = time.perf_counter()
+        rows, state = self._start(images)
+        counts_S = rows.counts_S
+        for stage in range(len(self.members)):
+            variables, threshold = self._variables[stage], self._thresholds32[stage]
+            for start, _, size in row_batches.bucket_chunks(counts_S.max(), rows.local_buckets):
+                call = self._executable(rows, state, stage, size)
+                state = call(variables, threshold, rows.arrays[stage], state, rows.scalar(start))
+            counts_S, bad_S = jax.device_get((state.next_count, state.bad))
+            if bad_S.any():
+                name = self.members[stage].name or f"member {stage}"
+                raise ValueError(f"stage {stage} ({name}) produced non-finite logits or confidence")
+            if not counts_S.any():
+                break
+            state = self._next_stage(state)
+        exit_N, answer_NK = rows.fetch(state.exit_stage, state.answer)
+        wall_seconds = time.perf_counter() - start_time
+        return cascade_rules.cascade_output(exit_N, answer_NK, self.flops, wall_seconds)
+
+
+class _CascadeState(NamedTuple):
+    """A cascade run on the devices, every leaf split over 'data': per device n rows (``sums``,
+    ``answer``, ``exit_stage``), n + b_max list entries (``pending``, ``next_pending``: room
+    for one padded call) or one entry (``count``, ``next_count``, ``bad``).
+
+    pending: local indices of the rows the current stage runs, the first ``count`` valid.
+    sums: running logit sums of undecided rows, at their own index (rule "ensemble").
+    answer, exit_stage: each decided row's answer logits and stage, at its own index.
+    next_pending, next_count: the rows that stay undecided, for the next stage.
+    bad: whether a valid row had a non-finite confidence.
+    """
+
+    pending: jax.Array
+    count: jax.Array
+    sums: jax.Array
+    answer: jax.Array
+    exit_stage: jax.Array
+    next_pending: jax.Array
+    next_count: jax.Array
+    bad: jax.Array
+
+
+def _next_stage(state: _CascadeState) -> _CascadeState:
+    """The rows that stayed become the pending rows; the next list starts empty."""
+    return state._replace(
+        pending=state.next_pending,
+        count=state.next_count,
+        next_pending=state.pending,
+        next_count=jnp.zeros_like(state.next_count),
+    )
