@@ -23,7 +23,7 @@ import jaxmodels
 from hubtune.serve import members as cascade_members
 from hubtune.serve import output as cascade_output
 from jaxmodels.inference import evaluate as inference
-from jaxmodels.inference.artefact_cache import LogitsCache, MemberFacts
+from jaxmodels.inference.artefact_cache import LogitsCache, ModelFacts
 from jaxmodels.models import registry
 from jaxmodels.weights import model_refs
 
@@ -439,7 +439,7 @@ def test_facts_from_model_json_equal_the_built_models(hub, tmp_path):
         key = cache.weights_key(ref, seed=0, random_init_classes=NUM_CLASSES)
         assert key == jaxmodels.content_digest(folder)
         facts = cache.facts(ref, key, random_init_classes=NUM_CLASSES)
-        assert facts == MemberFacts.of_model(jaxmodels.load(folder)[0])
+        assert facts == ModelFacts.of_model(jaxmodels.load(folder)[0])
     # a checkpoint file is known only once it was built and noted
     ref = jaxmodels.ModelRef("f", "resnet_tiny", tmp_path / "w.safetensors", "f")
     assert cache.facts(ref, "abc", random_init_classes=3) is None

@@ -10,6 +10,7 @@ centred and scaled, so that predictions and confidences vary across images.
 import functools
 import itertools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +36,7 @@ VIT = dict(depth=1, image_size=16)
 
 @functools.cache
 def _reference_apply(model):
-    return jax.jit(functools.partial(model.apply, train=False))
+    return jax.jit(functools.partial(model.apply, train=False))  # the module's own apply
 
 
 def reference_logits(member: Member, images: np.ndarray) -> np.ndarray:
@@ -43,7 +44,7 @@ def reference_logits(member: Member, images: np.ndarray) -> np.ndarray:
     x = images
     if images.dtype == np.uint8:
         x = jaxmodels.data.preprocess.normalize(images, member.preprocessing)
-    return np.asarray(_reference_apply(member.model)(member.variables, jnp.asarray(x)))
+    return np.asarray(_reference_apply(member.apply_fn.module)(member.variables, jnp.asarray(x)))
 
 
 def reference_exits(conf_MN, thresholds):
@@ -216,18 +217,58 @@ def test_ensemble_bad_input(images, resnets):
         ensemble.logits([images["u8_32"]])
     with pytest.raises(ValueError, match=r"\[N>0, H, W, 3\]"):
         ensemble.logits(images["u8_32"][..., :1])
-    bare = [Member(m.model, m.variables, m.flops) for m in members[:2]]
+    bare = [Member(m.apply_fn, m.variables, m.flops) for m in members[:2]]
     with pytest.raises(ValueError, match="no preprocessing"):
         Ensemble(bare, batch_size=16).logits(images["u8_32"])
     with pytest.raises(ValueError, match="flops must be positive"):
-        Member(members[0].model, members[0].variables, 0.0)
+        Member(members[0].apply_fn, members[0].variables, 0.0)
+
+
+class _PoolingHead(nn.Module):
+    """A user's own Flax module, outside jaxmodels: no `train` argument, its own signature."""
+
+    classes: int
+
+    @nn.compact
+    def __call__(self, images_BHWC):
+        return nn.Dense(self.classes)(images_BHWC.mean(axis=(1, 2)))
+
+
+def test_any_apply_function_is_a_member(images, resnets):
+    x = images["u8_32"]
+    resnet, resnet_logits = resnets[0][0], resnets[1][0]
+    head = _PoolingHead(NUM_CLASSES)
+    variables = head.init(jax.random.key(3), jnp.zeros((1, 32, 32, 3)))
+    prep = resnet.preprocessing
+
+    def plain(variables, images_BHWC):  # a bare function, not a module
+        return images_BHWC.reshape(len(images_BHWC), -1)[:, :NUM_CLASSES] * variables["scale"]
+
+    own = Member(head.apply, variables, resnet.flops / 2, prep, "own module")
+    bare = Member(plain, {"scale": np.float32(3.0)}, resnet.flops / 4, prep, "function")
+    x_normalised = np.asarray(jaxmodels.data.preprocess.normalize(x, prep))
+    own_logits = np.asarray(head.apply(variables, x_normalised))
+    bare_logits = 3.0 * x_normalised.reshape(NUM_IMAGES, -1)[:, :NUM_CLASSES]
+    ensemble = Ensemble([bare, own, resnet], batch_size=16)
+    np.testing.assert_allclose(
+        ensemble.member_logits(x), [bare_logits, own_logits, resnet_logits], atol=2e-5
+    )
+    out = Cascade([bare, own, resnet], [0.6, 0.5], batch_size=16).run(x)
+    logits_MNK = np.stack([bare_logits, own_logits, resnet_logits])
+    simulated = simulate_cascade(
+        logits_MNK, [0.6, 0.5], costs=[m.flops for m in (bare, own, resnet)]
+    )
+    np.testing.assert_array_equal(out.exit_stage, simulated.exit_stage)
+    assert len(set(out.exit_stage)) > 1
+    with pytest.raises(TypeError, match="apply_fn must be a function"):
+        Member("resnet", variables, 1.0)
 
 
 def test_non_finite_member_logits_raise(images, resnets):
     good = resnets[0][0]
     variables = jax.tree.map(lambda x: x, good.variables)
     variables["params"]["fc"]["bias"] = np.full(NUM_CLASSES, np.nan, np.float32)
-    broken = Member(good.model, variables, good.flops * 2, good.preprocessing, "broken")
+    broken = Member(good.apply_fn, variables, good.flops * 2, good.preprocessing, "broken")
     few = images["u8_32"][:8]
     with pytest.raises(ValueError, match="non-finite"):
         Ensemble([good, broken], batch_size=8).logits(few)

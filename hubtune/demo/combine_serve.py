@@ -99,8 +99,9 @@ def serve(finetuned, data, recipe, out) -> dict:
     ]
 
     def logits_MNC(sets):
-        return np.stack([jaxmodels.predict(m.model, m.variables, sets[m.preprocessing],
-                                           progress=False) for m in members])  # fmt: skip
+        return np.stack([jaxmodels.predict(r.model, r.variables, sets[m.preprocessing],
+                                           progress=False)
+                         for r, m in zip(runs, members, strict=True)])  # fmt: skip
 
     def images(sets):
         """Each member's uint8 images [N, S, S, 3], as the executor takes them."""

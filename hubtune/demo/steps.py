@@ -72,13 +72,13 @@ def _config(**fields) -> RunConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class HubMember:
+class PretrainedModel:
     label: str
     folder: pathlib.Path
     source_accuracy: float
 
 
-def pretrain_hub(members, data, recipe, cache, seed, member_key) -> list[HubMember]:
+def pretrain_hub(members, data, recipe, cache, seed, member_key) -> list[PretrainedModel]:
     """Pre-trains every member on the source task; finished run folders are reused as they are."""
     hub = []
     for member in members:
@@ -112,7 +112,7 @@ def pretrain_hub(members, data, recipe, cache, seed, member_key) -> list[HubMemb
         accuracy = result["final_eval"]["accuracy"]
         how = "reused from the cache" if reused else "trained"
         print(f"   {member.label:<18} source accuracy {accuracy:.3f}  ({how}: {folder.name})")
-        hub.append(HubMember(member.label, folder, accuracy))
+        hub.append(PretrainedModel(member.label, folder, accuracy))
     return hub
 
 

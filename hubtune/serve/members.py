@@ -37,7 +37,7 @@ import numpy as np
 from jaxmodels.data import sources as data_lib
 from jaxmodels.data.preprocess import Preprocessing
 from jaxmodels.inference import evaluate as inference
-from jaxmodels.inference.artefact_cache import LogitsCache, MemberFacts
+from jaxmodels.inference.artefact_cache import LogitsCache, ModelFacts
 from jaxmodels.weights import model_refs
 from jaxmodels.weights.model_refs import ModelRef
 
@@ -209,8 +209,9 @@ class PreparedSets:
 
 
 @dataclasses.dataclass
-class MemberLogits:
-    """One member with its logits on every data set.
+class CandidateLogits:
+    """One candidate model, by its reference, with its logits on every data set (what a
+    committee is fitted on; the `jaxmodels.Member` that runs it is built only for timing).
 
     Attributes:
       ref: its reference.
@@ -222,14 +223,14 @@ class MemberLogits:
     """
 
     ref: ModelRef
-    facts: MemberFacts
+    facts: ModelFacts
     logits: dict[str, np.ndarray]
     cache_files: dict[str, pathlib.Path]
     from_cache: dict[str, bool]
     weights_key: str
 
 
-def random_init_classes(facts: Sequence[MemberFacts | None], heldout) -> int:
+def random_init_classes(facts: Sequence[ModelFacts | None], heldout) -> int:
     """The head size of a random initialisation: the other members' class count, else the
     held-out data's."""
     known = [f.num_classes for f in facts if f is not None]
@@ -243,7 +244,7 @@ def member_logits(
     *,
     seed: int,
     log: Callable[[str], None],
-) -> list[MemberLogits]:
+) -> list[CandidateLogits]:
     """Every member's logits on every set of `prepared`, from the cache or computed.
 
     A member whose facts and logits are all cached is not built. Checks are made as early as
@@ -258,7 +259,7 @@ def member_logits(
       log: progress printer.
 
     Returns:
-      One `MemberLogits` per reference, in order.
+      One `CandidateLogits` per reference, in order.
 
     Raises:
       CascadeInputError / jaxmodels.DataError: members of different class counts, data with
@@ -292,11 +293,13 @@ def member_logits(
         cached = {role: cache.read(files[role], sources[role]) for role in files}
         if fact is not None and all(x is not None for x in cached.values()):
             log(f"{tag}: logits from the cache")
-            results.append(MemberLogits(ref, fact, cached, files, dict.fromkeys(roles, True), key))
+            results.append(
+                CandidateLogits(ref, fact, cached, files, dict.fromkeys(roles, True), key)
+            )
             continue
         log(f"{tag}: building {ref.name} from {ref.checkpoint or f'random init (seed {seed})'}")
         built = model_refs.build(ref, init_seed=seed, random_init_classes=classes)
-        fact = MemberFacts.of_model(built.model)
+        fact = ModelFacts.of_model(built.model)
         cache.note_facts(ref, key, fact)
         files = {role: cache.path(ref, key, fact, sources[role]) for role in roles}
         logits, hits = {}, {}
@@ -310,7 +313,7 @@ def member_logits(
                 )
                 cache.write(files[role], found, sources[role])
             logits[role] = found
-        results.append(MemberLogits(ref, fact, logits, files, hits, key))
+        results.append(CandidateLogits(ref, fact, logits, files, hits, key))
         del built  # one member's weights at a time
     check_classes([m.ref.label for m in results], [m.facts.num_classes for m in results], sources)
     for member in results:

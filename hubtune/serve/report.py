@@ -194,17 +194,18 @@ def _summary(out: cascade_rules.CascadeOutput, labels_N) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Pool:
-    """The members, by rising cost, with their logits and the labels of every set.
+    """The candidate models, by rising cost, with their logits and the labels of every set
+    (a committee's `jaxmodels.Member`s are built from the chosen ones, for timing).
 
     Attributes:
-      members: the `cascade_members.MemberLogits`, cheapest first.
+      candidates: the `cascade_members.CandidateLogits`, cheapest first.
       logits: {role: logits_PNK float32}.
       labels: {role: labels_N}.
       costs: [P] FLOPs per image.
       rule, confidence: how cascades of them decide.
     """
 
-    members: list
+    candidates: list
     logits: dict[str, np.ndarray]
     labels: dict[str, np.ndarray]
     costs: np.ndarray
@@ -213,7 +214,7 @@ class Pool:
 
     @property
     def names(self) -> list[str]:
-        return [m.ref.label for m in self.members]
+        return [m.ref.label for m in self.candidates]
 
     def single_accuracy(self, role: str) -> list[float]:
         """Each member's accuracy on `role`."""
@@ -422,7 +423,7 @@ def _members_json(pool: Pool, heldout_accuracy) -> list[dict]:
             "logits_cache": {role: str(path) for role, path in m.cache_files.items()},
             "from_cache": m.from_cache,
         }
-        for p, m in enumerate(pool.members)
+        for p, m in enumerate(pool.candidates)
     ]
 
 
@@ -432,12 +433,12 @@ def _timing(
     """Builds the members and times them, the ensemble and the chosen cascade (test images);
     for an accuracy goal, also what the library deploys by measured time (`deploy.choose`)."""
     log(
-        f"timing {len(pool.members)} models, their ensemble and the cascade on the test images "
+        f"timing {len(pool.candidates)} models, their ensemble and the cascade on the test images "
         f"(best of {repeats})"
     )
-    classes = pool.members[0].facts.num_classes
+    classes = pool.candidates[0].facts.num_classes
     members = []
-    for m in pool.members:
+    for m in pool.candidates:
         built = model_refs.build(m.ref, init_seed=seed, random_init_classes=classes)
         members.append(
             Member(
@@ -448,7 +449,7 @@ def _timing(
                 m.ref.label,
             )
         )
-    inputs = prepared.member_inputs(TEST, [m.facts.preprocessing for m in pool.members])
+    inputs = prepared.member_inputs(TEST, [m.facts.preprocessing for m in pool.candidates])
     times = cascade_timing.time_committees(
         members,
         inputs,
@@ -486,7 +487,7 @@ def _timing(
 def _deployment(pool: Pool, members, prepared, goal: Goal, batch_size, repeats) -> dict:
     """What `deploy.choose` deploys for the accuracy goal, by each member's time measured on the
     held-out images through the executor (FLOPs order kept: the executor runs stages by cost)."""
-    inputs = prepared.member_inputs(HELDOUT, [m.facts.preprocessing for m in pool.members])
+    inputs = prepared.member_inputs(HELDOUT, [m.facts.preprocessing for m in pool.candidates])
     costs = deploy.measure_costs(members, inputs, batch_size=batch_size, repeats=repeats)
     chosen = deploy.choose(
         pool.logits[HELDOUT],

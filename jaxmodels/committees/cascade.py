@@ -109,7 +109,7 @@ class Cascade:
         (rule "ensemble") and append their index to ``next_pending``. Nothing leaves the device.
         """
         member, rule, confidence_fn = self.members[stage], self.rule, self._confidence_fn
-        model, preprocessing = member.model, member.preprocessing
+        apply_fn, preprocessing = member.apply_fn, member.preprocessing
         last = stage == len(self.members) - 1
         reads_sum = rule == "ensemble" and stage > 0
         keeps_sum = rule == "ensemble" and not last
@@ -119,7 +119,7 @@ class Cascade:
             room = state.pending.shape[0]  # drop index of the pending list's scatter
             valid_b = start + jnp.arange(size) < state.count[0]
             idx_b = jnp.where(valid_b, lax.dynamic_slice_in_dim(state.pending, start, size), 0)
-            logits_bK = members_lib.forward(model, preprocessing, variables, images_nX[idx_b])
+            logits_bK = members_lib.forward(apply_fn, preprocessing, variables, images_nX[idx_b])
             sum_prev_bK = state.sums[idx_b] if reads_sum else None
             sum_bK, combined_bK = cascade_rules.stage_combine(
                 sum_prev_bK, logits_bK, stage=stage, rule=rule
@@ -148,7 +148,7 @@ class Cascade:
             in_specs = (replicated, replicated, rows, rows, replicated)
             return row_batches.per_device(chunk, self.mesh, in_specs, rows, donate_argnums=3)
 
-        key = ("stage", model, preprocessing, stage, size, rule, confidence_fn, last, self.mesh)
+        key = ("stage", apply_fn, preprocessing, stage, size, rule, confidence_fn, last, self.mesh)
         return key, build
 
     def _start(self, images) -> tuple[row_batches.DeviceRows, _CascadeState]:
@@ -176,8 +176,8 @@ class Cascade:
         """K, from stage 0's output shape (traced once per model and image shape)."""
         member, x = self.members[0], rows.arrays[0]
         one = jax.ShapeDtypeStruct((1, *x.shape[1:]), x.dtype)
-        forward = lambda v, x: members_lib.forward(member.model, member.preprocessing, v, x)
-        key = ("cascade-classes", member.model, member.preprocessing, one.shape, one.dtype.name)
+        forward = lambda v, x: members_lib.forward(member.apply_fn, member.preprocessing, v, x)
+        key = ("cascade-classes", member.apply_fn, member.preprocessing, one.shape, one.dtype.name)
         return jit_cache.cached(
             key, lambda: int(jax.eval_shape(forward, self._variables[0], one).shape[-1])
         )

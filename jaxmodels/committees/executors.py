@@ -5,7 +5,7 @@ that stops at the first stage confident enough, matches a larger model's accurac
 of its average cost. This module runs them:
 
   * `Ensemble(members)` averages the members' logits (or probabilities). Members of one
-    architecture — equal Flax module, equal variable shapes — run as one `jax.vmap` over their
+    architecture — equal apply function, equal variable shapes — run as one `jax.vmap` over their
     stacked variables; members of different architectures run one after another inside the same
     jitted function.
   * `Cascade(members, thresholds)` (`jaxmodels.committees.cascade`) executes adaptively, on
@@ -94,7 +94,7 @@ class _Group:
     """Members of one architecture: their indices and variables stacked on axis 0."""
 
     members: tuple[int, ...]
-    model: Any
+    apply_fn: Any
     preprocessing: Preprocessing | None
 
 
@@ -181,7 +181,7 @@ class Ensemble:
         self._groups, group_variables = [], []
         for indices in by_signature.values():
             first = self.members[indices[0]]
-            self._groups.append(_Group(tuple(indices), first.model, first.preprocessing))
+            self._groups.append(_Group(tuple(indices), first.apply_fn, first.preprocessing))
             trees = [self.members[i].variables for i in indices]
             stacked = (
                 trees[0] if len(trees) == 1 else jax.tree.map(lambda *xs: np.stack(xs), *trees)
@@ -261,7 +261,9 @@ class Ensemble:
             out = [None] * len(member_slots)
             for group, variables in zip(groups, group_variables, strict=True):
                 slots = [member_slots[m] for m in group.members]
-                forward = lambda v, x, g=group: members_lib.forward(g.model, g.preprocessing, v, x)
+                forward = lambda v, x, g=group: members_lib.forward(
+                    g.apply_fn, g.preprocessing, v, x
+                )
                 if len(slots) == 1:  # a member on its own: no vmap
                     logits_GBK = forward(variables, images[slots[0]])[None]
                 elif len(set(slots)) == 1:  # shared images: map over the variables only

@@ -1,7 +1,8 @@
 """Committee members: what a member is, how its images reach it, how it runs on the device.
 
-Shared by `jaxmodels.committees.executors.Ensemble` and `Cascade`. A `Member` is a Flax module with its
-variables, forward cost and preprocessing. Images come as one host array [N, H, W, 3] for all
+Shared by `jaxmodels.committees.executors.Ensemble` and `Cascade`. A `Member` is an apply
+function (any jittable function, or a Flax module's logits) with its variables, forward cost and
+preprocessing. Images come as one host array [N, H, W, 3] for all
 members or one per member; uint8 images travel to the device as they are (a quarter of the
 bytes of float32) and are normalised there, inside the jitted step.
 
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,27 +27,49 @@ from jaxmodels.inference import evaluate as inference
 PyTree = Any
 
 
+@dataclasses.dataclass(frozen=True)
+class ModuleLogits:
+    """A Flax Linen module's logits as an apply function: ``module.apply(v, x, train=False)``.
+
+    Hashable and equal by module, so members of one architecture share compiled steps.
+    """
+
+    module: Any
+
+    def __call__(self, variables, images_BHWC):
+        return self.module.apply(variables, images_BHWC, train=False)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Member:
-    """One model of a committee.
+    """One model of a committee: an apply function, its variables, preprocessing and cost.
 
     Attributes:
-      model: a Flax Linen module; ``model.apply(variables, x, train=False)`` -> logits [B, K].
+      apply_fn: ``apply_fn(variables, images_BHWC) -> logits_BK``, any jittable function (a
+        user's own module joins a committee through its apply). A Flax Linen module is taken
+        as its logits, ``module.apply(variables, x, train=False)`` (`ModuleLogits`). Members
+        with equal apply functions and variable shapes run stacked in an `Ensemble`.
       variables: its variables, e.g. ``{'params': ..., 'batch_stats': ...}``.
-      flops: forward cost per image, e.g. ``jaxmodels.spec(name, ...).flops_per_image``.
+      flops: forward cost per image, e.g. ``jaxmodels.spec(name, ...).flops_per_image``; the
+        executors order and report by it, `jaxmodels.committees.deploy` measures time.
       preprocessing: how its images are normalised; required when images are uint8.
       name: a short label for reports.
     """
 
-    model: Any
+    apply_fn: Callable
     variables: PyTree
     flops: float
     preprocessing: Preprocessing | None = None
     name: str = ""
 
     def __post_init__(self):
-        if not callable(getattr(self.model, "apply", None)):
-            raise TypeError(f"model must be a Flax module; got {type(self.model).__name__}")
+        if isinstance(self.apply_fn, nn.Module):
+            object.__setattr__(self, "apply_fn", ModuleLogits(self.apply_fn))
+        if not callable(self.apply_fn):
+            raise TypeError(
+                "apply_fn must be a function (variables, images) -> logits or a Flax module; "
+                f"got {type(self.apply_fn).__name__}"
+            )
         if isinstance(self.flops, bool) or not isinstance(self.flops, int | float | np.number):
             raise TypeError(f"flops must be a number; got {type(self.flops).__name__}")
         if not math.isfinite(self.flops) or self.flops <= 0:
@@ -141,14 +165,14 @@ def check_finite(logits: np.ndarray, what: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- device steps
 
 
-def forward(model, preprocessing, variables, images_BHWC) -> jax.Array:
+def forward(apply_fn, preprocessing, variables, images_BHWC) -> jax.Array:
     """logits_BK float32 of one member; uint8 images are normalised here, on the device (the
-    forward every inference path uses, `jaxmodels.inference.evaluate.forward_fn`)."""
-    return inference.forward_fn(model, None, preprocessing, None)(variables, images_BHWC)
+    normalisation every inference path uses, `jaxmodels.inference.evaluate.normalized_forward`)."""
+    return inference.normalized_forward(apply_fn, preprocessing)(variables, images_BHWC)
 
 
 def stacking_signature(member: Member):
     """What members must share to be stacked under one vmap."""
     leaves, treedef = jax.tree.flatten(member.variables)
     shapes = tuple((np.shape(x), jnp.result_type(x)) for x in leaves)
-    return member.model, treedef, shapes, member.preprocessing
+    return member.apply_fn, treedef, shapes, member.preprocessing

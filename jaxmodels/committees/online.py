@@ -46,7 +46,7 @@ class OnlineCascade:
 
         def stage(k, variables_k, images_RHWC, sum_prev_RK):
             m = members[k]
-            logits_RK = members_lib.forward(m.model, m.preprocessing, variables_k, images_RHWC)
+            logits_RK = members_lib.forward(m.apply_fn, m.preprocessing, variables_k, images_RHWC)
             sum_RK, combined_RK = cascade_rules.stage_combine(
                 sum_prev_RK, logits_RK, stage=k, rule=rule
             )

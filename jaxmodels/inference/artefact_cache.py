@@ -13,7 +13,7 @@ results are cached under ``jaxmodels.cache_root() / "logits"`` (like ranking's f
   * the evaluation preprocessing (`jaxmodels.Preprocessing`) the images were prepared with.
 
 The key is computed without building the model: a member's preprocessing, cost and class count
-(`MemberFacts`) come from the reference itself — a registered name, or the ``model.json`` of a
+(`ModelFacts`) come from the reference itself — a registered name, or the ``model.json`` of a
 model or run folder — or, for a checkpoint file, from a note written the first time that file
 was built (``facts.json``). So a cache hit reads one file and builds nothing.
 
@@ -53,7 +53,7 @@ def default_cache_dir() -> pathlib.Path:
 
 
 @dataclasses.dataclass(frozen=True)
-class MemberFacts:
+class ModelFacts:
     """What a committee needs to know about a member besides its logits.
 
     Attributes:
@@ -67,7 +67,7 @@ class MemberFacts:
     preprocessing: Preprocessing
 
     @classmethod
-    def of_model(cls, model) -> MemberFacts:
+    def of_model(cls, model) -> ModelFacts:
         """The facts of a built jaxmodels module (`jaxmodels.spec_of`)."""
         spec = registry.spec_of(model)
         return cls(int(model.num_classes), int(spec.flops_per_image), spec.preprocessing)
@@ -76,7 +76,7 @@ class MemberFacts:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, value: dict) -> MemberFacts:
+    def from_json(cls, value: dict) -> ModelFacts:
         prep = dict(value["preprocessing"])
         prep["mean"], prep["std"] = tuple(prep["mean"]), tuple(prep["std"])
         return cls(int(value["num_classes"]), int(value["flops_per_image"]), Preprocessing(**prep))
@@ -100,7 +100,7 @@ class LogitsCache:
 
     def facts(
         self, ref: ModelRef, weights_key: str, *, random_init_classes: int
-    ) -> MemberFacts | None:
+    ) -> ModelFacts | None:
         """The member's facts without building it, or None when only a build can tell (a
         checkpoint file never built with this cache).
 
@@ -109,7 +109,7 @@ class LogitsCache:
         """
         if ref.checkpoint is None:
             spec = registry.spec(ref.name, num_classes=random_init_classes)
-            return MemberFacts(random_init_classes, int(spec.flops_per_image), spec.preprocessing)
+            return ModelFacts(random_init_classes, int(spec.flops_per_image), spec.preprocessing)
         folder = model_dir(ref.checkpoint)
         if folder.is_dir() and (folder / MODEL_JSON).is_file():
             meta = model_info(folder)
@@ -125,13 +125,13 @@ class LogitsCache:
                     image_size=meta["image_size"],
                     **overrides,
                 )
-                return MemberFacts(
+                return ModelFacts(
                     int(meta["num_classes"]), int(spec.flops_per_image), spec.preprocessing
                 )
         noted = _read_json(self.dir / _FACTS_JSON).get(f"{ref.name}|{weights_key}")
-        return None if noted is None else MemberFacts.from_json(noted)
+        return None if noted is None else ModelFacts.from_json(noted)
 
-    def note_facts(self, ref: ModelRef, weights_key: str, facts: MemberFacts) -> None:
+    def note_facts(self, ref: ModelRef, weights_key: str, facts: ModelFacts) -> None:
         """Remembers a built checkpoint's facts, so its next lookup needs no build."""
         if ref.checkpoint is None:
             return
@@ -139,7 +139,7 @@ class LogitsCache:
         notes[f"{ref.name}|{weights_key}"] = facts.to_json()
         write_atomic(self.dir / _FACTS_JSON, lambda tmp: tmp.write_text(json.dumps(notes)))
 
-    def path(self, ref: ModelRef, weights_key: str, facts: MemberFacts, source) -> pathlib.Path:
+    def path(self, ref: ModelRef, weights_key: str, facts: ModelFacts, source) -> pathlib.Path:
         """The cache file of this member's logits over `source` (an `ImageSource`)."""
         key = {
             "version": CACHE_VERSION,

@@ -449,6 +449,16 @@ def forward_fn(model, method: str | None, prep: preprocess.Preprocessing | None,
     `method` None gives the logits (`train=False`), else e.g. "features". Float images are taken
     as already normalised. `dtype` casts the images (variables are cast by the caller).
     """
+    if method is None:
+        apply = lambda variables, images: model.apply(variables, images, train=False)
+    else:
+        apply = lambda variables, images: model.apply(variables, images, method=method)
+    return normalized_forward(apply, prep, dtype)
+
+
+def normalized_forward(apply_fn, prep: preprocess.Preprocessing | None, dtype=None):
+    """`f(variables, images) -> float32 apply_fn(variables, images)`, uint8 images normalised
+    with `prep` on the device first (any apply function: `forward_fn`, a committee member)."""
 
     def forward(variables, images):
         if images.dtype == jnp.uint8:
@@ -457,11 +467,7 @@ def forward_fn(model, method: str | None, prep: preprocess.Preprocessing | None,
             images = preprocess.normalize(images, prep)
         if dtype is not None:
             images = images.astype(dtype)
-        if method is None:
-            out = model.apply(variables, images, train=False)
-        else:
-            out = model.apply(variables, images, method=method)
-        return out.astype(jnp.float32)
+        return apply_fn(variables, images).astype(jnp.float32)
 
     return forward
 

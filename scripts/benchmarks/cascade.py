@@ -268,12 +268,11 @@ def bench_ensemble(config: str, args) -> dict:
     sequential = Ensemble(members, batch_size=args.batch_size, strategy="sequence")
     auto = Ensemble(members, batch_size=args.batch_size)
     singles = [Ensemble([m], batch_size=args.batch_size) for m in members]
-    prep, model = members[0].preprocessing, members[0].model
+    prep, apply_fn = members[0].preprocessing, members[0].apply_fn
 
     @jax.jit
     def forward(variables, images_BHWC):
-        x = jaxmodels.data.preprocess.normalize(images_BHWC, prep)
-        return model.apply(variables, x, train=False)
+        return apply_fn(variables, jaxmodels.data.preprocess.normalize(images_BHWC, prep))
 
     device_images = jax.device_put(images)
     device_variables = [jax.device_put(m.variables) for m in members]
