@@ -195,6 +195,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=500,
         help="steps between checkpoints (default 500; always one at the end)",
     )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        metavar="N",
+        help="keep the newest N checkpoints (default 2); 0 keeps every one, the trajectory "
+        "that 'hubtune soup --trajectory' averages",
+    )
     parser.add_argument("--tfds-data-dir", help="TFDS data directory")
     parser.add_argument("--num-workers", type=int, default=4, help="image-loading threads")
     parser.add_argument(
@@ -228,6 +236,8 @@ def main(argv=None) -> int:
     try:
         distributed.check_same_config(vars(args), "arguments")
         output.check(args.out, "tune", None)  # never into another tool's folder
+        if args.keep_checkpoints < 0:
+            raise RunError(f"--keep-checkpoints must be ≥ 0 (0: all); got {args.keep_checkpoints}")
         base = RunConfig(
             model=args.model,
             train_data=args.data,
@@ -249,6 +259,7 @@ def main(argv=None) -> int:
             seed=args.seed[0],
             init_seed=args.init_seed,
             checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints or None,
             tfds_data_dir=args.tfds_data_dir,
             num_workers=args.num_workers,
             stop_after_steps=args.max_steps,

@@ -31,6 +31,7 @@ import pytest
 from tiny_classifier import random_variables
 
 import jaxmodels
+import training
 from training import load_run
 
 REPO = pathlib.Path(__file__).parents[1]
@@ -85,7 +86,9 @@ def _make_runs(root):
     with contextlib.redirect_stdout(io.StringIO()):
         assert finetune.main([*common, "--lr", "0.01,0.03", "--seed", "0,1",
                               "--out", str(root / "sweep")]) == 0  # fmt: skip
+        # every epoch's checkpoint kept: the trajectory soup's ingredients
         assert finetune.main([*common, "--lr", "0.01", "--init-seed", "1",
+                              "--checkpoint-every", "6", "--keep-checkpoints", "0",
                               "--out", str(root / "other")]) == 0  # fmt: skip
 
 
@@ -378,6 +381,39 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(sweep, tmp_path):
         assert message in stderr, (message, stderr)
         assert stdout == ""
         assert sorted(tmp_path.rglob("*")) == before, message  # nothing written, nothing left
+
+
+def test_a_trajectory_soup_averages_the_checkpoints_one_run_kept(sweep, tmp_path):
+    """--trajectory: the checkpoints of one run (24 steps, one kept every 6) are the
+    ingredients; the uniform soup is their average, read here straight from orbax."""
+    other = sweep["root"] / "other"
+    assert [c.step for c in training.trajectory(other)] == [6, 12, 18, 24]
+    out = tmp_path / "t"
+    code, _, stderr = _main(
+        ["--runs", str(other), "--trajectory", "--heldout", str(sweep["heldout"]),
+         "--method", "uniform", "--bn", "average", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0, stderr
+    report = json.loads((out / "soup.json").read_text())
+    folders = [str(other / "checkpoints" / str(s)) for s in (6, 12, 18, 24)]
+    assert [row["folder"] for row in report["ingredients"]] == folders
+    states = [ocp.StandardCheckpointer().restore(other / "checkpoints" / str(s) / "state")
+              for s in (6, 12, 18, 24)]  # fmt: skip
+    flat = lambda st: {**st["frozen"], **st["trainable"]}
+    average = {k: np.mean([np.float64(flat(st)[k]) for st in states], axis=0)
+               for k in flat(states[0])}  # fmt: skip
+    saved = jaxmodels.models.paths.flatten(_restore(out / "uniform" / "model")["params"])
+    assert saved.keys() == average.keys()
+    for key, value in average.items():
+        np.testing.assert_allclose(saved[key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+    # the last checkpoint is the run's saved model (full fine-tuning, no EMA)
+    last = training.trajectory(other)[-1].load()[1]
+    chex.assert_trees_all_close(last, _restore(other / "model"), rtol=0, atol=0)
+    code, _, stderr = _main(
+        ["--runs", str(sweep["root"] / "sweep"), "--trajectory", "--heldout",
+         str(sweep["heldout"]), "--out", str(tmp_path / "one")]
+    )  # fmt: skip
+    assert code == 2 and "kept 1 checkpoint(s); a trajectory soup needs at least 2" in stderr
 
 
 def test_help_explains_when_to_recompute_batchnorm():

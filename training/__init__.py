@@ -2,7 +2,7 @@
 checkpoints, run folders, sweeps, soups and merges, and the multi-process launcher."""
 
 from training.config import RunConfig, RunError
-from training.run_folder import Run, load_run
+from training.run_folder import CheckpointRun, Run, load_run, trajectory
 from training.soups import (
     GreedyReport,
     InterpolationSweep,
@@ -20,6 +20,7 @@ from training.soups import (
 )
 
 __all__ = [
+    "CheckpointRun",
     "GreedyReport",
     "InterpolationSweep",
     "LearnedReport",
@@ -36,5 +37,6 @@ __all__ = [
     "sweep_interpolation",
     "task_arithmetic",
     "ties",
+    "trajectory",
     "uniform",
 ]

@@ -32,6 +32,7 @@ AUGMENTATIONS = {
 OPERATIONAL_FIELDS = (
     "out_dir",
     "checkpoint_every",
+    "keep_checkpoints",
     "tfds_data_dir",
     "num_workers",
     "stop_after_steps",
@@ -59,6 +60,8 @@ class TrainConfig:
         num_classes: the head's size; default the training data's class count.
         seed: data order, augmentation, dropout and mixup/cutmix randomness.
         checkpoint_every: steps between checkpoints (always one at the end).
+        keep_checkpoints: how many of the newest checkpoints stay (``None``: all of them, the
+            run's trajectory, which ``hubtune soup --trajectory`` averages).
         num_workers: image-decoding threads per process.
         stop_after_steps: stop early (a smoke test, a killed job) without finishing the run.
         shard_params: shard parameters, gradients and optimizer state over the devices (fully
@@ -79,6 +82,7 @@ class TrainConfig:
     num_classes: int | None = None
     seed: int = 0
     checkpoint_every: int = 500
+    keep_checkpoints: int | None = 2
     num_workers: int = 4
     stop_after_steps: int | None = None
     shard_params: bool = False
@@ -93,6 +97,8 @@ class TrainConfig:
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
         _positive_int("checkpoint_every", self.checkpoint_every)
+        if self.keep_checkpoints is not None:
+            _positive_int("keep_checkpoints", self.keep_checkpoints)
         for name in ("seed", "num_workers"):
             _int_at_least(name, getattr(self, name), 0)
         if self.stop_after_steps is not None:

@@ -213,7 +213,9 @@ def fit(
             "num_train_examples": len(train_source),
         },
     )
-    manager = checkpoints.make_manager(checkpoint_dir) if checkpoint_dir else None
+    manager = None
+    if checkpoint_dir:
+        manager = checkpoints.make_manager(checkpoint_dir, config.keep_checkpoints)
     resumed_from = None
     if manager is not None:
         restored = checkpoints.restore_latest(manager, state, run_id, say)

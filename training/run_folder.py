@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import pathlib
@@ -220,6 +221,26 @@ def _load_one(folder: pathlib.Path, weights: bool) -> Run:
     return Run(folder, model, variables, config, result, info)
 
 
+def checkpoint_steps(folder: pathlib.Path) -> list[int]:
+    """The steps of the checkpoints a run folder holds, ascending."""
+    return sorted(int(p.name) for p in (folder / CHECKPOINT_DIR).glob("*") if p.name.isdigit())
+
+
+def _checkpoint_variables(folder: pathlib.Path, step: int) -> dict:
+    """The variables a checkpoint holds (SSF unfolded; EMA weights when EMA was on), as NumPy:
+    the checkpoint may come from a sharded or multi-process run."""
+    from jaxmodels.models import paths
+    from jaxmodels.weights.checkpoint_io import restore_as_numpy
+
+    # orbax wants absolute paths
+    state = restore_as_numpy((folder / CHECKPOINT_DIR / str(step) / "state").absolute())
+    trained = state["ema"] or state["trainable"]
+    variables = {"params": paths.unflatten({**state["frozen"], **trained})}
+    if state["batch_stats"]:
+        variables["batch_stats"] = state["batch_stats"]
+    return variables
+
+
 def trained_variables(folder: str | os.PathLike):
     """The variables a finished run trained, as its last checkpoint holds them: SSF unfolded
     (with the SSF module), the EMA weights when EMA was on. `load_run` gives the deployed
@@ -231,20 +252,71 @@ def trained_variables(folder: str | os.PathLike):
     Raises:
       RunError: not a finished run, or no checkpoint.
     """
-    from jaxmodels.models import paths
-    from jaxmodels.weights.checkpoint_io import restore_as_numpy
-
-    run = _load_one(pathlib.Path(folder).resolve(), weights=True)  # orbax wants absolute paths
-    steps = [int(p.name) for p in (run.folder / CHECKPOINT_DIR).glob("*") if p.name.isdigit()]
+    run = _load_one(pathlib.Path(folder).resolve(), weights=True)
+    steps = checkpoint_steps(run.folder)
     if not steps:
         raise RunError(f"run {str(run.folder)!r} has no checkpoint")
-    # as NumPy: the checkpoint may come from a sharded or multi-process run
-    state = restore_as_numpy((run.folder / CHECKPOINT_DIR / str(max(steps)) / "state").absolute())
-    trained = state["ema"] or state["trainable"]
-    variables = {"params": paths.unflatten({**state["frozen"], **trained})}
-    if state["batch_stats"]:
-        variables["batch_stats"] = state["batch_stats"]
+    variables = _checkpoint_variables(run.folder, steps[-1])
     return run.model.clone(ssf=bool(run.info.get("ssf_folded"))), variables
+
+
+@dataclasses.dataclass
+class CheckpointRun(Run):
+    """One kept checkpoint of a finished run, described as a run (its ``folder`` is the
+    checkpoint's): `load` reads its weights in the deployed form, SSF folded into the plain
+    architecture and the EMA weights when EMA was on, as the run's final model is saved.
+
+    Attributes:
+      run_folder: the run it belongs to.
+      step: its training step.
+    """
+
+    run_folder: pathlib.Path = pathlib.Path()
+    step: int = 0
+
+    def load(self) -> tuple[Any, dict]:
+        from jaxmodels.models import ssf
+
+        model = _deployed_model(self.run_folder)
+        variables = _checkpoint_variables(self.run_folder, self.step)
+        return model, ssf.fold(variables) if self.info.get("ssf_folded") else variables
+
+
+@functools.lru_cache(maxsize=4)
+def _deployed_model(run_folder: pathlib.Path):
+    """The Flax module of a run's saved model (its weights are read once and dropped)."""
+    return jaxmodels.load(run_folder / MODEL_DIR)[0]
+
+
+def trajectory(folder: str | os.PathLike) -> list[CheckpointRun]:
+    """The checkpoints a finished run kept, oldest first: the ingredients of a trajectory soup.
+
+    A run keeps its newest two checkpoints unless it was fine-tuned with ``keep_checkpoints``
+    None (``hubtune tune --keep-checkpoints 0``): then every one, each ``checkpoint_every``
+    steps and at the end. Nothing heavy is read here (`CheckpointRun.load` reads a checkpoint).
+
+    Raises:
+      RunError: not a finished run, or fewer than two checkpoints.
+    """
+    run = _load_one(pathlib.Path(folder).resolve(), weights=False)
+    steps = checkpoint_steps(run.folder)
+    if len(steps) < 2:
+        raise RunError(
+            f"run {str(run.folder)!r} kept {len(steps)} checkpoint(s); a trajectory soup needs "
+            "at least 2: fine-tune with --keep-checkpoints 0 and a --checkpoint-every below "
+            "the run's steps"
+        )
+    describe = dict(model=None, variables=None, config=run.config, result=run.result)
+    return [
+        CheckpointRun(
+            folder=run.folder / CHECKPOINT_DIR / str(step),
+            info=run.info,
+            run_folder=run.folder,
+            step=step,
+            **describe,
+        )
+        for step in steps
+    ]
 
 
 def ground_truth(folders: Sequence[str | os.PathLike]) -> dict[str, float]:

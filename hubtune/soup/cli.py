@@ -39,6 +39,9 @@ Written to --out (a new folder; nothing is written unless everything succeeds):
               the ensemble and other soups as lines
   greedy/ uniform/ learned/   one run folder per soup: jaxmodels.load(DIR/greedy) and
               training.load_run(DIR/greedy) read it; model/model.json says what it is
+--trajectory: the ingredients are the checkpoints one run kept along its training (each
+--checkpoint-every steps with --keep-checkpoints 0), averaged as the runs of a sweep are.
+
 A user error (empty sweep, unfinished run, mixed architectures, data with other classes, an
 --out holding results) is one line and exit status 2.
 
@@ -118,6 +121,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--learned-by-layer", action="store_true", help="learned: one weight vector per tensor"
     )
+    parser.add_argument(
+        "--trajectory",
+        action="store_true",
+        help="each run folder stands for the checkpoints it kept, oldest first (fine-tune with "
+        "--keep-checkpoints 0 to keep them all): a soup of one run's trajectory",
+    )
     parser.add_argument("--tfds-data-dir", help="TFDS data directory")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser.parse_args(argv)
@@ -152,6 +161,7 @@ def main(argv=None) -> int:
             if args.learned_max_mb is None
             else max(1, int(args.learned_max_mb * 1e6)),
             learned_by_layer=args.learned_by_layer,
+            trajectory=args.trajectory,
             data_dir=args.tfds_data_dir,
         )
         for warning in plan.warnings:

@@ -83,6 +83,7 @@ def plan(
     accept: str = ">=",
     learned_max_bytes: int | None = None,
     learned_by_layer: bool = False,
+    trajectory: bool = False,
     data_dir: str | None = None,
 ) -> SoupPlan:
     """Checks a soup before any weights are read (module docstring).
@@ -100,6 +101,7 @@ def plan(
       accept: the greedy acceptance rule.
       learned_max_bytes: default half of the accelerator's (else the host's) memory.
       learned_by_layer: per-tensor mixing weights for the learned soup.
+      trajectory: each run folder stands for the checkpoints it kept (`training.trajectory`).
       data_dir: TFDS data directory.
 
     Returns:
@@ -120,7 +122,7 @@ def plan(
         raise SoupError(f"accept must be one of {soups.ACCEPT_RULES}; got {accept!r}")
     out = pathlib.Path(out).absolute()
     check_out(out)
-    found = read_runs(runs)
+    found = read_runs(runs, trajectory=trajectory)
     names = short_names([run.folder for run in found])
     caught = check_runs(found, names)
     max_bytes = default_max_bytes() if learned_max_bytes is None else learned_max_bytes
@@ -167,8 +169,9 @@ def check_out(out: pathlib.Path) -> None:
         )
 
 
-def read_runs(paths: Sequence[str | os.PathLike]) -> list:
-    """The runs of every sweep or run folder in ``paths``, without their weights.
+def read_runs(paths: Sequence[str | os.PathLike], trajectory: bool = False) -> list:
+    """The runs of every sweep or run folder in ``paths``, without their weights (with
+    `trajectory`, each run's kept checkpoints instead).
 
     Raises:
       SoupError: no paths, the same run twice, or fewer than 2 runs.
@@ -179,7 +182,8 @@ def read_runs(paths: Sequence[str | os.PathLike]) -> list:
     found = []
     for path in paths:
         loaded = run_folder.load_run(path, weights=False)
-        found.extend(loaded if isinstance(loaded, list) else [loaded])
+        for run in loaded if isinstance(loaded, list) else [loaded]:
+            found.extend(run_folder.trajectory(run.folder) if trajectory else [run])
     seen: dict[pathlib.Path, int] = {}
     for i, run in enumerate(found):
         key = run.folder.resolve()
