@@ -450,6 +450,47 @@ def test_wise_ft_interpolates_the_runs_start_and_the_best_run(sweep, tmp_path):
     assert matplotlib.image.imread(out / "soup.png").shape[1] > 1000  # the curve beside
 
 
+def test_merges_add_the_runs_task_vectors_to_their_start(sweep, tmp_path):
+    """--method task-arithmetic,ties,dare: start + λ·τ, λ chosen on held-out data; weights only,
+    the start's BatchNorm statistics kept (a running variance is never negative)."""
+    out = tmp_path / "m"
+    code, stdout, stderr = _main(
+        ["--runs", str(sweep["root"] / "sweep"), "--heldout", str(sweep["heldout"]),
+         "--method", "task-arithmetic,ties,dare,wise-ft", "--bn", "average", "--out", str(out)]
+    )  # fmt: skip
+    assert code == 0, stderr
+    assert all(m in stdout for m in ("task-arithmetic soup", "ties soup", "dare soup"))
+    soups = json.loads((out / "soup.json").read_text())["soups"]
+    starts = {soups[m]["curve"]["heldout_accuracy"][0] for m in soups}
+    assert len(starts) == 1  # λ = 0 (α = 0) is the runs' start for every method
+    for method in ("task-arithmetic", "ties", "dare"):
+        curve = soups[method]["curve"]
+        assert curve["alphas"] == [i / 10 for i in range(11)]
+        top = max(curve["heldout_accuracy"])
+        assert soups[method]["alpha"] == curve["alphas"][curve["heldout_accuracy"].index(top)]
+        assert soups[method]["heldout"]["accuracy"] == top
+    # the start, rebuilt by the public API and anchored to the hash the runs recorded
+    run = load_run(sweep["root"] / "sweep" / RUNS[0], weights=False)
+    start = jaxmodels.build(run.config.model, num_classes=2, init_seed=run.config.init_seed)
+    start = jax.tree.map(np.float64, jax.device_get(start.variables))
+    assert (
+        jaxmodels.models.paths.tree_digest(jax.tree.map(np.float32, start))
+        == run.info["start_sha256"]
+    )
+    runs = [_restore(sweep["root"] / "sweep" / r / "model") for r in RUNS]
+    scale = soups["task-arithmetic"]["alpha"]
+    expected = jax.tree.map(lambda s, *rs: s + scale * sum(r - s for r in rs),
+                            start["params"], *[r["params"] for r in runs])  # fmt: skip
+    merged = _restore(out / "task-arithmetic" / "model")
+    chex.assert_trees_all_close(merged["params"], expected, rtol=1e-5, atol=1e-5)
+    for method in ("task-arithmetic", "ties", "dare"):
+        stats = _restore(out / method / "model")["batch_stats"]
+        chex.assert_trees_all_close(stats, start["batch_stats"], rtol=0, atol=0)
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "soup.png").shape[1] > 1000  # the curves beside
+
+
 def test_a_damaged_run_is_one_line_as_installed(sweep, tmp_path):
     """`hubtune soup` over a run whose weights are cut short: exit 2, the error the last and
     only error line (no asyncio noise), no output folder."""

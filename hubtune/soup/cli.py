@@ -2,7 +2,8 @@
 
 Usage:
     hubtune soup --runs SWEEP_DIR | RUN_DIR... --heldout DATA_SPEC [--test DATA_SPEC]
-                           [--method greedy,uniform[,learned][,wise-ft]] [--bn auto|average|recompute] --out DIR
+                 [--method greedy,uniform[,learned][,wise-ft][,task-arithmetic][,ties][,dare]]
+                 [--bn auto|average|recompute] [--trajectory] --out DIR
 
 A model soup averages the weights of models fine-tuned from one starting point: one model's
 inference cost, often the accuracy of the best run or better (Wortsman et al., ICML 2022).
@@ -15,6 +16,11 @@ folders; the architecture is read from them. Methods:
            lr 0.05); holds every run in memory, up to --learned-max-mb
   wise-ft  WiSE-FT: the runs' start (rebuilt from their --model reference) interpolated with
            the best run, α in 0, 0.1, ..., 1 chosen on held-out data; the curve is in soup.png
+  task-arithmetic, ties, dare
+           merges of every run's task vector (run − start) into the start: their sum, TIES
+           (top 20 % of each, elected signs, disjoint mean) or DARE (90 % dropped at random,
+           rescaled); the scale λ in 0, 0.1, ..., 1 chosen on held-out data, curves in soup.png.
+           Only weights are merged: BatchNorm statistics are the start's, or recomputed
 The soups are evaluated on --test (give held-out data that is not your test set: the greedy
 soup is chosen on it), against each run alone and the logit ensemble of all runs (k runs cost k
 forward passes per image).

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 import jaxmodels
 from hubtune.soup import output as soup_output
 from hubtune.soup import plot as soup_plot
-from hubtune.soup.plan import SoupError, SoupPlan
+from hubtune.soup.plan import MERGES, SoupError, SoupPlan
 from jaxmodels.data import preprocess
 from jaxmodels.models.paths import tree_digest
 from training import run_folder
@@ -134,7 +134,7 @@ def _load(run, name: str):
         raise SoupError(f"run {name}: {err}") from None
 
 
-def _start_of(p: SoupPlan, model):
+def _start_of(p: SoupPlan, model, method: str):
     """The runs' common starting weights, rebuilt from the first run's model reference."""
     config = p.runs[0].config
     built = jaxmodels.build(
@@ -142,11 +142,11 @@ def _start_of(p: SoupPlan, model):
         image_size=config.image_size,
     )  # fmt: skip
     if built.model != model:
-        raise SoupError(f"wise-ft: the runs' start {config.model!r} rebuilds another model")
+        raise SoupError(f"{method}: the runs' start {config.model!r} rebuilds another model")
     # an SSF run's start also held the SSF parameters (near the identity): folded, they vanish
     if config.mode != "ssf" and tree_digest(built.variables) != p.runs[0].info.get("start_sha256"):
         raise SoupError(
-            f"wise-ft: {config.model!r} no longer holds the weights the runs began from"
+            f"{method}: {config.model!r} no longer holds the weights the runs began from"
         )
     return jax.device_get(built.variables)
 
@@ -157,11 +157,46 @@ def _wise_ft(p: SoupPlan, model, loaders, rows, sets, finish):
     best = max(range(len(rows)), key=lambda i: rows[i]["heldout"]["accuracy"])
     heldout = sets["heldout"]
     evaluate = lambda v: jaxmodels.evaluate(model, finish(v), heldout).accuracy
-    soup, sweep = merges.sweep_interpolation(_start_of(p, model), loaders[best], evaluate)
+    soup, sweep = merges.sweep_interpolation(
+        _start_of(p, model, "wise-ft"), loaders[best], evaluate
+    )
     details = {
         "members": [p.names[best]],
         "alpha": sweep.best_alpha,
         "curve": {"alphas": list(sweep.alphas), "heldout_accuracy": list(sweep.scores)},
+    }
+    return finish(soup), details
+
+
+# TIES keeps the top 20 % of each task vector, DARE drops 90 % of its entries: the papers'.
+TIES_DENSITY, DARE_DROP, DARE_SEED = 0.2, 0.9, 0
+
+
+def _merge(method: str, p: SoupPlan, model, loaders, sets, finish):
+    """Task arithmetic, TIES-merging or DARE of every run's task vector into the runs' start.
+
+    Each merge is ``start + λ·τ`` with τ the method's merged task vector (`training.soups.merges`:
+    ``params`` only, the start's BatchNorm statistics kept, recomputed under --bn recompute), so
+    τ is made once, at λ = 1, and λ in 0, 0.1, …, 1 is chosen on held-out data as WiSE-FT's α
+    is (the same interpolation).
+    """
+    start = _start_of(p, model, method)
+    if method == "task-arithmetic":
+        merged, settings = merges.task_arithmetic(start, loaders, 1.0), {}
+    elif method == "ties":
+        merged = merges.ties(start, loaders, density=TIES_DENSITY, scale=1.0)
+        settings = {"density": TIES_DENSITY}
+    else:
+        merged = merges.dare(start, loaders, drop=DARE_DROP, seed=DARE_SEED, scale=1.0)
+        settings = {"drop": DARE_DROP, "seed": DARE_SEED}
+    heldout = sets["heldout"]
+    evaluate = lambda v: jaxmodels.evaluate(model, finish(v), heldout).accuracy
+    soup, sweep = merges.sweep_interpolation(start, merged, evaluate)
+    details = {
+        "members": list(p.names),
+        "alpha": sweep.best_alpha,  # λ
+        "curve": {"alphas": list(sweep.alphas), "heldout_accuracy": list(sweep.scores)},
+        **settings,
     }
     return finish(soup), details
 
@@ -214,6 +249,8 @@ def _make(method, p: SoupPlan, model, prep, loaders, rows, sets, finish):
 
     if method == "wise-ft":
         return _wise_ft(p, model, loaders, rows, sets, finish)
+    if method in MERGES:
+        return _merge(method, p, model, loaders, sets, finish)
 
     def loss_fn(variables, batch, logit_scale):
         images, labels = batch

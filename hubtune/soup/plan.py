@@ -30,7 +30,8 @@ from training.config import RunError
 from training.soups import averaging as soups
 from training.soups import ingredients as ing
 
-METHODS = ("greedy", "uniform", "learned", "wise-ft")
+MERGES = ("task-arithmetic", "ties", "dare")
+METHODS = ("greedy", "uniform", "learned", "wise-ft", *MERGES)
 BN_MODES = ("auto", "average", "recompute")
 SOUP_JSON, SOUP_PNG = "soup.json", "soup.png"
 

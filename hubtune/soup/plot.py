@@ -14,6 +14,8 @@ import os
 import numpy as np
 
 _MAX_LABELS = 30  # beyond this many runs, label every other tick (and so on)
+_CURVE_STYLES = {"wise-ft": ("tab:brown", "o"), "task-arithmetic": ("tab:olive", "s"),
+                 "ties": ("tab:cyan", "^"), "dare": ("tab:pink", "v")}  # fmt: skip
 
 
 def plot_soup(report: dict, path: str | os.PathLike, title: str | None = None) -> None:
@@ -30,17 +32,22 @@ def plot_soup(report: dict, path: str | os.PathLike, title: str | None = None) -
     greedy = report["soups"].get("greedy")
     order = greedy["report"]["order"] if greedy else sorted(range(n), key=lambda i: -alone[i])
     x = np.arange(n)
-    wise = report["soups"].get("wise-ft")
+    curves = {m: report["soups"][m] for m in _CURVE_STYLES if m in report["soups"]}
     width = min(16.0, max(7.0, 0.45 * n + 4.0))
-    if wise:  # the held-out curve of the start → best-run interpolation beside the soups
+    if curves:  # held-out curves from the runs' start (0) to WiSE-FT's best run / a merge (1)
         fig, (ax, curve_ax) = plt.subplots(
-            1, 2, figsize=(width + 4.0, 5.6), gridspec_kw={"width_ratios": [width, 4.0]}
+            1, 2, figsize=(width + 4.5, 5.6), gridspec_kw={"width_ratios": [width, 4.5]}
         )
-        curve = wise["curve"]
-        curve_ax.plot(curve["alphas"], curve["heldout_accuracy"], marker="o", color="tab:brown")
-        curve_ax.axvline(wise["alpha"], ls=":", color="tab:brown")
-        curve_ax.set_xlabel("α (0: the runs' start, 1: the best run)")
-        curve_ax.set_title(f"WiSE-FT: best α = {wise['alpha']:g}", fontsize=11)
+        for method, soup in curves.items():
+            colour, marker = _CURVE_STYLES[method]
+            curve = soup["curve"]
+            curve_ax.plot(curve["alphas"], curve["heldout_accuracy"], marker=marker,
+                          color=colour, label=f"{method} (best {soup['alpha']:g})")  # fmt: skip
+            curve_ax.axvline(soup["alpha"], ls=":", color=colour)
+        curve_ax.set_xlabel("α of WiSE-FT, λ of a merge (0: the runs' start)")
+        curve_ax.set_ylabel("held-out accuracy")
+        curve_ax.set_title("From the start: held-out curves", fontsize=11)
+        curve_ax.legend(fontsize=8)
         curve_ax.grid(alpha=0.3)
     else:
         fig, ax = plt.subplots(figsize=(width, 5.6))
@@ -63,7 +70,7 @@ def plot_soup(report: dict, path: str | os.PathLike, title: str | None = None) -
         ax.axhline(report["ensemble"]["heldout"]["accuracy"], ls="--", lw=1.5, color="tab:green",
                    label=f"logit ensemble of all {n} ({n}x inference)")  # fmt: skip
     styles = {"uniform": ("tab:orange", ":"), "learned": ("tab:purple", "-."),
-              "wise-ft": ("tab:brown", "--")}  # fmt: skip
+              **{m: (colour, "--") for m, (colour, _) in _CURVE_STYLES.items()}}  # fmt: skip
     for method, (colour, style) in styles.items():
         if method in report["soups"]:
             ax.axhline(report["soups"][method]["heldout"]["accuracy"], ls=style, lw=1.5,
@@ -78,7 +85,11 @@ def plot_soup(report: dict, path: str | os.PathLike, title: str | None = None) -
     ax.set_title(f"{title} (held-out data{recomputed})", fontsize=11)
     ax.margins(y=0.08)
     ax.grid(axis="y", alpha=0.3)
-    fig.legend(loc="lower center", ncol=2, fontsize=9, frameon=False)
-    fig.tight_layout(rect=(0, 0.15, 1, 1))
+    # the main panel's legend below both (the curves' panel has its own), clear of the labels
+    handles, labels = ax.get_legend_handles_labels()
+    rows = -(-len(handles) // 2)
+    fig.set_figheight(fig.get_figheight() + 0.22 * rows)
+    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.26 * rows / fig.get_figheight() + 0.01, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
