@@ -338,6 +338,9 @@ def test_cascade_compiles_once_per_stage_and_bucket(cascade_members):
     assert len(traces) == 2 * len(members)  # the run compiled nothing
     again = Cascade(members, thresholds, confidence=counting_max_prob, batch_size=16).run(inputs)
     assert len(traces) == 2 * len(members)  # a new Cascade of the same pieces reuses them
+    more = cascade.run([np.concatenate([x, x[:11]]) for x in inputs])  # 48: 6 rows per device
+    assert len(traces) == 2 * len(members)  # in blocks of 8 as 37's 5: no new compile
+    np.testing.assert_array_equal(more.exit_stage, np.r_[first.exit_stage, first.exit_stage[:11]])
     np.testing.assert_array_equal(again.exit_stage, first.exit_stage)
 
 
@@ -391,7 +394,7 @@ def test_cascade_keeps_rows_on_the_devices_between_stages(cascade_members, monke
     assert converted == []
     per_stage = [((8,), (8,))] * len(members)  # next counts and non-finite flags, one per device
     assert fetched[:-1] == per_stage[: len(fetched) - 1]
-    rows = 8 * 5  # 37 images on 8 devices: 5 rows each
+    rows = 8 * 8  # 37 images on 8 devices: 5 rows each, in blocks of 8
     assert fetched[-1] == ((rows,), (rows, logits_MNK.shape[-1]))  # exit stages, answers, once
     assert set(out.exit_stage) == {0, 1, 2}
 
@@ -522,6 +525,23 @@ def test_auto_strategy_returns_the_measured_winner(images, resnets, monkeypatch)
     again = Ensemble(members[:2], batch_size=16)
     again.logits(images["u8_32"])  # the clock is spent: a second measurement would raise
     assert again.chosen_strategy == "lax.map"
+
+
+def test_auto_strategy_measures_the_program_it_then_runs(images, resnets, monkeypatch):
+    """Members sharing one image array are measured sharing it (one upload, the shared-images
+    program), so every candidate's timed program is the one a run with those images calls."""
+    from jaxmodels import jit_cache
+    from jaxmodels.committees import executors
+
+    members, _ = resnets
+    monkeypatch.setattr(executors, "_AUTO_WINNERS", {})
+    x = images["u8_32"][:16]  # one batch: the measured shapes are the run's
+    ensemble = Ensemble(members[:2], batch_size=16)
+    ensemble.logits(x)
+    compiled = jit_cache.size()
+    for strategy in executors.STRATEGIES:
+        ensemble._with_strategy(strategy).logits(x)
+    assert jit_cache.size() == compiled  # nothing compiled anew: each was measured as run
 
 
 # ----------------------------------------------------------------------------- online

@@ -9,8 +9,8 @@ the end; between stages only each device's count of undecided rows (and a non-fi
 reaches the host, to pick the next calls' buckets. Decisions follow
 `jaxmodels.committees.rules`, as `simulate_cascade` does.
 
-Shapes: M members, N images, S devices on 'data', n = ⌈N/S⌉ rows per device, b rows of one
-call per device, K classes.
+Shapes: M members, N images, S devices on 'data', n = ⌈N/S⌉ rows per device held in blocks of
+C (`DeviceRows.capacity`), b rows of one call per device, K classes.
 """
 
 from __future__ import annotations
@@ -114,12 +114,12 @@ class Cascade:
         reads_sum = rule == "ensemble" and stage > 0
         keeps_sum = rule == "ensemble" and not last
 
-        def chunk(variables, threshold, images_nX, state: _CascadeState, start):
-            n = images_nX.shape[0]  # drop index of rows' scatters (out of range)
+        def chunk(variables, threshold, images_CX, state: _CascadeState, start):
+            capacity = images_CX.shape[0]  # drop index of rows' scatters (out of range)
             room = state.pending.shape[0]  # drop index of the pending list's scatter
             valid_b = start + jnp.arange(size) < state.count[0]
             idx_b = jnp.where(valid_b, lax.dynamic_slice_in_dim(state.pending, start, size), 0)
-            logits_bK = members_lib.forward(apply_fn, preprocessing, variables, images_nX[idx_b])
+            logits_bK = members_lib.forward(apply_fn, preprocessing, variables, images_CX[idx_b])
             sum_prev_bK = state.sums[idx_b] if reads_sum else None
             sum_bK, combined_bK = cascade_rules.stage_combine(
                 sum_prev_bK, logits_bK, stage=stage, rule=rule
@@ -128,12 +128,12 @@ class Cascade:
             bad = state.bad | jnp.any(valid_b & ~jnp.isfinite(conf_b))
             leaves_b = valid_b if last else valid_b & (conf_b > threshold)
             stays_b = valid_b & ~leaves_b
-            exits_b = jnp.where(leaves_b, idx_b, n)
+            exits_b = jnp.where(leaves_b, idx_b, capacity)
             answer = state.answer.at[exits_b].set(combined_bK, mode="drop")
             exit_stage = state.exit_stage.at[exits_b].set(stage, mode="drop")
             sums = state.sums
             if keeps_sum:
-                sums = sums.at[jnp.where(stays_b, idx_b, n)].set(sum_bK, mode="drop")
+                sums = sums.at[jnp.where(stays_b, idx_b, capacity)].set(sum_bK, mode="drop")
             slot_b = state.next_count[0] + jnp.cumsum(stays_b) - 1
             next_pending = state.next_pending.at[jnp.where(stays_b, slot_b, room)].set(
                 idx_b, mode="drop"
@@ -158,7 +158,7 @@ class Cascade:
         num_classes = self._num_classes(rows)
         by_device = sharding.batch_sharding(self.mesh)
         # The pending lists have room for one padded call past the last row.
-        room = rows.rows_per_device + rows.local_buckets[-1]
+        room = rows.capacity + rows.local_buckets[-1]
         counts = jax.device_put(rows.counts_S, by_device)
         state = _CascadeState(
             pending=rows.local_indices(room),
@@ -246,8 +246,8 @@ class Cascade:
 
 
 class _CascadeState(NamedTuple):
-    """A cascade run on the devices, every leaf split over 'data': per device n rows (``sums``,
-    ``answer``, ``exit_stage``), n + b_max list entries (``pending``, ``next_pending``: room
+    """A cascade run on the devices, every leaf split over 'data': per device C rows (``sums``,
+    ``answer``, ``exit_stage``), C + b_max list entries (``pending``, ``next_pending``: room
     for one padded call) or one entry (``count``, ``next_count``, ``bad``).
 
     pending: local indices of the rows the current stage runs, the first ``count`` valid.

@@ -97,8 +97,10 @@ def bucket_chunks(num_rows: int, buckets: tuple[int, ...]):
 class DeviceRows:
     """Host arrays [N, ...] uploaded once, in contiguous blocks of n rows, one per device.
 
-    The last blocks are padded with zeros where N is not a multiple of S. Arrays given as one
-    object several times are uploaded once and shared.
+    Each device holds its n rows in a block of C ≥ n rows, C a power of two (at least the
+    largest bucket), the rest zeros: compiled calls depend on C, not on N, so sets of many
+    sizes share them (at the cost of at most twice the rows). Arrays given as one object
+    several times are uploaded once and shared.
 
     Args:
       host_arrays: arrays [N, ...] with one N.
@@ -106,8 +108,8 @@ class DeviceRows:
       buckets: ascending global bucket sizes (`mesh_and_buckets`).
 
     Attributes:
-      arrays: the device arrays [S·n, ...], sharded over 'data', in the order given.
-      num_rows, rows_per_device: N and n.
+      arrays: the device arrays [S·C, ...], sharded over 'data', in the order given.
+      num_rows, rows_per_device, capacity: N, n and C.
       counts_S: [S] how many of each device's n rows are real rows.
       local_buckets: the buckets in rows per device (b = B/S).
     """
@@ -118,6 +120,7 @@ class DeviceRows:
         self.num_rows = len(host_arrays[0])
         self.rows_per_device = n = -(-self.num_rows // shards)
         self.local_buckets = tuple(size // shards for size in buckets)
+        self.capacity = max(self.local_buckets[-1], 1 << max(n - 1, 0).bit_length())
         self.counts_S = np.clip(self.num_rows - n * np.arange(shards), 0, n).astype(np.int32)
         uploaded: dict[int, jax.Array] = {}
         for x in host_arrays:
@@ -127,24 +130,23 @@ class DeviceRows:
 
     def _upload(self, x_NX: np.ndarray) -> jax.Array:
         """One explicit transfer per device, of its block of rows."""
-        n = self.rows_per_device
+        n, capacity = self.rows_per_device, self.capacity
         layout = sharding.batch_sharding(self.mesh)
-        shape = (self.shards * n, *x_NX.shape[1:])
+        shape = (self.shards * capacity, *x_NX.shape[1:])
         blocks = []
         for device, index in layout.addressable_devices_indices_map(shape).items():
-            first = index[0].start or 0
+            first = (index[0].start or 0) // capacity * n
             rows = x_NX[first : first + n]
-            if len(rows) < n:
-                rows = np.concatenate(
-                    [rows, np.zeros((n - len(rows), *rows.shape[1:]), x_NX.dtype)]
-                )
+            if len(rows) < capacity:
+                pad = np.zeros((capacity - len(rows), *rows.shape[1:]), x_NX.dtype)
+                rows = np.concatenate([rows, pad])
             blocks.append(jax.device_put(rows, device))
         return jax.make_array_from_single_device_arrays(shape, layout, blocks)
 
     def zeros(self, row_shape: tuple[int, ...], dtype, rows_per_device: int | None = None):
-        """A device buffer [S·rows_per_device (default n), *row_shape] of zeros, made on the
+        """A device buffer [S·rows_per_device (default C), *row_shape] of zeros, made on the
         devices (nothing uploaded)."""
-        shape = (self.shards * (rows_per_device or self.rows_per_device), *row_shape)
+        shape = (self.shards * (rows_per_device or self.capacity), *row_shape)
         return _on_devices(
             ("zeros", shape, np.dtype(dtype).name), self.mesh, lambda: jnp.zeros(shape, dtype)
         )
@@ -163,9 +165,13 @@ class DeviceRows:
         return jax.device_put(np.asarray(value, dtype), sharding.replicated_sharding(self.mesh))
 
     def fetch(self, *buffers: jax.Array) -> tuple[np.ndarray, ...]:
-        """The real rows of device buffers [S·n, ...] as NumPy [N, ...], in input order (one
+        """The real rows of device buffers [S·C, ...] as NumPy [N, ...], in input order (one
         transfer for all)."""
-        return tuple(np.asarray(x)[: self.num_rows] for x in jax.device_get(buffers))
+        n, out = self.rows_per_device, []
+        for x in jax.device_get(buffers):
+            blocks = np.asarray(x).reshape(self.shards, self.capacity, *x.shape[1:])[:, :n]
+            out.append(blocks.reshape(self.shards * n, *x.shape[1:])[: self.num_rows])
+        return tuple(out)
 
 
 def _on_devices(key: Hashable, mesh: Mesh, make: Callable[[], jax.Array]) -> jax.Array:
@@ -205,9 +211,9 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
       The outputs for all N rows, each [N, ...], in input order.
     """
     spec, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
-    n = rows.rows_per_device
+    capacity = rows.capacity  # the calls depend on it, not on N
     outs = None
-    for start, _, size in bucket_chunks(n, rows.local_buckets):
+    for start, _, size in bucket_chunks(rows.rows_per_device, rows.local_buckets):
         if outs is None:  # output buffers shaped like one call's outputs, per row
             batch = [jax.ShapeDtypeStruct((size, *x.shape[1:]), x.dtype) for x in rows.arrays]
             shapes = jit_cache.cached(  # tracing the step costs as much as running it
@@ -219,10 +225,10 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
         def build(size=size):
             def chunk(consts, arrays, buffers, offset):
                 idx_b = offset + jnp.arange(size)
-                valid_b = idx_b < n
-                idx_b = jnp.minimum(idx_b, n - 1)  # padding rows repeat the last row
+                valid_b = idx_b < capacity
+                idx_b = jnp.minimum(idx_b, capacity - 1)  # past the block: its last row again
                 results = step(*consts, *[x[idx_b] for x in arrays])
-                drop_b = jnp.where(valid_b, idx_b, n)  # out of range: dropped
+                drop_b = jnp.where(valid_b, idx_b, capacity)  # out of range: dropped
                 return tuple(
                     o.at[drop_b].set(r, mode="drop") for o, r in zip(buffers, results, strict=True)
                 )
