@@ -79,6 +79,36 @@ def test_the_docs_block_carries_command_commit_and_load(tmp_path, load, flagged,
     assert ("measured under load" in written) == flagged
 
 
+def test_a_partial_run_updates_its_figures_and_keeps_the_others(tmp_path):
+    run_all = _run_all()
+    start, end = run_all.MARKERS[False]
+    docs = tmp_path / "b.md"
+    docs.write_text(f"# B\n\n{start}\n{end}\n")
+    first = fake_results(0.5)
+    assert run_all.main(["--tables", _json(tmp_path / "1.json", first), "--docs", str(docs)]) == 0
+    later = fake_results(0.7)
+    later["meta"] = {**later["meta"], "commit": "def5678", "date": "2026-12-06 02:00 UTC"}
+    later["benchmarks"] = {
+        "cascade": {
+            **later["benchmarks"]["soups"],
+            "command": "python scripts/benchmarks/cascade.py --quick",
+        }
+    }
+    assert run_all.main(["--tables", _json(tmp_path / "2.json", later), "--docs", str(docs)]) == 0
+    text = docs.read_text()
+    soups, cascade = text.split("### soups")[1], text.split("### cascade")[1]
+    assert "commit abc1234, 2026-12-05 03:00 UTC" in soups.split("###")[0]
+    assert "commit def5678, 2026-12-06 02:00 UTC" in cascade
+    assert text.index("### soups") < text.index("### cascade")  # the benchmarks' own order
+    record = json.loads(run_all.record_path(docs, False).read_text())
+    assert list(record["benchmarks"]) == ["soups", "cascade"]
+
+
+def _json(path, value) -> str:
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
 def test_a_failed_benchmark_is_shown_as_failed(tmp_path):
     run_all = _run_all()
     text = run_all.markdown(fake_results(0.5, returncode=3))
