@@ -85,6 +85,7 @@ class Cascade:
         self.mesh, self.buckets = row_batches.mesh_and_buckets(mesh, batch_size, buckets)
         self.batch_size = self.buckets[-1]
         self._variables = [sharding.replicate(m.variables, self.mesh) for m in self.members]
+        self._call_memo: dict = {}  # this cascade's executables by stage, size and shapes
         self._next_stage = jit_cache.cached(
             ("cascade-next-stage", self.mesh),
             lambda: jax.jit(_next_stage, out_shardings=sharding.batch_sharding(self.mesh)),
@@ -100,37 +101,52 @@ class Cascade:
         """Cost of an example that runs every stage: Σ flops."""
         return float(self.flops.sum())
 
-    def _chunk_step(self, stage: int, size: int):
-        """(key, build) of stage `stage`'s call on `size` undecided rows of each device.
-
-        The call gathers those rows by their local indices (the first ``count`` entries of
-        ``pending``, from ``start`` on), runs the member, combines and scores; rows that exit
-        write their answer and exit stage in place, rows that stay keep their running logit sum
-        (rule "ensemble") and append their index to ``next_pending``. Nothing leaves the device.
-        """
+    def _stage_step(self, stage: int):
+        """Stage `stage`'s model call: (variables, images_B, sum_prev_BK) -> (combined_BK,
+        sum_BK, conf_B), data-parallel over the batch; compiled once per bucket, whatever N."""
         member, rule, confidence_fn = self.members[stage], self.rule, self._confidence_fn
         apply_fn, preprocessing = member.apply_fn, member.preprocessing
-        last = stage == len(self.members) - 1
         reads_sum = rule == "ensemble" and stage > 0
-        keeps_sum = rule == "ensemble" and not last
 
-        def chunk(variables, threshold, images_CX, state: _CascadeState, start):
-            capacity = images_CX.shape[0]  # drop index of rows' scatters (out of range)
-            room = state.pending.shape[0]  # drop index of the pending list's scatter
+        def step(variables, images_BX, sum_prev_BK):
+            logits_BK = members_lib.forward(apply_fn, preprocessing, variables, images_BX)
+            sum_BK, combined_BK = cascade_rules.stage_combine(
+                sum_prev_BK if reads_sum else None, logits_BK, stage=stage, rule=rule
+            )
+            return combined_BK, sum_BK, cascade_rules.stage_confidence(combined_BK, confidence_fn)
+
+        key = ("stage", apply_fn, preprocessing, stage, rule, confidence_fn, self.mesh)
+        return key, lambda: row_batches.data_parallel(step, self.mesh)
+
+    def _calls(self, rows, state, stage: int, size: int, images):
+        """The three executables of one call of `size` rows per device at stage `stage`:
+        take (gather the undecided rows and their sums on their device), the stage's model
+        step, record (answers, exits, sums and the next pending list, in place)."""
+        # every shape of the state follows from the block and the pending list's room
+        key = (stage, size, rows.capacity, state.pending.shape, images.shape, images.dtype.name)
+        if key not in self._call_memo:
+            self._call_memo[key] = self._compile_calls(rows, state, stage, size, images)
+        return self._call_memo[key]
+
+    def _compile_calls(self, rows, state, stage: int, size: int, images):
+        spec, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+        last = stage == len(self.members) - 1
+        keeps_sum = self.rule == "ensemble" and not last
+
+        def take(images_CX, state: _CascadeState, start):
             valid_b = start + jnp.arange(size) < state.count[0]
             idx_b = jnp.where(valid_b, lax.dynamic_slice_in_dim(state.pending, start, size), 0)
-            logits_bK = members_lib.forward(apply_fn, preprocessing, variables, images_CX[idx_b])
-            sum_prev_bK = state.sums[idx_b] if reads_sum else None
-            sum_bK, combined_bK = cascade_rules.stage_combine(
-                sum_prev_bK, logits_bK, stage=stage, rule=rule
-            )
-            conf_b = cascade_rules.stage_confidence(combined_bK, confidence_fn)
+            return idx_b, valid_b, images_CX[idx_b], state.sums[idx_b]
+
+        def record(state: _CascadeState, idx_b, valid_b, combined_bK, sum_bK, conf_b, threshold, k):
+            capacity = state.answer.shape[0]  # drop index of rows' scatters (out of range)
+            room = state.pending.shape[0]  # drop index of the pending list's scatter
             bad = state.bad | jnp.any(valid_b & ~jnp.isfinite(conf_b))
             leaves_b = valid_b if last else valid_b & (conf_b > threshold)
             stays_b = valid_b & ~leaves_b
             exits_b = jnp.where(leaves_b, idx_b, capacity)
             answer = state.answer.at[exits_b].set(combined_bK, mode="drop")
-            exit_stage = state.exit_stage.at[exits_b].set(stage, mode="drop")
+            exit_stage = state.exit_stage.at[exits_b].set(k, mode="drop")
             sums = state.sums
             if keeps_sum:
                 sums = sums.at[jnp.where(stays_b, idx_b, capacity)].set(sum_bK, mode="drop")
@@ -143,13 +159,22 @@ class Cascade:
                 state.pending, state.count, sums, answer, exit_stage, next_pending, next_count, bad
             )
 
-        def build():
-            rows, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
-            in_specs = (replicated, replicated, rows, rows, replicated)
-            return row_batches.per_device(chunk, self.mesh, in_specs, rows, donate_argnums=3)
-
-        key = ("stage", apply_fn, preprocessing, stage, size, rule, confidence_fn, last, self.mesh)
-        return key, build
+        zero = rows.scalar(0)
+        take_call = row_batches.compiled(
+            ("cascade-take", size, self.mesh),
+            lambda: row_batches.per_device(take, self.mesh, (spec, spec, replicated), spec),
+            images, state, zero,
+        )  # fmt: skip
+        idx_b, valid_b, images_b, sums_b = _abstract(take_call.out_info)
+        key, build = self._stage_step(stage)
+        step_call = row_batches.compiled(key, build, self._variables[stage], images_b, sums_b)
+        record_specs = (spec, spec, spec, spec, spec, spec, replicated, replicated)
+        record_call = row_batches.compiled(
+            ("cascade-record", size, last, keeps_sum, self.mesh),
+            lambda: row_batches.per_device(record, self.mesh, record_specs, spec, donate_argnums=0),
+            state, idx_b, valid_b, *_abstract(step_call.out_info), self._thresholds32[stage], zero,
+        )  # fmt: skip
+        return take_call, step_call, record_call
 
     def _start(self, images) -> tuple[row_batches.DeviceRows, _CascadeState]:
         """The images uploaded once, and the state of a run before stage 0: every row pending."""
@@ -182,12 +207,6 @@ class Cascade:
             key, lambda: int(jax.eval_shape(forward, self._variables[0], one).shape[-1])
         )
 
-    def _executable(self, rows, state, stage: int, size: int):
-        """Stage `stage`'s executable for calls of `size` rows per device (compiled once)."""
-        key, build = self._chunk_step(stage, size)
-        args = (self._variables[stage], self._thresholds32[stage], rows.arrays[stage], state)
-        return row_batches.compiled(key, build, *args, rows.scalar(0))
-
     def warmup(self, images) -> int:
         """Compiles every (stage, bucket) executable a run over `images` may call, ahead of it.
 
@@ -200,7 +219,7 @@ class Cascade:
         count = 0
         for stage in range(len(self.members)):
             for size in first if stage == 0 else rows.local_buckets:
-                self._executable(rows, state, stage, size)
+                self._calls(rows, state, stage, size, rows.arrays[stage])
                 count += 1
         return count
 
@@ -230,9 +249,12 @@ class Cascade:
         counts_S = rows.counts_S
         for stage in range(len(self.members)):
             variables, threshold = self._variables[stage], self._thresholds32[stage]
+            images, k = rows.arrays[stage], rows.scalar(stage)
             for start, _, size in row_batches.bucket_chunks(counts_S.max(), rows.local_buckets):
-                call = self._executable(rows, state, stage, size)
-                state = call(variables, threshold, rows.arrays[stage], state, rows.scalar(start))
+                take, step, record = self._calls(rows, state, stage, size, images)
+                idx_b, valid_b, images_b, sums_b = take(images, state, rows.scalar(start))
+                outs = step(variables, images_b, sums_b)
+                state = record(state, idx_b, valid_b, *outs, threshold, k)
             counts_S, bad_S = jax.device_get((state.next_count, state.bad))
             if bad_S.any():
                 name = self.members[stage].name or f"member {stage}"
@@ -265,6 +287,11 @@ class _CascadeState(NamedTuple):
     next_pending: jax.Array
     next_count: jax.Array
     bad: jax.Array
+
+
+def _abstract(out_info) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """A compiled call's outputs as shapes, dtypes and shardings (to compile the next ahead)."""
+    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in out_info)
 
 
 def _next_stage(state: _CascadeState) -> _CascadeState:

@@ -97,9 +97,11 @@ def bucket_chunks(num_rows: int, buckets: tuple[int, ...]):
 class DeviceRows:
     """Host arrays [N, ...] uploaded once, in contiguous blocks of n rows, one per device.
 
-    Each device holds its n rows in a block of C ≥ n rows, C a power of two (at least the
-    largest bucket), the rest zeros: compiled calls depend on C, not on N, so sets of many
-    sizes share them (at the cost of at most twice the rows). Arrays given as one object
+    Each device holds its n rows in a block of C ≥ n rows, the rest zeros: C is the largest
+    bucket's rows b_max, or b_max times a power of two. Compiled calls depend on C, not on N,
+    so sets of many sizes share them: every set of at most one largest batch (a set and its
+    quarter, as `jaxmodels.committees.deploy` times them), and larger ones at most twice the
+    rows. Arrays given as one object
     several times are uploaded once and shared.
 
     Args:
@@ -120,7 +122,8 @@ class DeviceRows:
         self.num_rows = len(host_arrays[0])
         self.rows_per_device = n = -(-self.num_rows // shards)
         self.local_buckets = tuple(size // shards for size in buckets)
-        self.capacity = max(self.local_buckets[-1], 1 << max(n - 1, 0).bit_length())
+        largest = self.local_buckets[-1]
+        self.capacity = largest * (1 << max(-(-n // largest) - 1, 0).bit_length())
         self.counts_S = np.clip(self.num_rows - n * np.arange(shards), 0, n).astype(np.int32)
         uploaded: dict[int, jax.Array] = {}
         for x in host_arrays:
@@ -197,12 +200,21 @@ def compiled(key: Hashable, build: Callable[[], Callable], *args):
     return jit_cache.cached(("aot", key, treedef, shapes), lambda: build().lower(*args).compile())
 
 
+def data_parallel(fn: Callable, mesh: Mesh) -> Callable:
+    """jit of a per-row `fn` over batches split on 'data' (variables replicated): XLA runs each
+    device's rows where they are, and the compiled program depends on the batch, not the set."""
+    return jax.jit(fn, out_shardings=sharding.batch_sharding(mesh))
+
+
 def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[np.ndarray, ...]:
     """Runs ``step(*consts, *batch)`` over every row of `rows`; returns its outputs as NumPy.
 
+    Each call takes b rows of each device's block (one small gather), runs the step on them
+    (`data_parallel`: compiled once per bucket, whatever N) and writes the outputs into buffers
+    on the devices (one small scatter); the buffers are fetched once.
+
     Args:
-      step: a per-batch function (not jitted) returning a tuple of arrays [b, ...]; it runs on
-        each device's rows, b = B/S of them per call.
+      step: a per-batch function (not jitted) returning a tuple of arrays [B, ...].
       consts: leading arguments, replicated (e.g. variables).
       rows: the device-resident row arrays, passed to `step` in order.
       key: what `step` is (with its consts' structure), for the compiled-function memo.
@@ -211,31 +223,35 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
       The outputs for all N rows, each [N, ...], in input order.
     """
     spec, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
-    capacity = rows.capacity  # the calls depend on it, not on N
+    capacity = rows.capacity
     outs = None
     for start, _, size in bucket_chunks(rows.rows_per_device, rows.local_buckets):
-        if outs is None:  # output buffers shaped like one call's outputs, per row
-            batch = [jax.ShapeDtypeStruct((size, *x.shape[1:]), x.dtype) for x in rows.arrays]
-            shapes = jit_cache.cached(  # tracing the step costs as much as running it
-                ("map-rows-shapes", key, tuple((b.shape, b.dtype.name) for b in batch)),
-                lambda batch=batch: jax.eval_shape(step, *consts, *batch),
+
+        def take(arrays, offset, size=size):  # b rows of each device's block, past it: its last
+            idx_b = jnp.minimum(offset + jnp.arange(size), capacity - 1)
+            return tuple(x[idx_b] for x in arrays)
+
+        def put(buffers, results, offset, size=size):
+            idx_b = offset + jnp.arange(size)
+            idx_b = jnp.where(idx_b < capacity, idx_b, capacity)  # out of range: dropped
+            return tuple(
+                o.at[idx_b].set(r, mode="drop") for o, r in zip(buffers, results, strict=True)
             )
-            outs = tuple(rows.zeros(s.shape[1:], s.dtype) for s in shapes)
 
-        def build(size=size):
-            def chunk(consts, arrays, buffers, offset):
-                idx_b = offset + jnp.arange(size)
-                valid_b = idx_b < capacity
-                idx_b = jnp.minimum(idx_b, capacity - 1)  # past the block: its last row again
-                results = step(*consts, *[x[idx_b] for x in arrays])
-                drop_b = jnp.where(valid_b, idx_b, capacity)  # out of range: dropped
-                return tuple(
-                    o.at[drop_b].set(r, mode="drop") for o, r in zip(buffers, results, strict=True)
-                )
-
-            in_specs = (replicated, spec, spec, replicated)
-            return per_device(chunk, rows.mesh, in_specs, spec, donate_argnums=2)
-
-        args = (consts, rows.arrays, outs, rows.scalar(start))
-        outs = compiled(("map-rows", key, size, rows.mesh), build, *args)(*args)
+        offset = rows.scalar(start)
+        batch = compiled(
+            ("map-rows-take", size, rows.mesh),
+            lambda take=take: per_device(take, rows.mesh, (spec, replicated), spec),
+            rows.arrays, offset,
+        )(rows.arrays, offset)  # fmt: skip
+        run = compiled(("map-rows", key, rows.mesh), lambda: data_parallel(step, rows.mesh),
+                       *consts, *batch)  # fmt: skip
+        results = run(*consts, *batch)
+        if outs is None:  # output buffers shaped like one call's outputs, per row
+            outs = tuple(rows.zeros(r.shape[1:], r.dtype) for r in results)
+        outs = compiled(
+            ("map-rows-put", size, rows.mesh),
+            lambda put=put: per_device(put, rows.mesh, (spec, spec, replicated), spec, donate_argnums=0),
+            outs, results, offset,
+        )(outs, results, offset)  # fmt: skip
     return rows.fetch(*outs)
