@@ -424,46 +424,28 @@ def test_help_explains_when_to_recompute_batchnorm():
         assert needle in text.getvalue(), needle
 
 
-def test_wise_ft_interpolates_the_runs_start_and_the_best_run(sweep, tmp_path):
+def test_wise_ft_and_merges_start_from_the_runs_start(sweep, tmp_path):
     """--method wise-ft: the start rebuilt from the runs' model reference (checked against the
-    runs' start hash), α swept over 0, 0.1, …, 1 on held-out data; α = 1 is the best run."""
-    out = tmp_path / "w"
-    code, stdout, stderr = _main(
-        ["--runs", str(sweep["root"] / "sweep"), "--heldout", str(sweep["heldout"]),
-         "--method", "wise-ft", "--bn", "average", "--out", str(out)]
-    )  # fmt: skip
-    assert code == 0, stderr
-    assert "wise-ft" in stdout
-    report = json.loads((out / "soup.json").read_text())
-    wise = report["soups"]["wise-ft"]
-    curve = wise["curve"]
-    assert curve["alphas"] == [i / 10 for i in range(11)]
-    best = report["best_single"]["index"]
-    assert wise["members"] == [RUNS[best]]
-    assert curve["heldout_accuracy"][-1] == report["ingredients"][best]["heldout"]["accuracy"]
-    top = max(curve["heldout_accuracy"])
-    assert wise["alpha"] == curve["alphas"][curve["heldout_accuracy"].index(top)]
-    assert wise["heldout"]["accuracy"] == top
-    assert len(set(curve["heldout_accuracy"])) > 1  # the start and the runs differ
-    import matplotlib.image
-
-    assert matplotlib.image.imread(out / "soup.png").shape[1] > 1000  # the curve beside
-
-
-def test_merges_add_the_runs_task_vectors_to_their_start(sweep, tmp_path):
-    """--method task-arithmetic,ties,dare: start + λ·τ, λ chosen on held-out data; weights only,
-    the start's BatchNorm statistics kept (a running variance is never negative)."""
+    runs' start hash) interpolated with the best run, α swept over 0, 0.1, …, 1 on held-out data
+    (α = 1 is the best run). --method task-arithmetic,ties,dare: start + λ·τ, λ chosen the same
+    way; weights only, the start's BatchNorm statistics kept (a variance is never negative)."""
     out = tmp_path / "m"
     code, stdout, stderr = _main(
         ["--runs", str(sweep["root"] / "sweep"), "--heldout", str(sweep["heldout"]),
          "--method", "task-arithmetic,ties,dare,wise-ft", "--bn", "average", "--out", str(out)]
     )  # fmt: skip
     assert code == 0, stderr
-    assert all(m in stdout for m in ("task-arithmetic soup", "ties soup", "dare soup"))
-    soups = json.loads((out / "soup.json").read_text())["soups"]
+    assert all(f"{m} soup" in stdout for m in ("wise-ft", "task-arithmetic", "ties", "dare"))
+    report = json.loads((out / "soup.json").read_text())
+    soups = report["soups"]
+    wise, best = soups["wise-ft"], report["best_single"]["index"]
+    assert wise["members"] == [RUNS[best]]
+    heldout = wise["curve"]["heldout_accuracy"]
+    assert heldout[-1] == report["ingredients"][best]["heldout"]["accuracy"]
+    assert len(set(heldout)) > 1  # the start and the runs differ
     starts = {soups[m]["curve"]["heldout_accuracy"][0] for m in soups}
     assert len(starts) == 1  # λ = 0 (α = 0) is the runs' start for every method
-    for method in ("task-arithmetic", "ties", "dare"):
+    for method in ("wise-ft", "task-arithmetic", "ties", "dare"):
         curve = soups[method]["curve"]
         assert curve["alphas"] == [i / 10 for i in range(11)]
         top = max(curve["heldout_accuracy"])
