@@ -229,7 +229,9 @@ class Cascade:
         The images are uploaded once; each stage runs on the rows still undecided, gathered on
         their own device, and the answers stay on the devices until the end. Between stages
         only each device's count of undecided rows (and a non-finite flag) reaches the host, to
-        pick the next calls' buckets.
+        pick the next calls' buckets. All the images live on the devices during the run (each
+        device's rows padded to one largest batch, or beyond it to at most twice their number;
+        `DeviceRows`): run a set larger than the devices' memory in parts.
 
         Args:
           images: an array [N, H, W, 3] for all members or a sequence of one per member

@@ -20,6 +20,7 @@ of them per device.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Hashable, Sequence
 
@@ -132,18 +133,16 @@ class DeviceRows:
         self.arrays = tuple(uploaded[id(x)] for x in host_arrays)
 
     def _upload(self, x_NX: np.ndarray) -> jax.Array:
-        """One explicit transfer per device, of its block of rows."""
+        """One explicit transfer per device of its real rows (no host copy); the block's
+        padding is made on its device."""
         n, capacity = self.rows_per_device, self.capacity
         layout = sharding.batch_sharding(self.mesh)
         shape = (self.shards * capacity, *x_NX.shape[1:])
         blocks = []
         for device, index in layout.addressable_devices_indices_map(shape).items():
             first = (index[0].start or 0) // capacity * n
-            rows = x_NX[first : first + n]
-            if len(rows) < capacity:
-                pad = np.zeros((capacity - len(rows), *rows.shape[1:]), x_NX.dtype)
-                rows = np.concatenate([rows, pad])
-            blocks.append(jax.device_put(rows, device))
+            block = jax.device_put(x_NX[first : first + n], device)
+            blocks.append(_padded(block, capacity) if len(block) < capacity else block)
         return jax.make_array_from_single_device_arrays(shape, layout, blocks)
 
     def zeros(self, row_shape: tuple[int, ...], dtype, rows_per_device: int | None = None):
@@ -175,6 +174,13 @@ class DeviceRows:
             blocks = np.asarray(x).reshape(self.shards, self.capacity, *x.shape[1:])[:, :n]
             out.append(blocks.reshape(self.shards * n, *x.shape[1:])[: self.num_rows])
         return tuple(out)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _padded(block_nX: jax.Array, capacity: int) -> jax.Array:
+    """`block_nX` followed by zero rows up to `capacity`, on the block's device."""
+    pad = [(0, capacity - block_nX.shape[0])] + [(0, 0)] * (block_nX.ndim - 1)
+    return jnp.pad(block_nX, pad)
 
 
 def _on_devices(key: Hashable, mesh: Mesh, make: Callable[[], jax.Array]) -> jax.Array:
