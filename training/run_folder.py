@@ -306,14 +306,16 @@ def trajectory(folder: str | os.PathLike) -> list[CheckpointRun]:
             "at least 2: fine-tune with --keep-checkpoints 0 and a --checkpoint-every below "
             "the run's steps"
         )
-    describe = dict(model=None, variables=None, config=run.config, result=run.result)
     return [
         CheckpointRun(
             folder=run.folder / CHECKPOINT_DIR / str(step),
+            model=None,
+            variables=None,
+            config=run.config,
+            result=run.result,
             info=run.info,
             run_folder=run.folder,
             step=step,
-            **describe,
         )
         for step in steps
     ]

@@ -151,21 +151,30 @@ def _start_of(p: SoupPlan, model, method: str):
     return jax.device_get(built.variables)
 
 
+def _heldout_scorer(model, sets, finish) -> Callable[[dict], float]:
+    """Held-out accuracy of variables as their soup will be (statistics finished first)."""
+    return lambda variables: jaxmodels.evaluate(model, finish(variables), sets["heldout"]).accuracy
+
+
+def _swept(start, end, model, sets, finish, members: list, **settings):
+    """The held-out-best point of start → end (α in 0, 0.1, …, 1) and what to record of it:
+    the members, α and the held-out curve."""
+    soup, sweep = merges.sweep_interpolation(start, end, _heldout_scorer(model, sets, finish))
+    details = {
+        "members": members,
+        "alpha": sweep.best_alpha,
+        "curve": {"alphas": list(sweep.alphas), "heldout_accuracy": list(sweep.scores)},
+        **settings,
+    }
+    return finish(soup), details
+
+
 def _wise_ft(p: SoupPlan, model, loaders, rows, sets, finish):
     """WiSE-FT (Wortsman et al., CVPR 2022): the runs' start and the best run, interpolated
     with the held-out-best α of 0, 0.1, …, 1 (statistics recomputed per α under --bn recompute)."""
     best = max(range(len(rows)), key=lambda i: rows[i]["heldout"]["accuracy"])
-    heldout = sets["heldout"]
-    evaluate = lambda v: jaxmodels.evaluate(model, finish(v), heldout).accuracy
-    soup, sweep = merges.sweep_interpolation(
-        _start_of(p, model, "wise-ft"), loaders[best], evaluate
-    )
-    details = {
-        "members": [p.names[best]],
-        "alpha": sweep.best_alpha,
-        "curve": {"alphas": list(sweep.alphas), "heldout_accuracy": list(sweep.scores)},
-    }
-    return finish(soup), details
+    start = _start_of(p, model, "wise-ft")
+    return _swept(start, loaders[best], model, sets, finish, [p.names[best]])
 
 
 # TIES keeps the top 20 % of each task vector, DARE drops 90 % of its entries: the papers'.
@@ -189,16 +198,7 @@ def _merge(method: str, p: SoupPlan, model, loaders, sets, finish):
     else:
         merged = merges.dare(start, loaders, drop=DARE_DROP, seed=DARE_SEED, scale=1.0)
         settings = {"drop": DARE_DROP, "seed": DARE_SEED}
-    heldout = sets["heldout"]
-    evaluate = lambda v: jaxmodels.evaluate(model, finish(v), heldout).accuracy
-    soup, sweep = merges.sweep_interpolation(start, merged, evaluate)
-    details = {
-        "members": list(p.names),
-        "alpha": sweep.best_alpha,  # λ
-        "curve": {"alphas": list(sweep.alphas), "heldout_accuracy": list(sweep.scores)},
-        **settings,
-    }
-    return finish(soup), details
+    return _swept(start, merged, model, sets, finish, list(p.names), **settings)  # α is λ
 
 
 def _image_batches(prepared) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -232,8 +232,7 @@ def _make(method, p: SoupPlan, model, prep, loaders, rows, sets, finish):
         soup = finish(soups.uniform(loaders))
         return soup, {"members": list(p.names), "weights": [1.0 / n] * n}
     if method == "greedy":
-        heldout = sets["heldout"]
-        evaluate = lambda v: jaxmodels.evaluate(model, finish(v), heldout).accuracy
+        evaluate = _heldout_scorer(model, sets, finish)
         if p.bn == "recompute":  # one yardstick: each run judged as its soups are, recomputed
             scores = [evaluate(load()) for load in loaders]
         else:

@@ -165,14 +165,15 @@ class Cascade:
             lambda: row_batches.per_device(take, self.mesh, (spec, spec, replicated), spec),
             images, state, zero,
         )  # fmt: skip
-        idx_b, valid_b, images_b, sums_b = _abstract(take_call.out_info)
+        idx_b, valid_b, images_b, sums_b = row_batches.abstract(take_call.out_info)
         key, build = self._stage_step(stage)
         step_call = row_batches.compiled(key, build, self._variables[stage], images_b, sums_b)
         record_specs = (spec, spec, spec, spec, spec, spec, replicated, replicated)
         record_call = row_batches.compiled(
             ("cascade-record", size, last, keeps_sum, self.mesh),
             lambda: row_batches.per_device(record, self.mesh, record_specs, spec, donate_argnums=0),
-            state, idx_b, valid_b, *_abstract(step_call.out_info), self._thresholds32[stage], zero,
+            state, idx_b, valid_b, *row_batches.abstract(step_call.out_info),
+            self._thresholds32[stage], zero,
         )  # fmt: skip
         return take_call, step_call, record_call
 
@@ -289,11 +290,6 @@ class _CascadeState(NamedTuple):
     next_pending: jax.Array
     next_count: jax.Array
     bad: jax.Array
-
-
-def _abstract(out_info) -> tuple[jax.ShapeDtypeStruct, ...]:
-    """A compiled call's outputs as shapes, dtypes and shardings (to compile the next ahead)."""
-    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in out_info)
 
 
 def _next_stage(state: _CascadeState) -> _CascadeState:

@@ -2,11 +2,11 @@
 
 Committees run models over every row of a set (an ensemble) or, stage after stage, over the rows
 still undecided (a cascade). Both upload the host arrays once (`DeviceRows`): the N rows in
-contiguous blocks of n = ⌈N/S⌉, one block per device of the mesh's 'data' axis. Every call then
-runs inside `jax.shard_map` on each device's own rows: it gathers the rows it is given by their
-local index, so no row crosses between devices or back to the host, and it scatters its outputs
-into buffers that also stay on the devices and are fetched once, at the end
-(`DeviceRows.fetch`).
+contiguous blocks of n = ⌈N/S⌉, one block per device of the mesh's 'data' axis. Each call is
+three steps: a small gather of each device's rows by their local index (`per_device`, inside
+`jax.shard_map`), the model step on that batch (`data_parallel`: it depends on the bucket only,
+not on N) and a small scatter of its outputs into buffers on the devices, fetched once at the
+end (`DeviceRows.fetch`). No row crosses between devices or back to the host on the way.
 
 A step is compiled once per bucket, a padded number of rows per call. Work is cut into calls of
 the largest bucket and the rest goes in the smallest bucket that holds it (`bucket_chunks`), so a
@@ -102,8 +102,7 @@ class DeviceRows:
     bucket's rows b_max, or b_max times a power of two. Compiled calls depend on C, not on N,
     so sets of many sizes share them: every set of at most one largest batch (a set and its
     quarter, as `jaxmodels.committees.deploy` times them), and larger ones at most twice the
-    rows. Arrays given as one object
-    several times are uploaded once and shared.
+    rows. Arrays given as one object several times are uploaded once and shared.
 
     Args:
       host_arrays: arrays [N, ...] with one N.
@@ -206,6 +205,11 @@ def compiled(key: Hashable, build: Callable[[], Callable], *args):
     return jit_cache.cached(("aot", key, treedef, shapes), lambda: build().lower(*args).compile())
 
 
+def abstract(out_info) -> tuple[jax.ShapeDtypeStruct, ...]:
+    """A compiled call's outputs as shapes, dtypes and shardings (to compile the next ahead)."""
+    return tuple(jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for x in out_info)
+
+
 def data_parallel(fn: Callable, mesh: Mesh) -> Callable:
     """jit of a per-row `fn` over batches split on 'data' (variables replicated): XLA runs each
     device's rows where they are, and the compiled program depends on the batch, not the set."""
@@ -230,7 +234,7 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
     """
     spec, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
     capacity = rows.capacity
-    outs = None
+    outs, calls = None, {}  # calls: this pass's executables by size (looked up once each)
     for start, _, size in bucket_chunks(rows.rows_per_device, rows.local_buckets):
 
         def take(arrays, offset, size=size):  # b rows of each device's block, past it: its last
@@ -245,19 +249,24 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
             )
 
         offset = rows.scalar(start)
-        batch = compiled(
-            ("map-rows-take", size, rows.mesh),
-            lambda take=take: per_device(take, rows.mesh, (spec, replicated), spec),
-            rows.arrays, offset,
-        )(rows.arrays, offset)  # fmt: skip
-        run = compiled(("map-rows", key, rows.mesh), lambda: data_parallel(step, rows.mesh),
-                       *consts, *batch)  # fmt: skip
-        results = run(*consts, *batch)
-        if outs is None:  # output buffers shaped like one call's outputs, per row
-            outs = tuple(rows.zeros(r.shape[1:], r.dtype) for r in results)
-        outs = compiled(
-            ("map-rows-put", size, rows.mesh),
-            lambda put=put: per_device(put, rows.mesh, (spec, spec, replicated), spec, donate_argnums=0),
-            outs, results, offset,
-        )(outs, results, offset)  # fmt: skip
+        if size not in calls:
+            take_call = compiled(
+                ("map-rows-take", size, rows.mesh),
+                lambda take=take: per_device(take, rows.mesh, (spec, replicated), spec),
+                rows.arrays, offset,
+            )  # fmt: skip
+            batch = abstract(take_call.out_info)
+            run = compiled(("map-rows", key, rows.mesh), lambda: data_parallel(step, rows.mesh),
+                           *consts, *batch)  # fmt: skip
+            if outs is None:  # output buffers shaped like one call's outputs, per row
+                outs = tuple(rows.zeros(r.shape[1:], r.dtype) for r in abstract(run.out_info))
+            put_call = compiled(
+                ("map-rows-put", size, rows.mesh),
+                lambda put=put: per_device(put, rows.mesh, (spec, spec, replicated), spec,
+                                           donate_argnums=0),
+                outs, abstract(run.out_info), offset,
+            )  # fmt: skip
+            calls[size] = take_call, run, put_call
+        take_call, run, put_call = calls[size]
+        outs = put_call(outs, run(*consts, *take_call(rows.arrays, offset)), offset)
     return rows.fetch(*outs)
