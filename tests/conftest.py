@@ -1,12 +1,39 @@
 """Test setup: 8 fake CPU devices, so every multi-device path runs on a laptop or CI, and
-implicit rank promotion is an error, so silent broadcasting fails loudly."""
+implicit rank promotion is an error, so silent broadcasting fails loudly.
+
+The suite is dominated by XLA compiles, and its two xdist workers and the command-line
+processes it starts (the demo, the two-process launch) compile many of the same programs. They
+share one persistent compilation cache, made fresh for each test run (nothing is carried from
+an earlier run): a program compiled by one process is read back by the others. And they compile
+with LLVM's optimisations off: the suite's shapes are tiny, so compiling costs far more than
+running. XLA's graph passes still run, and without fast-math LLVM may not reassociate
+floating-point arithmetic at any level, so the numbers are those of an optimised build. Timings the tests print are not figures;
+those come from the benchmark scripts run on their own (docs/benchmarks.md).
+"""
 
 import os
+import shutil
+import tempfile
 
 # Must happen before JAX initialises its backends (i.e. before any array is made).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Made by the first process (the xdist controller, or a run without xdist) before it starts any
+# other: the workers and their subprocesses inherit it through the environment. A cache the
+# user set is used as it is, and kept.
+_MADE_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _MADE_CACHE = tempfile.mkdtemp(prefix="hubtune-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _MADE_CACHE
+# Every compile is kept: most of the suite's are small, and reading one back is cheaper still.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
-import jax
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+def pytest_sessionfinish(session):
+    """The run's compilation cache goes with the run, removed by the process that made it."""
+    if _MADE_CACHE is not None:
+        shutil.rmtree(_MADE_CACHE, ignore_errors=True)

@@ -3,7 +3,6 @@ the report against recomputations from the cached logits, the cache, the plot, t
 cascade against brute force, shared inputs, sweeps, and every user error."""
 
 import contextlib
-import fcntl
 import importlib.util
 import io
 import itertools
@@ -11,13 +10,13 @@ import json
 import os
 import pathlib
 import re
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from session_folders import made_once
 
 import jaxmodels
 from hubtune.serve import members as cascade_members
@@ -148,17 +147,10 @@ def _make_hub(root: pathlib.Path) -> None:
 
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory):
-    """`_make_hub`'s folder, made once per session: xdist workers share it (the first to come
-    makes it, under a lock, and the others wait and read it), so its compiles happen once."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        base = base.parent  # the session's folder, above each worker's own
-    root = base / "cascade_script_hub"
-    with open(base / "cascade_script_hub.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not (root / "hub.json").is_file():
-            shutil.rmtree(root, ignore_errors=True)  # a half-made hub of a failed worker
-            root.mkdir()
+    """`_make_hub`'s folder, made once per session and shared by the xdist workers, so its
+    compiles happen once."""
+    with made_once(tmp_path_factory, "cascade_script_hub") as (root, missing):
+        if missing:
             _make_hub(root)
     hub = json.loads((root / "hub.json").read_text())
     return {**hub, "root": root, "test_logits": np.load(root / "test_logits.npy")}

@@ -7,8 +7,6 @@ and three one-line errors; each test below reads one part of it. Two cheap launc
 launcher itself and a process that cannot reach its coordinator.
 """
 
-import contextlib
-import fcntl
 import json
 import os
 import pathlib
@@ -28,6 +26,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "two_process_worker.py"
 sys.path.insert(0, str(REPO / "tests"))
 import two_process_worker as worker  # noqa: E402
+from session_folders import made_once  # noqa: E402
 
 LAUNCH_TIMEOUT_S = 600  # a hang (a collective one process skipped) fails instead of blocking CI
 
@@ -44,22 +43,10 @@ def _task(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return images.astype(np.uint8), labels
 
 
-@contextlib.contextmanager
-def _once_per_session(tmp_path_factory, name: str):
-    """A folder shared by the session's xdist workers and a lock on it: the slow setups of this
-    file (data, the launch) run once even when its tests land on both workers."""
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    with open(shared / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        yield shared / name
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    with _once_per_session(tmp_path_factory, "data") as root:
-        if not (root / "ready").exists():
-            root.mkdir(exist_ok=True)
+    with made_once(tmp_path_factory, "launch-data") as (root, missing):
+        if missing:
             for name, n, seed in (("train", 48, 0), ("eval", 20, 1)):  # 20: last batch padded
                 images, labels = _task(n, seed)
                 np.savez(root / f"{name}.npz", images=images, labels=labels)
@@ -67,22 +54,19 @@ def data(tmp_path_factory):
                 ref = jaxmodels.parse_model_ref("vit_tiny")
                 built = jaxmodels.build(ref, num_classes=4, init_seed=seed)
                 jaxmodels.save(root / name, "vit_tiny", built.variables)
-            (root / "ready").write_text("")
     return root
 
 
 @pytest.fixture(scope="module")
 def two_processes(data, tmp_path_factory):
     """The worker's launch (once per session): its output, and what each process reported."""
-    with _once_per_session(tmp_path_factory, "two_processes") as out:
-        if not (out / "done").exists():
-            out.mkdir(exist_ok=True)
+    with made_once(tmp_path_factory, "two_processes") as (out, missing):
+        if missing:
             status = launch.launch(
                 [str(WORKER), str(out), str(data)], processes=2, devices_per_process=4,
                 timeout_s=LAUNCH_TIMEOUT_S,
             )  # fmt: skip
             assert status == 0, f"the two-process worker failed with status {status}"
-            (out / "done").write_text("")
     reports = [json.loads((out / f"p{i}.json").read_text()) for i in range(2)]
     arrays = [dict(np.load(out / f"p{i}.npz")) for i in range(2)]
     return {"out": out, "reports": reports, "arrays": arrays}

@@ -15,11 +15,9 @@ a file lock and then reads them.
 """
 
 import contextlib
-import fcntl
 import importlib.util
 import io
 import json
-import os
 import pathlib
 import shutil
 
@@ -28,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from session_folders import made_once
 from tiny_classifier import random_variables
 
 import jaxmodels
@@ -61,19 +60,6 @@ def _main(argv):
     return code, out.getvalue(), err.getvalue()
 
 
-@contextlib.contextmanager
-def _made_once(tmp_path_factory, name):
-    """``(folder, missing)``: a folder shared by this session's xdist workers, under a lock; the
-    caller fills it when ``missing`` (the others wait, then find it done)."""
-    base = tmp_path_factory.getbasetemp()
-    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
-    with open(f"{root}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        done = root / ".done"
-        yield root, not done.exists()
-        done.touch()
-
-
 def _make_runs(root):
     data = {name: _task(root / f"{name}.npz", n, seed)
             for name, n, seed in (("train", 48, 0), ("heldout", 64, 1), ("test", 64, 2))}  # fmt: skip
@@ -95,9 +81,8 @@ def _make_runs(root):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """Finished runs: ``sweep/`` (4 runs, one start) and ``other/`` (another head init)."""
-    with _made_once(tmp_path_factory, "soup-runs") as (root, missing):
+    with made_once(tmp_path_factory, "soup-runs") as (root, missing):
         if missing:
-            root.mkdir()
             _make_runs(root)
     return {"root": root, **{s: root / f"{s}.npz" for s in ("train", "heldout", "test")}}
 
@@ -106,10 +91,9 @@ def sweep(tmp_path_factory):
 def soup(sweep, tmp_path_factory):
     """The main soup: greedy and uniform; the default --bn auto recomputes BatchNorm statistics
     (the runs have them)."""
-    with _made_once(tmp_path_factory, "soup-main") as (root, missing):
+    with made_once(tmp_path_factory, "soup-main") as (root, missing):
         out = root / "soup"
         if missing:
-            root.mkdir()
             code, stdout, stderr = _main(
                 ["--runs", str(sweep["root"] / "sweep"), "--heldout", str(sweep["heldout"]),
                  "--test", str(sweep["test"]), "--method", "greedy,uniform",
