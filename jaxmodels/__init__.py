@@ -32,15 +32,9 @@ from jaxmodels.data.sources import (
     check_classes_within,
     open_source,
 )
-from jaxmodels.inference.evaluate import (
-    EvalResult,
-    Prepared,
-    evaluate,
-    evaluate_logits,
-    predict,
-    prepare,
-)
+from jaxmodels.inference.evaluate import EvalResult, evaluate, evaluate_logits, predict
 from jaxmodels.inference.features import extract_features, stream_reduce
+from jaxmodels.inference.prepared import Prepared, prepare
 from jaxmodels.models import paths, ssf
 from jaxmodels.models.registry import MODEL_NAMES, ModelSpec, create, spec, spec_of
 from jaxmodels.weights.checkpoint_io import content_digest, load, model_info, save

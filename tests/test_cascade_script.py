@@ -22,6 +22,7 @@ import jaxmodels
 from hubtune.serve import members as cascade_members
 from hubtune.serve import output as cascade_output
 from jaxmodels.inference import evaluate as inference
+from jaxmodels.inference import prepared as prepared_lib
 from jaxmodels.inference.artefact_cache import LogitsCache, ModelFacts
 from jaxmodels.models import registry
 from jaxmodels.weights import model_refs
@@ -370,7 +371,7 @@ def test_second_run_reads_the_cache_and_builds_no_model(hub, first, monkeypatch,
         raise AssertionError("a cached run must build and run no model")
 
     for module, name in ((jaxmodels, "build"), (model_refs, "build"), (registry, "create"),
-                         (inference, "predict"), (inference, "prepare")):  # fmt: skip
+                         (inference, "predict"), (prepared_lib, "prepare")):  # fmt: skip
         monkeypatch.setattr(module, name, refuse)
     out = tmp_path / "out"
     code, _, stderr = _run(_argv(hub, out, "--no-timing"))

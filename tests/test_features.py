@@ -16,7 +16,7 @@ import pytest
 
 import jaxmodels
 from jaxmodels import sharding
-from jaxmodels.inference import evaluate as inference
+from jaxmodels.inference import compute_dtype
 from jaxmodels.inference import features as features_lib
 
 NUM_CLASSES = 3
@@ -193,9 +193,9 @@ def test_bfloat16_is_close_to_float32(tiny, model_cls):
 
 def test_bfloat16_clones_models_with_a_dtype_field():
     # A layer with dtype=float32 would silently compute in float32 on bfloat16 inputs.
-    model = inference._with_compute_dtype(TinyNetWithDtype(), jnp.bfloat16)
+    model = compute_dtype.apply_to_model(TinyNetWithDtype(), jnp.bfloat16)
     assert model.dtype == jnp.bfloat16
-    assert inference._with_compute_dtype(TinyNet(), jnp.bfloat16) == TinyNet()
+    assert compute_dtype.apply_to_model(TinyNet(), jnp.bfloat16) == TinyNet()
 
 
 def _gram_update(carry, feats_BD, labels_B, valid_B):

@@ -186,9 +186,9 @@ def test_progress_bars_wait_before_drawing():
     """Work that ends within the delay draws no bar, so logs never keep a lone "0%" line."""
     import io
 
-    from jaxmodels.inference import evaluate as evaluate_lib
+    from jaxmodels.inference import prepared
 
-    bar = evaluate_lib._bar(100, True, "test")
+    bar = prepared.progress_bar(100, True, "test")
     bar.fp = io.StringIO()  # where it would draw
     bar.update(1)
     bar.close()

@@ -37,6 +37,7 @@ import numpy as np
 from jaxmodels.data import sources as data_lib
 from jaxmodels.data.preprocess import Preprocessing
 from jaxmodels.inference import evaluate as inference
+from jaxmodels.inference import prepared as prepared_lib
 from jaxmodels.inference.artefact_cache import LogitsCache, ModelFacts
 from jaxmodels.weights import model_refs
 from jaxmodels.weights.model_refs import ModelRef
@@ -175,10 +176,10 @@ class PreparedSets:
 
     def __init__(self, sources: dict, batch_size: int | None, log: Callable[[str], None]):
         self.sources, self.batch_size, self.log = sources, batch_size, log
-        self._prepared: dict[tuple[str, Preprocessing], inference.Prepared] = {}
+        self._prepared: dict[tuple[str, Preprocessing], prepared_lib.Prepared] = {}
         self._host: dict[tuple[str, Preprocessing], np.ndarray] = {}
 
-    def get(self, role: str, prep: Preprocessing) -> inference.Prepared:
+    def get(self, role: str, prep: Preprocessing) -> prepared_lib.Prepared:
         """The `role` set prepared with `prep` (made the first time it is asked for)."""
         key = (role, prep)
         if key not in self._prepared:
@@ -187,7 +188,7 @@ class PreparedSets:
                 f"  preparing {role} data {source.spec!r} ({len(source)} images) at "
                 f"{prep.image_size} px, {prep.interpolation}"
             )
-            self._prepared[key] = inference.prepare(source, prep, batch_size=self.batch_size)
+            self._prepared[key] = prepared_lib.prepare(source, prep, batch_size=self.batch_size)
         return self._prepared[key]
 
     def host_images(self, role: str, prep: Preprocessing) -> np.ndarray:

@@ -29,8 +29,9 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxmodels import jit_cache, sharding
+from jaxmodels.inference import compute_dtype, image_batches
 from jaxmodels.inference import evaluate as inference
-from jaxmodels.inference import image_batches
+from jaxmodels.inference import prepared as prepared_lib
 
 PyTree = Any
 
@@ -87,11 +88,11 @@ def extract_features(
         but absent.
     """
     _check_model(model)
-    inference._check_dtype(dtype)
-    run_model = inference._with_compute_dtype(model, dtype)
-    variables = inference._cast_floating(variables, dtype)
+    compute_dtype.check(dtype)
+    run_model = compute_dtype.apply_to_model(model, dtype)
+    variables = compute_dtype.cast_floating(variables, dtype)
     if _is_dataset(images):
-        data = inference.as_dataset(model, images, preprocessing, batch_size, mesh)
+        data = prepared_lib.as_dataset(model, images, preprocessing, batch_size, mesh)
         step = _extract_step(run_model, data.preprocessing, dtype, data.mesh, return_logits)
         variables = sharding.replicate(variables, data.mesh)
         if data.on_host:
@@ -99,18 +100,18 @@ def extract_features(
                 step, variables, data.host_batches(), data.mesh, progress, "features",
                 num_batches=data.num_batches,
             )  # fmt: skip
-            results = [inference._gather_steps(o, data.num_examples) for o in outs]
+            results = [inference.gather_steps(o, data.num_examples) for o in outs]
         else:
             whole = inference.whole_set(step, data.mesh)
             results = [
-                inference._all_rows(o, data.num_examples) for o in whole(variables, data.images)
+                inference.all_rows(o, data.num_examples) for o in whole(variables, data.images)
             ]
         if return_labels:
             results.append(data.labels)
         return results[0] if len(results) == 1 else tuple(results)
 
-    mesh, local_batch, compute_dtype = _check_args(batch_size, mesh, dtype)
-    batches = image_batches.fixed_batches(images, None, local_batch, compute_dtype)
+    mesh, local_batch, image_dtype = _check_args(batch_size, mesh, dtype)
+    batches = image_batches.fixed_batches(images, None, local_batch, image_dtype)
     variables = sharding.replicate(variables, mesh)
     step = _extract_step(run_model, None, dtype, mesh, return_logits)
     labels = []
@@ -205,7 +206,7 @@ def stream_reduce(
     if _is_dataset(images):
         if labels is not None:
             raise ValueError("labels come with the data here; pass labels only with float arrays")
-        data = inference.as_dataset(model, images, preprocessing, batch_size, mesh)
+        data = prepared_lib.as_dataset(model, images, preprocessing, batch_size, mesh)
         mesh, prep = data.mesh, data.preprocessing
         pairs = (
             image_batches.prefetch_to_device(data.host_batches(), mesh, False, data.num_batches)
@@ -218,19 +219,19 @@ def stream_reduce(
                 "labels may only be given with an array of images; iterables of "
                 "batches carry their labels in a dict 'label' or tuple item"
             )
-        mesh, local_batch, compute_dtype = _check_args(batch_size, mesh, dtype)
-        batches = image_batches.fixed_batches(images, labels, local_batch, compute_dtype)
+        mesh, local_batch, image_dtype = _check_args(batch_size, mesh, dtype)
+        batches = image_batches.fixed_batches(images, labels, local_batch, image_dtype)
         pairs = image_batches.prefetch_to_device(batches, mesh, False)
         prep = None
-    variables = sharding.replicate(inference._cast_floating(variables, dtype), mesh)
+    variables = sharding.replicate(compute_dtype.cast_floating(variables, dtype), mesh)
     carry = sharding.replicate(init, mesh)
     if merge is not None:
         carry = _per_device(carry, mesh)
     expected = _shapes(carry)
-    run_model = inference._with_compute_dtype(model, dtype)
+    run_model = compute_dtype.apply_to_model(model, dtype)
     step = _stream_step(run_model, prep, dtype, mesh, update, merge is not None)
 
-    with inference._bar(None, progress, "features") as bar:
+    with prepared_lib.progress_bar(None, progress, "features") as bar:
         for device_batch, batch in pairs:
             args = (device_batch["images"], device_batch["labels"], device_batch["valid"])
             if expected is not None:  # checked by tracing only, before anything compiles
@@ -278,7 +279,7 @@ class _ExtractStep:
 
 
 def _extract_step(model, prep, dtype, mesh, with_logits: bool):
-    key = ("extract", model, prep, inference._dtype_key(dtype), mesh, with_logits)
+    key = ("extract", model, prep, compute_dtype.key(dtype), mesh, with_logits)
     return jit_cache.cached(key, lambda: _ExtractStep(model, prep, dtype, mesh, with_logits))
 
 
@@ -299,7 +300,7 @@ def _stream_step(model, prep, dtype, mesh: Mesh, update, per_device: bool):
         out = sharding.batch_sharding(mesh) if per_device else sharding.replicated_sharding(mesh)
         return jax.jit(step, out_shardings=out, donate_argnums=donate)
 
-    key = ("stream", model, prep, inference._dtype_key(dtype), mesh, update, per_device)
+    key = ("stream", model, prep, compute_dtype.key(dtype), mesh, update, per_device)
     return jit_cache.cached(key, build)
 
 
@@ -335,7 +336,7 @@ def _is_dataset(images) -> bool:
     from jaxmodels.data import sources as data_lib
 
     return isinstance(
-        images, str | inference.Prepared | inference.Streamed | data_lib.ImageSource
+        images, str | prepared_lib.Prepared | prepared_lib.Streamed | data_lib.ImageSource
     ) or (isinstance(images, tuple) and len(images) == 2 and _is_uint8_array(images[0]))
 
 
@@ -343,9 +344,9 @@ def _is_uint8_array(x) -> bool:
     return isinstance(x, np.ndarray | jax.Array) and x.dtype == np.uint8 and x.ndim == 4
 
 
-def _device_batches(data: inference.Prepared):
+def _device_batches(data: prepared_lib.Prepared):
     """Batch t of a device-resident set, as (device arrays, host batch) pairs."""
-    labels_TL, valid_TL = inference._local_layout(
+    labels_TL, valid_TL = prepared_lib.local_layout(
         data.labels, data.images.shape[0], data.images.shape[1] // jax.process_count()
     )
     for t in range(data.images.shape[0]):
@@ -365,9 +366,9 @@ def _check_model(model) -> None:
 
 def _check_args(batch_size, mesh, dtype):
     """Validates the common arguments; returns (mesh, per-process batch, image dtype)."""
-    mesh, batch_size = inference._mesh_and_batch(mesh, batch_size)
+    mesh, batch_size = prepared_lib.mesh_and_batch(mesh, batch_size)
     local_batch = batch_size // jax.process_count()
-    inference._check_dtype(dtype)
+    compute_dtype.check(dtype)
     return mesh, local_batch, np.dtype(np.float32 if dtype is None else dtype)
 
 
