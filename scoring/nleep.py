@@ -23,7 +23,6 @@ Dimension names: N samples, D feature dimensions, C classes, k PCA components, V
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn.mixture import GaussianMixture
 
 from scoring import inputs, pca
 from scoring.leep import _leep
@@ -93,6 +92,10 @@ def nleep(
     # In units of the features' mean standard deviation: the mixture's reg_covar = 1e-6 is
     # absolute, so it then acts alike at every feature scale.
     reduced_Nk = reduced_Nk / np.sqrt(float(jnp.sum(variances_D)) / feats_ND.shape[1])
+    # imported here: scikit-learn takes ~0.75 s to import, which every `import scoring` (each
+    # command, each ranking without N-LEEP) would otherwise pay
+    from sklearn.mixture import GaussianMixture
+
     mixture = GaussianMixture(n_components=num_components, random_state=seed).fit(reduced_Nk)
     posteriors_NV = jnp.asarray(mixture.predict_proba(reduced_Nk), feats_ND.dtype)
     return _leep(posteriors_NV, labels.index, labels.num_classes)
