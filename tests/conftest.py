@@ -4,11 +4,10 @@ implicit rank promotion is an error, so silent broadcasting fails loudly.
 The suite is dominated by XLA compiles, and its two xdist workers and the command-line
 processes it starts (the demo, the two-process launch) compile many of the same programs. They
 share one persistent compilation cache, made fresh for each test run (nothing is carried from
-an earlier run): a program compiled by one process is read back by the others. And they compile
-with LLVM's optimisations off: the suite's shapes are tiny, so compiling costs far more than
-running. XLA's graph passes still run, and without fast-math LLVM may not reassociate
-floating-point arithmetic at any level, so the numbers are those of an optimised build. Timings the tests print are not figures;
-those come from the benchmark scripts run on their own (docs/benchmarks.md).
+an earlier run): a program compiled by one process is read back by the others. The programs are
+compiled with XLA's default options, as users run them (docs/benchmarks.md says why a
+faster-compiling build was rejected: it changed float results). Timings the tests print are not
+figures; those come from the benchmark scripts run on their own (docs/benchmarks.md).
 """
 
 import os

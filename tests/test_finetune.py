@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import time
@@ -280,7 +281,14 @@ def test_two_commands_on_one_folder_at_once(pretrained, tmp_path):
     deadline = time.time() + 60
     while not (out / "lock").exists() and time.time() < deadline and first.poll() is None:
         time.sleep(0.05)
-    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    # The first holds the folder, frozen, while the second runs: with its compiles cached it
+    # could otherwise finish (and let go of the folder) before the second looks.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        assert (out / "lock").exists(), "the first command never took the folder"
+        second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        first.send_signal(signal.SIGCONT)
     _, first_err = first.communicate(timeout=300)
     assert first.returncode == 0, first_err.decode()[-2000:]
     assert second.returncode == 2 and "is in use by pid" in second.stderr, second.stderr
