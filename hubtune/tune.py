@@ -112,7 +112,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "jaxmodels.save folder), NAME e.g. vit_s16, resnet50",
     )
     parser.add_argument("--data", required=True, help="training data (see 'data:' below)")
-    parser.add_argument("--eval-data", help="evaluated after each epoch (optional)")
+    parser.add_argument(
+        "--eval-data", help="evaluated every --eval-every epochs and at the end (optional)"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=1,
+        metavar="EPOCHS",
+        help="epochs between evaluations of --eval-data (default 1; always one at the end)",
+    )
     parser.add_argument("--out", required=True, help="output folder (created; resumed if present)")
     parser.add_argument(
         "--mode",
@@ -259,6 +268,7 @@ def main(argv=None) -> int:
             seed=args.seed[0],
             init_seed=args.init_seed,
             checkpoint_every=args.checkpoint_every,
+            eval_every=args.eval_every,
             keep_checkpoints=args.keep_checkpoints or None,
             tfds_data_dir=args.tfds_data_dir,
             num_workers=args.num_workers,

@@ -62,6 +62,19 @@ def test_fit_reduces_loss_on_a_learnable_task(tmp_path):
     assert evals[-1]["count"] == len(source)
 
 
+def test_eval_every_evaluates_every_kth_epoch_and_the_last(tmp_path):
+    model, variables = init_tiny(ssf=True, num_classes=NUM_CLASSES)
+    source = _learnable_task()
+    config = TrainConfig(mode="ssf", epochs=5, batch_size=16, lr=0.03, eval_every=2,
+                         num_workers=0)  # fmt: skip
+    lines = []
+    result = loop.fit(
+        model, variables, source, PREP, config, eval_data=source, progress=False, log=lines.append
+    )
+    assert [r["epoch"] for r in result.evals] == [2, 4, 5]
+    assert [line.split()[1] for line in lines] == ["2/5", "4/5", "5/5"]
+
+
 def test_fit_rejects_batch_not_divisible_by_devices():
     model, variables = init_tiny(num_classes=NUM_CLASSES)
     with pytest.raises(ValueError, match="batch_size must be a positive multiple of the 8"):

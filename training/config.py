@@ -32,6 +32,7 @@ AUGMENTATIONS = {
 OPERATIONAL_FIELDS = (
     "out_dir",
     "checkpoint_every",
+    "eval_every",
     "keep_checkpoints",
     "tfds_data_dir",
     "num_workers",
@@ -60,6 +61,7 @@ class TrainConfig:
         num_classes: the head's size; default the training data's class count.
         seed: data order, augmentation, dropout and mixup/cutmix randomness.
         checkpoint_every: steps between checkpoints (always one at the end).
+        eval_every: epochs between evaluations of the run's eval data (always one at the end).
         keep_checkpoints: how many of the newest checkpoints stay (``None``: all of them, the
             run's trajectory, which ``hubtune soup --trajectory`` averages).
         num_workers: image-decoding threads per process.
@@ -82,6 +84,7 @@ class TrainConfig:
     num_classes: int | None = None
     seed: int = 0
     checkpoint_every: int = 500
+    eval_every: int = 1
     keep_checkpoints: int | None = 2
     num_workers: int = 4
     stop_after_steps: int | None = None
@@ -97,6 +100,7 @@ class TrainConfig:
         _positive_int("epochs", self.epochs)
         _positive_int("batch_size", self.batch_size)
         _positive_int("checkpoint_every", self.checkpoint_every)
+        _positive_int("eval_every", self.eval_every)
         if self.keep_checkpoints is not None:
             _positive_int("keep_checkpoints", self.keep_checkpoints)
         for name in ("seed", "num_workers"):
@@ -151,7 +155,8 @@ class RunConfig(TrainConfig):
         train_data: a data spec (`jaxmodels.data.sources.open_source`): ``tfds:NAME[:SPLIT]``, a
             ``.npz`` file or an image folder.
         out_dir: the run folder (checkpoints, weights, metrics, results).
-        eval_data: evaluated after every epoch; ``None`` skips evaluation.
+        eval_data: evaluated every ``eval_every`` epochs and at the end; ``None`` skips
+            evaluation.
         image_size: model input side (default the model's own).
         init_seed: every freshly initialised parameter (a new head, SSF, a random init). Runs of
             a sweep share it, so they start from one point — what a model soup needs.

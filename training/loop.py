@@ -306,7 +306,8 @@ def fit(
             if manager is not None and due:
                 checkpoints.save(manager, as_tree(state), run_id)
                 last_save = time.perf_counter()
-            if prepared is not None and (step % per_epoch == 0 or step == total):
+            evaluate_now = step % (per_epoch * config.eval_every) == 0 or step == total
+            if prepared is not None and evaluate_now:
                 variables_now = {"params": as_tree(state).params(use_ema=ema)}
                 if state.batch_stats:
                     variables_now["batch_stats"] = state.batch_stats
