@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -77,6 +78,44 @@ def test_the_docs_block_carries_command_commit_and_load(tmp_path, load, flagged,
     assert "python scripts/benchmarks/soups.py --quick" in written and "abc1234" in written
     assert "| 1 | 2 |" in written and "- uniform soup: 1.50× the loop" in written
     assert ("measured under load" in written) == flagged
+
+
+@pytest.mark.parametrize(
+    "before, after, others, flagged",
+    [
+        (0.3, 6.0, 0.1, False),  # its own processes raised the load average: quiet
+        (0.3, 0.5, 0.8, True),  # another process kept most of a core busy
+        (2.5, 2.5, 0.0, True),  # the machine was loaded when it started
+    ],
+)
+def test_load_is_judged_by_the_other_processes_cpu(before, after, others, flagged):
+    run_all = _run_all()
+    results = fake_results(before)
+    results["benchmarks"]["soups"].update(load_after=after, others_busy_cores=others)
+    text = run_all.markdown(results)
+    assert f"other processes {others:.2f} cores" in text
+    assert ("measured under load" in text) == flagged
+
+
+def test_a_benchmarks_own_cpu_is_not_counted_as_others(tmp_path):
+    """Two busy processes of its own, on this machine: its CPU time is its own, not load."""
+    run_all = _run_all()
+    if run_all.machine_busy_seconds() is None:
+        pytest.fail("no /proc/stat: the load measurement cannot run here")
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass\n"
+    (tmp_path / "burn.py").write_text(burn)
+    busy, own = run_all.machine_busy_seconds(), run_all.children_cpu_seconds()
+    start = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "burn.py")]) for _ in range(2)]
+    for proc in procs:
+        proc.wait()
+    wall = time.perf_counter() - start
+    spent = run_all.children_cpu_seconds() - own
+    machine = run_all.machine_busy_seconds() - busy
+    assert spent >= 3.0
+    # both count seconds of CPU: the machine's busy time holds the children's, and no more
+    # than every core's
+    assert 0.9 * spent <= machine <= os.cpu_count() * wall + 0.5
 
 
 def test_a_partial_run_updates_its_figures_and_keeps_the_others(tmp_path):

@@ -17,8 +17,13 @@ does it from an earlier results.json, e.g. one made on a GPU host). The block is
 a record kept beside FILE (``FILE.quick.json`` / ``FILE.full.json``, with each benchmark's own
 commit and date) into which every run merges its benchmarks: a partial run (``--only``) updates
 its figures and leaves the others'.
-A benchmark that ran with a load average above the core count is flagged "measured under load":
-its ratios are noisier, its seconds not comparable.
+Before each benchmark the runner waits (up to two minutes) for the machine to go quiet, so one
+benchmark's tail does not load the next. A benchmark is flagged "measured under load" (its
+ratios noisier, its seconds not comparable) where the load average was above the core count when
+it started, or where other processes kept more than half a core busy on average while it ran.
+That second figure is the machine's busy CPU time (``/proc/stat``) less the benchmark's own
+(its process tree's rusage): the load average after a run counts the benchmark's own threads,
+and a benchmark that starts several processes (scale) raises it by itself.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import json
 import os
 import pathlib
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -64,6 +70,8 @@ ACCELERATOR_QUICK = {
     "logme": ["--repeats", "3"],
     "finetune": ["--model", "vit_s16", "--batch-size", "64", "--steps", "10", "--bf16"],
 }  # fmt: skip
+# other processes' average busy cores above which a figure is flagged as measured under load
+OTHERS_BUSY_LIMIT = 0.5
 # scripts that are baselines or fixture makers, run by the benchmarks above, not on their own
 HELPERS = {"run_all", "logme_numpy_baseline", "pipeline_baseline"}
 
@@ -121,23 +129,64 @@ def arguments(name: str, full: bool, backend: str) -> list[str]:
     return ACCELERATOR_QUICK.get(name, quick_args) if backend in ("gpu", "tpu") else quick_args
 
 
+def machine_busy_seconds() -> float | None:
+    """CPU seconds the whole machine has spent busy since boot (all cores; ``/proc/stat``), or
+    None where there is no ``/proc/stat``."""
+    try:
+        fields = pathlib.Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    """CPU seconds used by this process's finished children (and their children)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def settle(max_wait_s: float = 120.0, quiet_cores: float = 0.25, window_s: float = 2.0) -> float:
+    """Waits until the machine's busy cores over `window_s` fall below `quiet_cores` (the last
+    benchmark's processes have wound down), at most `max_wait_s`; returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s:
+        before = machine_busy_seconds()
+        if before is None:
+            break
+        time.sleep(window_s)
+        if (machine_busy_seconds() - before) / window_s < quiet_cores:
+            break
+    return time.perf_counter() - start
+
+
 def run_one(name: str, full: bool, out: pathlib.Path, backend: str = "cpu") -> dict:
     json_flag = BENCHMARKS[name][2]
     json_path = out / f"{name}.json"
     command = [sys.executable, str(HERE / f"{name}.py"), *arguments(name, full, backend)]
     command += [json_flag, str(json_path)]
+    settle()
     load_before = os.getloadavg()[0]
+    busy_before, own_before = machine_busy_seconds(), children_cpu_seconds()
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run(command, capture_output=True, text=True, cwd=out, env=env)
+    seconds = time.perf_counter() - start
+    own = children_cpu_seconds() - own_before
+    others = None  # other processes' average busy cores while it ran
+    if busy_before is not None:
+        others = max(0.0, machine_busy_seconds() - busy_before - own) / seconds
     lines = done.stdout.splitlines()
     shown = " ".join(["python", f"scripts/benchmarks/{name}.py", *command[2:-2]])
     return {
         "command": shown,
         "returncode": done.returncode,
-        "seconds": time.perf_counter() - start,
+        "seconds": seconds,
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
+        "cpu_seconds": own,
+        "others_busy_cores": others,
         "tables": _tables(lines),
         "ratios": [
             ln.strip()
@@ -174,15 +223,9 @@ def markdown(results: dict) -> str:
     ]
     for name, bench in results["benchmarks"].items():
         own = bench.get("meta", meta)
-        load = max(bench["load_before"], bench["load_after"])
-        under_load = load > own["cores"]
         head = f"### {name}\n\n    {bench['command']}\n\n"
         head += f"commit {own['commit']}{' (dirty tree)' if own['dirty'] else ''}, {own['date']}; "
-        head += f"load average {bench['load_before']:.1f} → {bench['load_after']:.1f}"
-        head += (
-            f" — **measured under load** (above {own['cores']} cores)" if under_load else " (quiet)"
-        )
-        head += f"; {bench['seconds']:.0f} s."
+        head += f"{_load_words(bench, own['cores'])}; {bench['seconds']:.0f} s."
         if bench["returncode"]:
             head += f" **Failed** (exit {bench['returncode']}):\n\n```\n{bench['stderr_tail']}\n```"
         body = [*bench["tables"]]
@@ -192,6 +235,25 @@ def markdown(results: dict) -> str:
             body.append(f"```\n{bench['stdout_tail']}\n```")
         parts.append("\n\n".join([head, *body]))
     return "\n\n".join(parts)
+
+
+def _load_words(bench: dict, cores: int) -> str:
+    """How loaded the machine was: the load average before → after, other processes' busy
+    cores where measured, and the flag where either says the figure was measured under load."""
+    words = f"load average {bench['load_before']:.1f} → {bench['load_after']:.1f}"
+    others = bench.get("others_busy_cores")  # absent from records made before it was measured
+    if others is None:
+        loaded = max(bench["load_before"], bench["load_after"]) > cores
+        reason = f"load average above {cores} cores"
+    else:
+        words += f", other processes {others:.2f} cores"
+        loaded = bench["load_before"] > cores or others > OTHERS_BUSY_LIMIT
+        reason = (
+            f"load average above {cores} cores at the start"
+            if bench["load_before"] > cores
+            else f"other processes above {OTHERS_BUSY_LIMIT} cores"
+        )
+    return words + (f" — **measured under load** ({reason})" if loaded else " (quiet)")
 
 
 def record_path(docs: pathlib.Path, full: bool) -> pathlib.Path:
