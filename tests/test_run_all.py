@@ -81,17 +81,20 @@ def test_the_docs_block_carries_command_commit_and_load(tmp_path, load, flagged,
 
 
 @pytest.mark.parametrize(
-    "before, after, others, flagged",
+    "before, after, others, quiet, flagged",
     [
-        (0.3, 6.0, 0.1, False),  # its own processes raised the load average: quiet
-        (0.3, 0.5, 0.8, True),  # another process kept most of a core busy
-        (2.5, 2.5, 0.0, True),  # the machine was loaded when it started
+        (0.3, 6.0, 0.1, True, False),  # its own processes raised the load average: quiet
+        (2.5, 2.5, 0.1, True, False),  # the last benchmark's load still decaying: quiet
+        (0.3, 0.5, 0.8, True, True),  # another process kept most of a core busy
+        (2.5, 2.5, 0.0, False, True),  # the machine never went quiet before it
     ],
 )
-def test_load_is_judged_by_the_other_processes_cpu(before, after, others, flagged):
+def test_load_is_judged_by_the_other_processes_cpu(before, after, others, quiet, flagged):
     run_all = _run_all()
     results = fake_results(before)
-    results["benchmarks"]["soups"].update(load_after=after, others_busy_cores=others)
+    results["benchmarks"]["soups"].update(
+        load_after=after, others_busy_cores=others, quiet_at_start=quiet
+    )
     text = run_all.markdown(results)
     assert f"other processes {others:.2f} cores" in text
     assert ("measured under load" in text) == flagged

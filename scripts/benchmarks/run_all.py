@@ -19,11 +19,12 @@ commit and date) into which every run merges its benchmarks: a partial run (``--
 its figures and leaves the others'.
 Before each benchmark the runner waits (up to two minutes) for the machine to go quiet, so one
 benchmark's tail does not load the next. A benchmark is flagged "measured under load" (its
-ratios noisier, its seconds not comparable) where the load average was above the core count when
-it started, or where other processes kept more than half a core busy on average while it ran.
-That second figure is the machine's busy CPU time (``/proc/stat``) less the benchmark's own
-(its process tree's rusage): the load average after a run counts the benchmark's own threads,
-and a benchmark that starts several processes (scale) raises it by itself.
+ratios noisier, its seconds not comparable) where the machine did not go quiet before it, or
+where other processes kept more than half a core busy on average while it ran: the machine's
+busy CPU time (``/proc/stat``) less the benchmark's own (its process tree's rusage). The load
+average before and after is recorded but not judged: it lags by a minute, and it counts the
+benchmark's own threads (scale starts two processes of four devices each). Records made before
+this measurement existed are judged by their load average.
 """
 
 from __future__ import annotations
@@ -147,18 +148,19 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def settle(max_wait_s: float = 120.0, quiet_cores: float = 0.25, window_s: float = 2.0) -> float:
+def settle(max_wait_s: float = 120.0, quiet_cores: float = 0.25, window_s: float = 2.0) -> bool:
     """Waits until the machine's busy cores over `window_s` fall below `quiet_cores` (the last
-    benchmark's processes have wound down), at most `max_wait_s`; returns the seconds waited."""
+    benchmark's processes have wound down), at most `max_wait_s`; returns whether it went quiet
+    (True where there is no ``/proc/stat`` to tell)."""
     start = time.perf_counter()
     while time.perf_counter() - start < max_wait_s:
         before = machine_busy_seconds()
         if before is None:
-            break
+            return True
         time.sleep(window_s)
         if (machine_busy_seconds() - before) / window_s < quiet_cores:
-            break
-    return time.perf_counter() - start
+            return True
+    return False
 
 
 def run_one(name: str, full: bool, out: pathlib.Path, backend: str = "cpu") -> dict:
@@ -166,7 +168,7 @@ def run_one(name: str, full: bool, out: pathlib.Path, backend: str = "cpu") -> d
     json_path = out / f"{name}.json"
     command = [sys.executable, str(HERE / f"{name}.py"), *arguments(name, full, backend)]
     command += [json_flag, str(json_path)]
-    settle()
+    quiet = settle()
     load_before = os.getloadavg()[0]
     busy_before, own_before = machine_busy_seconds(), children_cpu_seconds()
     start = time.perf_counter()
@@ -185,6 +187,7 @@ def run_one(name: str, full: bool, out: pathlib.Path, backend: str = "cpu") -> d
         "seconds": seconds,
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
+        "quiet_at_start": quiet,
         "cpu_seconds": own,
         "others_busy_cores": others,
         "tables": _tables(lines),
@@ -239,18 +242,20 @@ def markdown(results: dict) -> str:
 
 def _load_words(bench: dict, cores: int) -> str:
     """How loaded the machine was: the load average before → after, other processes' busy
-    cores where measured, and the flag where either says the figure was measured under load."""
+    cores where measured, and the flag where the figure was measured under load."""
     words = f"load average {bench['load_before']:.1f} → {bench['load_after']:.1f}"
     others = bench.get("others_busy_cores")  # absent from records made before it was measured
     if others is None:
         loaded = max(bench["load_before"], bench["load_after"]) > cores
         reason = f"load average above {cores} cores"
     else:
+        # the load average lags a minute and counts the benchmark's own threads: shown, not judged
         words += f", other processes {others:.2f} cores"
-        loaded = bench["load_before"] > cores or others > OTHERS_BUSY_LIMIT
+        quiet = bench.get("quiet_at_start", True)
+        loaded = not quiet or others > OTHERS_BUSY_LIMIT
         reason = (
-            f"load average above {cores} cores at the start"
-            if bench["load_before"] > cores
+            "the machine never went quiet before it"
+            if not quiet
             else f"other processes above {OTHERS_BUSY_LIMIT} cores"
         )
     return words + (f" — **measured under load** ({reason})" if loaded else " (quiet)")
