@@ -173,12 +173,9 @@ def _write_npz(path: pathlib.Path, images, labels) -> str:
 
 
 def _out_folder(requested: pathlib.Path) -> pathlib.Path:
-    """`requested`, or the first of requested-2, -3, ... that holds no earlier report."""
-    candidate, n = requested, 1
-    while (candidate / "report.json").exists():
-        n += 1
-        candidate = requested.with_name(f"{requested.name}-{n}")
-    return candidate
+    """`requested`, or where it holds an earlier report the first free sibling (requested-2,
+    -3, ...: `hubtune.output.free_sibling`, the rule every command's refusal suggests)."""
+    return output.free_sibling(requested) if (requested / "report.json").exists() else requested
 
 
 @interruptible("demo.py")
