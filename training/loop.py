@@ -15,10 +15,10 @@ grain pipeline of `jaxmodels.data.pipeline` as uint8 and are normalised on the d
 loads only its slice of a batch and the global array is assembled with
 ``jax.make_array_from_process_local_data``, so the same code runs on one CPU, eight fake CPU
 devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and evaluated
-every ``eval_every`` epochs and at the end with `jaxmodels.evaluate`. A run checkpoints every N steps and at the end
-(the data position follows from the step), and a run started again with the same settings
-resumes from the newest readable checkpoint — under any process count, replicated or sharded —
-and ends with the same parameters as an uninterrupted one.
+every ``eval_every`` epochs and at the end with `jaxmodels.evaluate`. A run checkpoints every N
+steps and at the end (the data position follows from the step), and a run started again with the
+same settings resumes from the newest readable checkpoint — under any process count, replicated
+or sharded — and ends with the same parameters as an uninterrupted one.
 """
 
 from __future__ import annotations
