@@ -203,6 +203,34 @@ def test_dare_is_unbiased_and_reproducible():
     chex.assert_trees_all_equal(dare(base, [tuned, base], seed=3), dare(base, [tuned], seed=3))
 
 
+
+def test_dare_masks_are_the_documented_draws():
+    """Model t's mask of leaf j is ``bernoulli(fold_in(fold_in(key(seed), t), j), 1 − p, shape)``:
+    the merge a seed gives is fixed by JAX's public PRNG, whatever program draws it."""
+    import jax
+
+    base, *tuned = _random_trees(3, seed=2)
+    merged = dare(base, tuned, drop=0.6, seed=11, scale=1.0)
+    key = jax.random.key(11)
+    expected = {}
+    for j, name in enumerate(("v", "w")):  # the leaves in tree order
+        tau = sum(
+            np.asarray(
+                jax.random.bernoulli(
+                    jax.random.fold_in(jax.random.fold_in(key, t), j), 0.4, base[name].shape
+                ),
+                np.float32,
+            )
+            / np.float32(0.4)
+            * (m[name] - base[name])
+            for t, m in enumerate(tuned)
+        )
+        expected[name] = base[name] + tau
+    chex.assert_trees_all_close(
+        {k: merged[k] for k in ("v", "w")}, expected, rtol=1e-6, atol=1e-6
+    )
+    assert merged["count"] == base["count"]
+
 def test_dare_refuses_bad_drop_and_seed():
     base, tuned = _random_trees(2)
     with pytest.raises(ValueError, match=r"drop must be in \[0, 1\)"):
