@@ -203,7 +203,6 @@ def test_dare_is_unbiased_and_reproducible():
     chex.assert_trees_all_equal(dare(base, [tuned, base], seed=3), dare(base, [tuned], seed=3))
 
 
-
 def test_dare_masks_are_the_documented_draws():
     """Model t's mask of leaf j is ``bernoulli(fold_in(fold_in(key(seed), t), j), 1 − p, shape)``:
     the merge a seed gives is fixed by JAX's public PRNG, whatever program draws it."""
@@ -226,10 +225,9 @@ def test_dare_masks_are_the_documented_draws():
             for t, m in enumerate(tuned)
         )
         expected[name] = base[name] + tau
-    chex.assert_trees_all_close(
-        {k: merged[k] for k in ("v", "w")}, expected, rtol=1e-6, atol=1e-6
-    )
+    chex.assert_trees_all_close({k: merged[k] for k in ("v", "w")}, expected, rtol=1e-6, atol=1e-6)
     assert merged["count"] == base["count"]
+
 
 def test_dare_refuses_bad_drop_and_seed():
     base, tuned = _random_trees(2)
