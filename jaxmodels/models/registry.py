@@ -303,8 +303,10 @@ def overrides_of(name: str, model: nn.Module) -> dict[str, Any]:
 
 
 # Initialisation runs once per model, on tiny inputs: compiled without XLA's backend
-# optimisations it costs a fraction of the compile time (a ResNet's init: ~7× less on CPU) and its
-# results are the same (the initialisers are the same random-number programs).
+# optimisations it costs a fraction of the compile time (resnet_tiny's init: 6.7 s → 1.6 s on a
+# 2-core CPU). The random bits are the same; the float transforms of a few leaves differ in the
+# last bit from a default-optimised `jax.jit(model.init)` (resnet_tiny: 12 of 62 leaves, at most
+# 1.4e-7 relative), so use this function, not your own jit of `init`, to reproduce a model.
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
