@@ -188,3 +188,26 @@ def test_a_benchmark_without_markdown_shows_what_it_printed():
     assert "```\ncascade   alone s  casc. s\nr18 -> r50  0.076  0.054\n```" in text
     bench.update(ratios=["uniform soup: 1.50× the loop"])  # a ratio line: no raw output
     assert "```" not in run_all.markdown(results)
+
+
+def test_suite_compiles_attributes_each_compile_to_the_test_running():
+    spec = importlib.util.spec_from_file_location("suite_compiles", BENCH / "suite_compiles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = [
+        "Finished XLA compilation of jit(early) in 0.5 sec",
+        "TEST tests/test_a.py::test_one[x]",
+        "Finished XLA compilation of jit(step) in 1.25 sec",
+        "Compiling jit(step) with global shapes and types ...",
+        "TEST tests/test_b.py::test_two",
+        "Finished XLA compilation of jit(step) in 2e-1 sec",
+        "Finished XLA compilation of jit(add) in 0.05 sec",
+    ]
+    found = module.tally(lines)
+    seconds, counts = found["seconds"], found["counts"]
+    assert seconds["program"]["jit(step)"] == pytest.approx(1.45)
+    assert counts["program"]["jit(step)"] == 2
+    assert seconds["file"]["tests/test_b.py"] == pytest.approx(0.25)
+    assert seconds["test"]["tests/test_a.py::test_one[x]"] == pytest.approx(1.25)
+    assert seconds["file"]["(before the first test)"] == pytest.approx(0.5)
+    assert sum(counts["file"].values()) == 4

@@ -73,8 +73,8 @@ ACCELERATOR_QUICK = {
 }  # fmt: skip
 # other processes' average busy cores above which a figure is flagged as measured under load
 OTHERS_BUSY_LIMIT = 0.5
-# scripts that are baselines or fixture makers, run by the benchmarks above, not on their own
-HELPERS = {"run_all", "logme_numpy_baseline", "pipeline_baseline"}
+# scripts that are not benchmarks: baselines the benchmarks above run, the suite's compile report
+HELPERS = {"run_all", "logme_numpy_baseline", "pipeline_baseline", "suite_compiles"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
