@@ -211,3 +211,12 @@ def test_suite_compiles_attributes_each_compile_to_the_test_running():
     assert seconds["test"]["tests/test_a.py::test_one[x]"] == pytest.approx(1.25)
     assert seconds["file"]["(before the first test)"] == pytest.approx(0.5)
     assert sum(counts["file"].values()) == 4
+
+
+def test_suite_compiles_knows_jax_own_single_ops_from_programs():
+    spec = importlib.util.spec_from_file_location("suite_compiles", BENCH / "suite_compiles.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    own = module.jax_own_names()
+    assert {"add", "_reduce_sum", "isfinite", "broadcast_in_dim", "_truncated_normal"} <= own
+    assert not {"<lambda>", "_logme", "train_step", "step", "init"} & own

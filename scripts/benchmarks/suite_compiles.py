@@ -64,6 +64,25 @@ def tally(lines) -> dict[str, collections.Counter]:
     return {"seconds": seconds, "counts": counts}
 
 
+def jax_own_names() -> set[str]:
+    """Names of JAX's primitives and of the functions its numpy, lax and random modules define:
+    a program of that name is one op called outside `jit`, compiled on its own."""
+    import inspect
+    import sys
+
+    import jax.extend.core.primitives as primitives
+
+    names = {p.name for p in vars(primitives).values() if hasattr(p, "bind") and hasattr(p, "name")}
+    prefixes = ("jax._src.numpy", "jax._src.lax", "jax._src.random", "jax._src.prng")
+    for module_name, module in list(sys.modules.items()):
+        if module is not None and module_name.startswith(prefixes):
+            for value in vars(module).values():
+                function = inspect.unwrap(value) if callable(value) else None
+                if inspect.isfunction(function) and function.__module__ == module_name:
+                    names.add(function.__name__)
+    return {name for name in names if not name.startswith("<")}  # lambdas are anyone's
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", default=DEFAULT_DIR, help="the plugin's log folder")
@@ -77,6 +96,13 @@ def main(argv=None) -> None:
     total = sum(found["seconds"]["file"].values())
     number = sum(found["counts"]["file"].values())
     print(f"{number} compiles, {total:.1f} s, in {len(logs)} test processes")
+    own = jax_own_names()
+    single = [k for k in found["seconds"]["program"] if k.startswith("jit(") and k[4:-1] in own]
+    print(
+        f"single ops (JAX's own functions and primitives, called outside jit): "
+        f"{sum(found['counts']['program'][k] for k in single)} compiles, "
+        f"{sum(found['seconds']['program'][k] for k in single):.1f} s"
+    )
     for kind in ("file", "program", "test"):
         print(f"\n| {kind} | compile s | compiles |\n| --- | ---: | ---: |")
         for key, value in found["seconds"][kind].most_common(args.top):
