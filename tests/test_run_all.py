@@ -13,11 +13,16 @@ import pytest
 BENCH = pathlib.Path(__file__).resolve().parents[1] / "scripts" / "benchmarks"
 
 
-def _run_all():
-    spec = importlib.util.spec_from_file_location("run_all", BENCH / "run_all.py")
+def _script(name):
+    """scripts/benchmarks/NAME.py as a module."""
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _run_all():
+    return _script("run_all")
 
 
 def test_every_benchmark_script_is_run():
@@ -191,9 +196,7 @@ def test_a_benchmark_without_markdown_shows_what_it_printed():
 
 
 def test_suite_compiles_attributes_each_compile_to_the_test_running():
-    spec = importlib.util.spec_from_file_location("suite_compiles", BENCH / "suite_compiles.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("suite_compiles")
     lines = [
         "Finished XLA compilation of jit(early) in 0.5 sec",
         "TEST tests/test_a.py::test_one[x]",
@@ -214,9 +217,7 @@ def test_suite_compiles_attributes_each_compile_to_the_test_running():
 
 
 def test_suite_compiles_knows_jax_own_single_ops_from_programs():
-    spec = importlib.util.spec_from_file_location("suite_compiles", BENCH / "suite_compiles.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _script("suite_compiles")
     own = module.jax_own_names()
     assert {"add", "_reduce_sum", "isfinite", "broadcast_in_dim", "_truncated_normal"} <= own
     assert not {"<lambda>", "_logme", "train_step", "step", "init"} & own
