@@ -37,12 +37,35 @@ def _as_array(x, name: str):
     raise TypeError(f"{name} must be an array (NumPy or JAX); got {type(x).__name__}")
 
 
+@jax.jit
+def _count_nonfinite(x) -> jax.Array:
+    return jnp.count_nonzero(~jnp.isfinite(x))
+
+
+@jax.jit
+def _min_and_max(x) -> tuple[jax.Array, jax.Array]:
+    return jnp.min(x), jnp.max(x)
+
+
+# The checks below read values where they lie: NumPy input on the host, a JAX array by one jitted
+# program. Dispatched op by op, JAX compiles a program per op and new shape (isfinite, all, a
+# dtype conversion: ~0.1 s together, per score call on features of a new shape), for checks
+# that take microseconds.
+
+
 def _check_finite(x, name: str) -> None:
     if is_traced(x):
         return
-    if not bool(jnp.all(jnp.isfinite(x))):
-        bad = int(jnp.sum(~jnp.isfinite(x)))
-        raise ValueError(f"{name} must be finite; found {bad} NaN or infinite values")
+    bad = np.count_nonzero(~np.isfinite(x)) if isinstance(x, np.ndarray) else _count_nonfinite(x)
+    if bad:
+        raise ValueError(f"{name} must be finite; found {int(bad)} NaN or infinite values")
+
+
+def _as_jax_array(x, dtype) -> jax.Array:
+    """`x` as a JAX array of `dtype`; NumPy input is converted on the host, then put."""
+    if isinstance(x, np.ndarray):
+        return jax.device_put(np.asarray(x, dtype))
+    return jnp.asarray(x, dtype)
 
 
 def check_features(features, name: str = "features", min_samples: int = 2) -> jax.Array:
@@ -73,7 +96,7 @@ def check_features(features, name: str = "features", min_samples: int = 2) -> ja
     if d == 0:
         raise ValueError(f"{name} needs at least 1 dimension (column); got D=0")
     _check_finite(features, name)
-    return jnp.asarray(features, compute_dtype(features.dtype))
+    return _as_jax_array(features, compute_dtype(features.dtype))
 
 
 class Labels(NamedTuple):
@@ -153,15 +176,20 @@ def check_labels(
         if not isinstance(num_classes, int | np.integer) or num_classes < 2:
             raise ValueError(f"num_classes must be an int ≥ 2; got {num_classes!r}")
         if not is_traced(labels):
-            lo, hi = int(jnp.min(labels)), int(jnp.max(labels))
+            lo, hi = (
+                (labels.min(), labels.max())
+                if isinstance(labels, np.ndarray)
+                else _min_and_max(labels)
+            )
             if lo < 0 or hi >= num_classes:
                 raise ValueError(
-                    f"{name} must lie in [0, num_classes={num_classes}); found values in [{lo}, {hi}]"
+                    f"{name} must lie in [0, num_classes={num_classes}); found values in "
+                    f"[{int(lo)}, {int(hi)}]"
                 )
             classes = np.arange(num_classes)
         else:
             classes = None
-        return Labels(jnp.asarray(labels, jnp.int32), classes, int(num_classes))
+        return Labels(_as_jax_array(labels, jnp.int32), classes, int(num_classes))
     if is_traced(labels):
         raise ValueError(
             f"{name} is abstract (inside jax.jit), so its class set cannot be read: pass num_classes "
@@ -179,7 +207,7 @@ def check_labels(
             LabelWarning,
             stacklevel=3,
         )
-    return Labels(jnp.asarray(index.reshape(-1), jnp.int32), classes, int(classes.size))
+    return Labels(_as_jax_array(index.reshape(-1), jnp.int32), classes, int(classes.size))
 
 
 def check_targets(targets, num_samples: int, dtype, name: str = "targets") -> jax.Array:
@@ -210,5 +238,5 @@ def check_targets(targets, num_samples: int, dtype, name: str = "targets") -> ja
     if targets.ndim == 2 and targets.shape[1] == 0:
         raise ValueError(f"{name} must have at least one column; got shape {tuple(targets.shape)}")
     _check_finite(targets, name)
-    targets = jnp.asarray(targets, dtype)
+    targets = _as_jax_array(targets, dtype)
     return targets[:, None] if targets.ndim == 1 else targets

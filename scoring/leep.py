@@ -22,6 +22,12 @@ from scoring import inputs
 _ROW_SUM_TOL = 1e-3
 
 
+@jax.jit
+def _probability_violations(probs_NK) -> tuple[jax.Array, jax.Array]:
+    """(number of negative entries, worst |row sum − 1|): one program, not op by op."""
+    return jnp.count_nonzero(probs_NK < 0), jnp.max(jnp.abs(jnp.sum(probs_NK, axis=1) - 1))
+
+
 def check_source_probs(source_probs, name: str = "source_probs") -> jax.Array:
     """Checks [N, K] source-class probabilities: finite, ≥ 0, rows summing to 1.
 
@@ -38,15 +44,16 @@ def check_source_probs(source_probs, name: str = "source_probs") -> jax.Array:
     """
     probs_NK = inputs.check_features(source_probs, name=name, min_samples=1)
     if not inputs.is_traced(probs_NK):
-        if bool(jnp.any(probs_NK < 0)):
+        negative, worst = _probability_violations(probs_NK)
+        if negative:
             raise ValueError(
                 f"{name} must be probabilities ≥ 0 (apply softmax to logits); found "
-                f"{int(jnp.sum(probs_NK < 0))} negative entries"
+                f"{int(negative)} negative entries"
             )
-        worst = float(jnp.max(jnp.abs(jnp.sum(probs_NK, axis=1) - 1)))
-        if worst > _ROW_SUM_TOL:
+        if float(worst) > _ROW_SUM_TOL:
             raise ValueError(
-                f"{name} rows must sum to 1 (softmax outputs); the worst row is off by {worst:.3g}"
+                f"{name} rows must sum to 1 (softmax outputs); the worst row is off by "
+                f"{float(worst):.3g}"
             )
     return probs_NK
 

@@ -87,7 +87,7 @@ def _check_source_labels(source_labels, num_samples, num_source_classes) -> inpu
     """Like `inputs.check_labels`, but a single source class is allowed (NCE is then −H(Y))."""
     if num_source_classes is None and not inputs.is_traced(source_labels):
         if jnp.issubdtype(source_labels.dtype, jnp.integer):
-            values = jnp.unique(jnp.asarray(source_labels))
+            values = np.unique(np.asarray(source_labels))  # on the host: no compile per shape
             if values.size == 1:
                 index = jnp.zeros(num_samples, jnp.int32)
                 return inputs.Labels(index, np.asarray(values), 1)
