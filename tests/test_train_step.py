@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tiny_classifier import init_tiny, random_variables
@@ -185,6 +186,17 @@ def test_mix_picks_mixup_or_cutmix_per_batch(jit):
             kinds.add("mixup")
             np.testing.assert_allclose(mx, lam * x + (1 - lam) * x[::-1], rtol=1e-5, atol=1e-6)
     assert kinds == {"mixup", "cutmix"}
+
+
+def test_mixing_weights_are_beta_distributed():
+    """Each λ of `symmetric_betas` follows its own Beta(α, α) (Kolmogorov–Smirnov, 4,000 draws),
+    and the two λ of one step are independent."""
+    alphas = (0.8, 1.0)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    lams_SM = np.asarray(jax.jit(jax.vmap(lambda k: step_lib.symmetric_betas(k, alphas)))(keys))
+    for m, alpha in enumerate(alphas):
+        assert scipy.stats.kstest(lams_SM[:, m], scipy.stats.beta(alpha, alpha).cdf).pvalue > 1e-3
+    assert abs(np.corrcoef(lams_SM.T)[0, 1]) < 0.06  # |r| of independent draws: ~0.016
 
 
 def test_sharded_step_equals_single_device_step():
