@@ -10,6 +10,7 @@ faster-compiling build was rejected: it changed float results). Timings the test
 figures; those come from the benchmark scripts run on their own (docs/benchmarks.md).
 """
 
+import collections
 import os
 import shutil
 import tempfile
@@ -36,3 +37,30 @@ def pytest_sessionfinish(session):
     """The run's compilation cache goes with the run, removed by the process that made it."""
     if _MADE_CACHE is not None:
         shutil.rmtree(_MADE_CACHE, ignore_errors=True)
+
+
+# The longest files first. The suite's wall time is its slower worker's, and xdist's own order
+# (--dist loadfile: files by number of tests) put the files that start processes of their own,
+# few tests and long, near the end: at 3f56d61 one worker ran the last 24 s alone. Measured wall
+# times per file on 2 cores, docs/benchmarks.md ("Where a worker's time goes"); a stale list only
+# costs balance. pyproject.toml's --no-loadscope-reorder makes xdist keep this order.
+LONGEST_FILES = (
+    "test_demo.py",  # its demo process, ~150 s
+    "test_logme.py",
+    "test_launch.py",  # two processes, ~100 s
+    "test_soup_script.py",
+    "test_committees.py",
+    "test_rank.py",
+    "test_stats.py",
+    "test_train_step.py",
+    "test_finetune.py",
+    "test_benchmarks_quick.py",  # the scores benchmark's process, ~35 s
+)
+
+
+def pytest_collection_modifyitems(items):
+    """Orders the files: `LONGEST_FILES` first, then the others by number of tests."""
+    first = {name: i for i, name in enumerate(LONGEST_FILES)}
+    counts = collections.Counter(item.path for item in items)
+    # a stable sort: each file's tests keep their order
+    items.sort(key=lambda item: (first.get(item.path.name, len(first)), -counts[item.path]))
