@@ -37,6 +37,12 @@ def _as_array(x, name: str):
     raise TypeError(f"{name} must be an array (NumPy or JAX); got {type(x).__name__}")
 
 
+# The checks below read values where they lie: NumPy input on the host, a JAX array by one jitted
+# program. Dispatched op by op, JAX compiles a program per op and new shape (isfinite, all, a
+# dtype conversion: ~0.1 s together, per score call on features of a new shape), for checks
+# that take microseconds.
+
+
 @jax.jit
 def _count_nonfinite(x) -> jax.Array:
     return jnp.count_nonzero(~jnp.isfinite(x))
@@ -45,12 +51,6 @@ def _count_nonfinite(x) -> jax.Array:
 @jax.jit
 def _min_and_max(x) -> tuple[jax.Array, jax.Array]:
     return jnp.min(x), jnp.max(x)
-
-
-# The checks below read values where they lie: NumPy input on the host, a JAX array by one jitted
-# program. Dispatched op by op, JAX compiles a program per op and new shape (isfinite, all, a
-# dtype conversion: ~0.1 s together, per score call on features of a new shape), for checks
-# that take microseconds.
 
 
 def _check_finite(x, name: str) -> None:
