@@ -166,12 +166,19 @@ def _fixed_point(eig_K, proj_K, res_out, log_scale2, num_samples, eps, tol, max_
     return log_alpha + log_scale2, log_beta, log_t, evidence
 
 
+# The spectrum and the fixed point are compiled apart: the fixed point's program depends on the
+# spectrum's shapes (D, K, C) and dtype only, so both methods, every N ≥ D and the streamed forms
+# (`logme_from_gram`, `logme_from_factor`) of one task share it, and it is over half of the
+# compile time of `logme` on a new shape. The price: a shape whose fixed point is new compiles two
+# programs, about 1.05× the time of one (docs/benchmarks.md, "The test suite"). Under a caller's
+# `jax.jit` both are inlined.
+@jax.jit
 def _from_spectrum(spectrum: Spectrum, num_samples, eps, tol, max_iter) -> LogMEResult:
     """Runs the fixed point for all C columns at once (`vmap`) and assembles the result."""
     eig_K, lift_DK, proj_KC, res_out_C, scale_exp = spectrum
     dtype = eig_K.dtype
     log_scale2 = (2 * math.log(2)) * scale_exp.astype(dtype)
-    num_samples = jnp.asarray(num_samples, dtype)
+    num_samples = jnp.asarray(num_samples).astype(dtype)
     per_column = functools.partial(
         _fixed_point,
         log_scale2=log_scale2,
@@ -192,9 +199,15 @@ def _from_spectrum(spectrum: Spectrum, num_samples, eps, tol, max_iter) -> LogME
     )
 
 
-@functools.partial(jax.jit, static_argnames=("num_classes", "method"))
 def _logme(feats_ND, targets, num_classes, eps, tol, max_iter, method):
     """`targets`: [N] class indices when `num_classes` is set, else [N, C] real targets."""
+    spectrum = _spectrum(feats_ND, targets, num_classes, method)
+    return _from_spectrum(spectrum, feats_ND.shape[0], eps, tol, max_iter)
+
+
+@functools.partial(jax.jit, static_argnames=("num_classes", "method"))
+def _spectrum(feats_ND, targets, num_classes, method) -> Spectrum:
+    """The spectrum `method` computes for these features and targets."""
     if method == "factor":
         spectrum = factor_spectrum(feats_ND, targets, num_classes)
     else:
@@ -208,7 +221,7 @@ def _logme(feats_ND, targets, num_classes, eps, tol, max_iter, method):
             lambda: spectrum,
             lambda: factor_spectrum(feats_ND, targets, num_classes),
         )
-    return _from_spectrum(spectrum, feats_ND.shape[0], eps, tol, max_iter)
+    return spectrum
 
 
 def _check_solver_args(eps, tol, max_iter):
@@ -397,14 +410,13 @@ def logme_from_gram(
         )
     _check_num_samples(num_samples)
     _check_solver_args(eps, tol, max_iter)
-    sums = (gram_DD, fty_DC.astype(gram_DD.dtype), yy_C, jnp.asarray(num_samples, gram_DD.dtype))
-    return _check_finite_result(_from_gram_sums(*sums, eps, tol, max_iter), gram_DD.dtype)
+    num_samples = jnp.asarray(num_samples, gram_DD.dtype)
+    spectrum = _gram_sums_spectrum(gram_DD, fty_DC.astype(gram_DD.dtype), yy_C, num_samples)
+    result = _from_spectrum(spectrum, num_samples, eps, tol, max_iter)
+    return _check_finite_result(result, gram_DD.dtype)
 
 
-@jax.jit
-def _from_gram_sums(gram_DD, fty_DC, yy_C, num_samples, eps, tol, max_iter):
-    spectrum = gram_spectrum_from_sums(gram_DD, fty_DC, yy_C, num_samples)
-    return _from_spectrum(spectrum, num_samples, eps, tol, max_iter)
+_gram_sums_spectrum = jax.jit(gram_spectrum_from_sums)
 
 
 def logme_from_factor(
@@ -445,14 +457,14 @@ def logme_from_factor(
         )
     _check_num_samples(num_samples)
     _check_solver_args(eps, tol, max_iter)
-    result = _from_factor(
-        r_factor, jnp.asarray(num_samples, r_factor.dtype), eps, tol, max_iter, dim=dim
-    )
+    num_samples = jnp.asarray(num_samples, r_factor.dtype)
+    spectrum = _factor_spectrum(r_factor, num_samples, dim=dim)
+    result = _from_spectrum(spectrum, num_samples, eps, tol, max_iter)
     return _check_finite_result(result, r_factor.dtype)
 
 
 @functools.partial(jax.jit, static_argnames="dim")
-def _from_factor(r_factor, num_samples, eps, tol, max_iter, *, dim):
+def _factor_spectrum(r_factor, num_samples, *, dim) -> Spectrum:
     # Scale F's columns by a power of two: a factor of [F·2^−e | Y] (columns scale alike).
     scaled_feats, scale_exp = power_of_two_scale(r_factor[:, :dim])
     scaled = jnp.linalg.qr(jnp.concatenate([scaled_feats, r_factor[:, dim:]], axis=1), mode="r")
@@ -472,7 +484,7 @@ def _from_factor(r_factor, num_samples, eps, tol, max_iter, *, dim):
         proj_KC=jnp.where(signal_K[:, None], spectrum.proj_KC, 0),
         res_out_C=spectrum.res_out_C + dropped_p2_C,
     )
-    return _from_spectrum(spectrum, num_samples, eps, tol, max_iter)
+    return spectrum
 
 
 def logme_predict(result: LogMEResult, features) -> jax.Array:
