@@ -465,6 +465,7 @@ def logme_from_factor(
 
 @functools.partial(jax.jit, static_argnames="dim")
 def _factor_spectrum(r_factor, num_samples, *, dim) -> Spectrum:
+    """The spectrum of the features of a factor of [F | Y]'s Gram matrix, noise dropped."""
     # Scale F's columns by a power of two: a factor of [F·2^−e | Y] (columns scale alike).
     scaled_feats, scale_exp = power_of_two_scale(r_factor[:, :dim])
     scaled = jnp.linalg.qr(jnp.concatenate([scaled_feats, r_factor[:, dim:]], axis=1), mode="r")
