@@ -110,7 +110,7 @@ def test_a_benchmarks_own_cpu_is_not_counted_as_others(tmp_path):
     run_all = _run_all()
     if run_all.machine_busy_seconds() is None:
         pytest.fail("no /proc/stat: the load measurement cannot run here")
-    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 1.5: pass\n"
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
     (tmp_path / "burn.py").write_text(burn)
     busy, own = run_all.machine_busy_seconds(), run_all.children_cpu_seconds()
     start = time.perf_counter()
@@ -120,7 +120,7 @@ def test_a_benchmarks_own_cpu_is_not_counted_as_others(tmp_path):
     wall = time.perf_counter() - start
     spent = run_all.children_cpu_seconds() - own
     machine = run_all.machine_busy_seconds() - busy
-    assert spent >= 3.0
+    assert spent >= 1.0
     # both count seconds of CPU: the machine's busy time holds the children's, and no more
     # than every core's
     assert 0.9 * spent <= machine <= os.cpu_count() * wall + 0.5
@@ -173,13 +173,14 @@ def test_an_accelerator_host_runs_the_accelerator_forms():
     assert "bfloat16" in run_all.arguments("features", False, "tpu")
     assert "--quick" not in run_all.arguments("logme", False, "gpu")
     assert "--bf16" in run_all.arguments("finetune", False, "gpu")
-    for name, extra in run_all.ACCELERATOR_QUICK.items():  # each script accepts its form
-        help_text = subprocess.run(
-            [sys.executable, str(run_all.HERE / f"{name}.py"), "--help"],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(run_all.ROOT)},
-        ).stdout  # fmt: skip
-        for flag in (a for a in extra if a.startswith("--")):
-            assert flag in help_text, (name, flag)
+    sys.path.insert(0, str(BENCH))  # the scripts import their sibling modules, as when run
+    try:
+        for name, extra in run_all.ACCELERATOR_QUICK.items():  # each script parses its form
+            parsed = vars(_script(name).parse_args(extra))  # argparse exits on a bad flag
+            for flag in (a for a in extra if a.startswith("--")):
+                assert parsed[flag[2:].replace("-", "_")] not in (None, False), (name, flag)
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def test_a_benchmark_without_markdown_shows_what_it_printed():

@@ -207,7 +207,7 @@ def bench_fold(name: str, size: int, batch_size: int, reps: int, num_classes: in
     }
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0] + " Prints a Markdown table and writes JSON.",
         epilog="examples:" + __doc__.split("Examples:")[1],
@@ -237,6 +237,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.steps, args.reps = 2, 2, 5
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     print(
         f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, model {args.model} "
         f"@ {args.image_size}, batch {args.batch_size}, {args.steps} timed steps"

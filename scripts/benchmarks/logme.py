@@ -155,7 +155,7 @@ def agreement_line(rows) -> tuple[str, bool]:
     return line, passed
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -181,12 +181,17 @@ def main():
         default=pathlib.Path("bench_logme.json"),
         help="JSON results path",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be ≥ 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     # float64 runs; float32 inputs still compute in float32. Set here, not at import: a test that
     # imports make_task must not switch its whole process to 64-bit.
     jax.config.update("jax_enable_x64", True)
-    if args.repeats < 1:
-        parser.error("--repeats must be ≥ 1")
     sizes = SIZES[:1] if args.quick else [tuple(args.size)] if args.size else SIZES
     print(f"devices: {jax.devices()}")
     matmul_rate = {dtype: matmul_gflops(dtype) for dtype in ("float32", "float64")}
