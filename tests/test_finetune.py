@@ -287,7 +287,14 @@ def test_a_held_folder_is_refused_and_a_stale_lock_taken_over(pretrained, tmp_pa
 
 def test_two_commands_on_one_folder_at_once(pretrained, tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    # the session's 8 CPU devices: the commands then read the programs this file's earlier tests
+    # compiled from the run's compilation cache (tests/conftest.py) instead of compiling them
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "JAX_PLATFORMS": "cpu",
+        "JAX_NUM_CPU_DEVICES": "8",
+    }
     cmd = [sys.executable, str(REPO / "scripts/finetune.py"), *_argv(pretrained, out)[:-2],
            "--epochs", "2"]  # fmt: skip
     first = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
