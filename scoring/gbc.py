@@ -97,11 +97,6 @@ def _gbc(feats_ND, labels_N, num_classes, pca_dim, gaussian):
     return -jnp.sum(jnp.where(pair_CC, coeff_CC, 0))
 
 
-@jax.jit
-def _some_column_varies(feats_ND) -> jax.Array:
-    return jnp.any(jnp.ptp(feats_ND, axis=0) > 0)
-
-
 def gbc(
     features,
     labels,
@@ -143,7 +138,6 @@ def gbc(
         pca_dim = dim
     if isinstance(pca_dim, bool) or not isinstance(pca_dim, int) or pca_dim < 1:
         raise ValueError(f"pca_dim must be a positive int or None; got {pca_dim!r}")
-    if not inputs.is_traced(feats_ND) and not _some_column_varies(feats_ND):
-        raise ValueError("features must not be constant: every column has zero variance")
+    inputs.check_not_constant(feats_ND)
     k = min(pca_dim, dim, num_samples - 1)  # centred data has rank ≤ N − 1
     return _gbc(feats_ND, labels.index, labels.num_classes, k, gaussian)

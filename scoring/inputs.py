@@ -61,6 +61,18 @@ def _check_finite(x, name: str) -> None:
         raise ValueError(f"{name} must be finite; found {int(bad)} NaN or infinite values")
 
 
+@jax.jit
+def _some_column_varies(feats_ND) -> jax.Array:
+    return jnp.any(jnp.ptp(feats_ND, axis=0) > 0)
+
+
+def check_not_constant(feats_ND) -> None:
+    """Raises ValueError when every column of [N, D] features is constant (eager calls only):
+    the scores built on class covariances are undefined there."""
+    if not is_traced(feats_ND) and not _some_column_varies(feats_ND):
+        raise ValueError("features must not be constant: every column has zero variance")
+
+
 def _as_jax_array(x, dtype) -> jax.Array:
     """`x` as a JAX array of `dtype`; NumPy input is converted on the host, then put."""
     if isinstance(x, np.ndarray):

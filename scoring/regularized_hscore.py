@@ -100,8 +100,7 @@ def regularized_hscore(features, labels, *, num_classes: int | None = None) -> j
     # N = 2: the two centred rows are ±x, so Σ‖x_k‖⁴/N = ‖S‖²_F and the shrinkage is 0.
     feats_ND = inputs.check_features(features, min_samples=3)
     labels = inputs.check_labels(labels, feats_ND.shape[0], num_classes=num_classes)
-    if not inputs.is_traced(feats_ND) and not bool(jnp.any(jnp.ptp(feats_ND, axis=0) > 0)):
-        raise ValueError("features must not be constant: every column has zero variance")
+    inputs.check_not_constant(feats_ND)
     score, alpha = _regularized_hscore(feats_ND, labels.index, labels.num_classes)
     if not inputs.is_traced(score) and not bool(jnp.isfinite(score)):
         raise ValueError(

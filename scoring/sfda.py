@@ -149,8 +149,7 @@ def sfda(features, labels, *, num_classes: int | None = None) -> jax.Array:
     """
     feats_ND = inputs.check_features(features)
     labels = inputs.check_labels(labels, feats_ND.shape[0], num_classes=num_classes)
-    if not inputs.is_traced(feats_ND) and not bool(jnp.any(jnp.ptp(feats_ND, axis=0) > 0)):
-        raise ValueError("features must not be constant: every column has zero variance")
+    inputs.check_not_constant(feats_ND)
     score, shrinkage, within_trace = _sfda(feats_ND, labels.index, labels.num_classes)
     if inputs.is_traced(score):
         return score
