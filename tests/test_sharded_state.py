@@ -235,26 +235,17 @@ def test_a_sharded_runs_checkpoint_reads_back_whole_as_numpy(runs):
 def test_the_flat_sharded_state_holds_an_eighth_per_device():
     """Parameters, Adam moments and EMA as flat vectors split over 8 devices: each device holds
     1/8 of every vector (padded to a multiple of 8) and the replicated Adam step counts."""
-    from jaxmodels.models import paths
-    from training import flat_sharded, masks
+    from training.programs import run_programs
 
     model = Divisible()
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
     mesh = sharding.data_mesh()
-    config = TrainConfig(mode="full", epochs=2)
-    mask = masks.trainable_mask(variables["params"], "full")
-    trainable, _ = masks.split_params(variables["params"], mask)
-    decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
-    decay = {k: bool(decay[k]) for k in trainable}
-    optimizer = optim.make_optimizer(config, decay)
-    schedule = optim.schedule_state(config, 4)
-    init, variable_shardings, state_shardings = loop.state_initializer(
-        variables, schedule, mask, optimizer, ema=True, mesh=mesh, shard_params=True
-    )
-    replicated = sharding.replicated_sharding(mesh)
-    state = init(sharding.put(variables, variable_shardings), sharding.put(schedule, replicated))
-    flat = flat_sharded.build(state, state_shardings, config, decay, mesh)
-    flat_state = flat.to_flat(state)
+    config = TrainConfig(mode="full", epochs=2, ema_decay=0.99, shard_params=True)
+    # flat=True: the flat state a multi-process CPU run would choose, here in one process
+    programs = run_programs(model, variables, config, num_classes=NUM_CLASSES, preprocessing=PREP,
+                            mesh=mesh, flat=True)  # fmt: skip
+    state = programs.initial_state(variables, optim.schedule_state(config, 4))
+    flat_state = programs.to_flat(state)
     held = lambda s: [s.trainable, s.opt_state, s.ema]
     vectors = [x for x in jax.tree.leaves(held(flat_state)) if x.ndim]
     scalars = [x for x in jax.tree.leaves(held(flat_state)) if not x.ndim]
@@ -268,7 +259,7 @@ def test_the_flat_sharded_state_holds_an_eighth_per_device():
     assert per_device == sum(x.nbytes // 8 for x in vectors) + sum(x.nbytes for x in scalars)
     assert per_device < whole / 7.9
     # and back: the pytree layout, as checkpoints keep it
-    back = flat.to_tree(flat_state)
+    back = programs.to_tree(flat_state)
     for want, got in zip(jax.tree.leaves(state), jax.tree.leaves(back), strict=True):
         assert got.sharding == want.sharding
         np.testing.assert_array_equal(sharding.host_copy(got), sharding.host_copy(want))

@@ -179,7 +179,7 @@ def build(abstract_state, state_shardings, config: TrainConfig,
 
     Args:
         abstract_state: the pytree `TrainState` (arrays or `jax.ShapeDtypeStruct`s).
-        state_shardings: its shardings (from `loop.state_initializer`): `to_tree` returns them.
+        state_shardings: its shardings (from `programs.state_initializer`): `to_tree` returns them.
         config: the run's settings (its optimizer's).
         decay: ``{path: bool}`` weight decay over the trainable leaves.
         mesh: the data mesh.

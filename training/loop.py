@@ -34,12 +34,12 @@ import jax.numpy as jnp
 from tqdm.auto import tqdm
 
 import jaxmodels
-from jaxmodels import jit_cache, sharding
+from jaxmodels import sharding
 from jaxmodels.data import pipeline, preprocess
-from jaxmodels.models import paths
-from training import checkpoints, flat_reduce, flat_sharded, masks, optim
+from training import checkpoints, masks, optim
 from training import step as step_lib
 from training.config import TrainConfig
+from training.programs import run_programs
 
 # Training metrics are fetched from the device and logged every this many steps (a host sync)
 # by default.
@@ -149,8 +149,8 @@ def fit(
         train_source: an `ImageSource` (`jaxmodels.data.sources`) of training examples.
         preprocessing: the model's; the pipeline crops to its side (``config.augmentation``),
             the step normalises on the device, and the evaluation set is prepared with it.
-        config: the run's settings, read as one object by this loop, the pipeline, the step
-            (`step.compile_key`) and the optimizer (`optim.make_optimizer`).
+        config: the run's settings, read as one object by this loop, the pipeline and
+            `training.programs.run_programs` (masks, optimizer, placement and step).
         head_name: the classifier's top-level module (``head`` for ViT, ``fc`` for ResNet).
         eval_data: optional labelled data (a source, spec or `jaxmodels.Prepared` set)
             evaluated after each epoch and at the end.
@@ -180,29 +180,13 @@ def fit(
     )  # fmt: skip
     per_epoch = train.steps_per_epoch
     total = config.epochs * per_epoch
-    trainable_mask = masks.trainable_mask(variables["params"], config.mode, head_name)
-    decay_mask = paths.flatten(masks.weight_decay_mask(variables["params"]))
-    trainable, _ = masks.split_params(variables["params"], trainable_mask)
-    decay_trainable = {k: bool(decay_mask[k]) for k in trainable}
-    optimizer = optim.make_optimizer(config, decay_trainable)
-
+    programs = run_programs(
+        model, variables, config, num_classes=num_classes, preprocessing=preprocessing,
+        head_name=head_name, mesh=mesh,
+    )  # fmt: skip
     replicated = sharding.replicated_sharding(mesh)
     ema = config.ema_decay is not None
-    schedule = optim.schedule_state(config, per_epoch)
-    # one compiled initialiser and one compiled step per (model, optimizer shape, step options,
-    # preprocessing, mesh, placement): the runs of a sweep differ in rates, seeds and lengths
-    # only, which both read as data
-    key_fields = (model, config.mode, head_name, num_classes,
-                  optim.compile_key(config, decay_trainable), step_lib.compile_key(config),
-                  preprocessing, mesh, config.shard_params)  # fmt: skip
-    init, variable_shardings, state_shardings = jit_cache.cached(
-        ("train_state_init", *key_fields),
-        lambda: state_initializer(
-            variables, schedule, trainable_mask, optimizer, ema=ema, mesh=mesh,
-            shard_params=config.shard_params,
-        ),
-    )  # fmt: skip
-    state = init(sharding.put(variables, variable_shardings), sharding.put(schedule, replicated))
+    state = programs.initial_state(variables, optim.schedule_state(config, per_epoch))
     run_id = checkpoints.run_identity(
         state,
         **{
@@ -230,32 +214,10 @@ def fit(
     metrics_log = _MetricsLog(log_path)
     evals = metrics_log.resume(resumed_from)
 
-    flat = flat_reduce.flat_reduce_pays(mesh)
-    # shard_params where flat collectives pay: a flat state (training.flat_sharded), put back in
-    # the pytree layout for checkpoints, evaluations and the result
-    use_flat = config.shard_params and flat
-    use_flat = use_flat and not (state.batch_stats and config.update_batch_stats)
-    flat_state = jit_cache.cached(
-        ("flat_sharded", *key_fields, use_flat),
-        lambda: flat_sharded.build(state, state_shardings, config, decay_trainable, mesh)
-        if use_flat else None,
-    )  # fmt: skip
-    as_tree = flat_state.to_tree if flat_state else lambda s: s
-    state = flat_state.to_flat(state) if flat_state else state
-    train_fn = jit_cache.cached(
-        ("train_step", *key_fields, flat),
-        lambda: jax.jit(
-            step_lib.make_train_step(
-                model.apply, flat_state.optimizer if flat_state else optimizer, config,
-                num_classes, preprocessing,
-                grad_shardings=state_shardings.trainable if config.shard_params else None,
-                flat_reduce_mesh=mesh if flat else None,
-                flat_layout=flat_state.layout if flat_state else None,
-            ),
-            out_shardings=(flat_state.shardings if flat_state else state_shardings, replicated),
-            donate_argnums=0,
-        ),
-    )  # fmt: skip
+    # the flat sharded state (where flat collectives pay) goes back to the pytree layout for
+    # checkpoints, evaluations and the result
+    as_tree, train_fn = programs.to_tree, programs.train_step
+    state = programs.to_flat(state)
     prepared = None
     if eval_data is not None:
         prepared = jaxmodels.prepare(
@@ -329,44 +291,3 @@ def fit(
             manager.close()
     metrics = {k: float(v) for k, v in host_copy(metrics).items()}
     return FitResult(as_tree(state), evals, metrics, step == total, resumed_from)
-
-
-def state_initializer(
-    variables, schedule, trainable_mask, optimizer, *, ema: bool, mesh, shard_params: bool
-):
-    """How the step-0 `TrainState` is built: one jit straight into its shardings on `mesh`.
-
-    Args:
-        variables: the model's variables (arrays or `jax.ShapeDtypeStruct`s: only shapes are
-            read here).
-        schedule: `optim.schedule_state(...)` (or its shapes).
-        trainable_mask: from `training.masks.trainable_mask`.
-        optimizer: `optim.make_optimizer` over the trainable flat dict.
-        ema: keep an EMA of the trainable leaves.
-        mesh: the data mesh.
-        shard_params: fully shard every leaf (`sharding.param_shardings`), else replicate.
-
-    Returns:
-        ``(init, variable_shardings, state_shardings)``: ``init(variables, schedule)`` is jitted
-        with ``out_shardings=state_shardings``; give it the variables placed with
-        ``sharding.put(variables, variable_shardings)`` (each device then receives only its
-        shard of them, never a full copy first) and the schedule replicated. The rates are data,
-        so one compiled ``init`` serves every run of a sweep.
-    """
-
-    def init(variables, schedule):
-        # copies: an output that is an unchanged input would be handed back as the input's
-        # buffer, which the train step then donates (the caller's variables must survive)
-        variables = jax.tree.map(jnp.copy, variables)
-        state = step_lib.init_train_state(
-            variables, trainable_mask, optimizer, ema=ema, schedule=schedule
-        )
-        # the optimizer's starting rate is the run's peak (as `make_optimizer` builds it), read
-        # from data rather than from the first run that compiled this function
-        opt_state = optim.with_learning_rate(state.opt_state, schedule["peak_lr"])
-        return state.replace(opt_state=opt_state)
-
-    abstract = jax.eval_shape(init, variables, schedule)
-    state_shardings = sharding.param_shardings(abstract, mesh, shard=shard_params)
-    variable_shardings = sharding.param_shardings(variables, mesh, shard=shard_params)
-    return jax.jit(init, out_shardings=state_shardings), variable_shardings, state_shardings

@@ -3,7 +3,7 @@
 1. Memory. ViT-B/16 full fine-tuning (AdamW: weights, first and second moments; EMA optional) on
    8 fake CPU devices: the bytes one device holds of the parameters and optimizer state,
    replicated (the default) and fully sharded (``--shard-params``). The train-state initializer
-   of `training.loop.state_initializer` — the very jit a run uses — is lowered and compiled on
+   of `training.programs.run_programs` — the very jit a run uses — is lowered and compiled on
    abstract inputs and never run (ViT-B/16 replicated 8 times with Adam would take 11 GB here):
    the bytes are the shard shapes its outputs' shardings give (`Sharding.shard_shape` per
    leaf, `jaxmodels.sharding.bytes_per_device`), checked against XLA's own memory analysis of
@@ -49,44 +49,47 @@ QUICK_STEP_MODEL = dict(image_size=32, patch_size=8, width=32, depth=2, num_head
 NUM_CLASSES = 10
 
 
-def _state_setup(name: str, overrides: dict, mesh, shard_params: bool, ema: bool):
-    """(jitted initializer, abstract variables placed like a run places them, schedule, model,
-    optimizer, the state's shardings, and with `shard_params` its `flat_sharded.FlatSharded`)."""
+def _run_programs(
+    name: str,
+    overrides: dict,
+    mesh,
+    *,
+    shard: bool,
+    ema: bool = False,
+    dtype: str = "float32",
+    flat: bool | None = None,
+):
+    """(model, `training.programs.RunPrograms` of its full fine-tuning — the very programs a run
+    compiles —, its abstract variables placed as a run places them, a replicated schedule)."""
     import jax
     import jax.numpy as jnp
 
     import jaxmodels
     from jaxmodels import sharding
-    from jaxmodels.models import paths
-    from training import flat_sharded, loop, masks, optim
+    from training import masks, optim
     from training.config import TrainConfig
+    from training.programs import run_programs
 
     model = jaxmodels.create(name, num_classes=NUM_CLASSES, **overrides)
     size = model.image_size
     variables = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     variables = dict(variables)
-    mask = masks.trainable_mask(variables["params"], "full", masks.head_name_for(name))
-    decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
-    trainable, _ = masks.split_params(variables["params"], mask)
     # 10 epochs of 100 steps, 10 of them warmup (the schedule is data: any length times alike)
-    config = TrainConfig(mode="full", epochs=10, warmup_epochs=0.1, augmentation="none")
-    optimizer = optim.make_optimizer(config, {k: bool(decay[k]) for k in trainable})
-    schedule = optim.schedule_state(config, 100)
-    init, variable_shardings, state_shardings = loop.state_initializer(
-        variables, schedule, mask, optimizer, ema=ema, mesh=mesh, shard_params=shard_params
-    )
+    config = TrainConfig(mode="full", epochs=10, warmup_epochs=0.1, augmentation="none",
+                         ema_decay=0.9999 if ema else None, bf16=dtype == "bfloat16",
+                         shard_params=shard)  # fmt: skip
+    programs = run_programs(
+        model, variables, config, num_classes=NUM_CLASSES,
+        preprocessing=jaxmodels.spec_of(model).preprocessing,
+        head_name=masks.head_name_for(name), mesh=mesh, flat=flat,
+    )  # fmt: skip
     placed = jax.tree.map(
         lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
         variables,
-        variable_shardings,
+        programs.variable_shardings,
     )
-    schedule = sharding.put(schedule, sharding.replicated_sharding(mesh))
-    flat = None
-    if shard_params:  # the flat sharded state of `training.flat_sharded` over the same state
-        abstract = jax.eval_shape(init, placed, schedule)
-        decay_trainable = {k: bool(decay[k]) for k in trainable}
-        flat = flat_sharded.build(abstract, state_shardings, config, decay_trainable, mesh)
-    return init, placed, schedule, model, optimizer, state_shardings, flat
+    schedule = sharding.put(optim.schedule_state(config, 100), sharding.replicated_sharding(mesh))
+    return model, programs, placed, schedule
 
 
 def memory(ema: bool) -> dict:
@@ -98,12 +101,16 @@ def memory(ema: bool) -> dict:
     mesh = sharding.data_mesh(jax.devices("cpu")[:8])
     out = {"model": MEMORY_MODEL, "devices": int(mesh.size), "ema": ema}
     for layout, shard in (("replicated", False), ("sharded", True)):
-        init, placed, schedule, _, _, _, flat = _state_setup(MEMORY_MODEL, {}, mesh, shard, ema)
+        # the sharded layout also counts the flat state (multi-process CPU runs use it)
+        _, programs, placed, schedule = _run_programs(
+            MEMORY_MODEL, {}, mesh, shard=shard, ema=ema, flat=shard
+        )
+        flat = programs.flat
         start = time.perf_counter()
-        compiled = init.lower(placed, schedule).compile()
+        compiled = programs.init.lower(placed, schedule).compile()
         state = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            jax.eval_shape(init, placed, schedule),
+            jax.eval_shape(programs.init, placed, schedule),
             compiled.output_shardings,
         )
         held = {"trainable": state.trainable, "opt_state": state.opt_state, "ema": state.ema}
@@ -164,38 +171,18 @@ def time_steps(
     import jax
     import numpy as np
 
-    import jaxmodels
     from jaxmodels import sharding
-    from training import flat_reduce
-    from training import step as step_lib
-    from training.config import TrainConfig
 
     mesh = sharding.data_mesh() if mesh is None else mesh
     name = "vit_tiny" if overrides else MEMORY_MODEL
-    init, placed, schedule, model, optimizer, state_shardings, flat = _state_setup(
-        name, overrides, mesh, shard, False
-    )
+    # the flat state where flat collectives pay, as `training.loop.fit` chooses
+    model, programs, placed, schedule = _run_programs(name, overrides, mesh, shard=shard,
+                                                      dtype=dtype)  # fmt: skip
     variables = jax.tree.map(
         lambda a: np.asarray(np.random.default_rng(0).normal(0, 0.02, a.shape), a.dtype), placed
     )
-    state = init(sharding.put(variables, jax.tree.map(lambda a: a.sharding, placed)), schedule)
-    pays = flat_reduce.flat_reduce_pays(mesh)
-    flat = flat if pays else None  # as `training.loop.fit` chooses
-    if flat is not None:
-        state = flat.to_flat(state)
-    step = jax.jit(
-        step_lib.make_train_step(
-            model.apply, optimizer if flat is None else flat.optimizer,
-            TrainConfig(mode="full", bf16=dtype == "bfloat16", augmentation="none"),
-            NUM_CLASSES, jaxmodels.spec_of(model).preprocessing,
-            grad_shardings=state_shardings.trainable if shard else None,
-            flat_reduce_mesh=mesh if pays else None,
-            flat_layout=None if flat is None else flat.layout,
-        ),
-        out_shardings=(state_shardings if flat is None else flat.shardings,
-                       sharding.replicated_sharding(mesh)),
-        donate_argnums=0,
-    )  # fmt: skip
+    state = programs.to_flat(programs.initial_state(variables, schedule))
+    step = programs.train_step
     local = sharding.check_batch_size(global_batch, mesh)
     rng = np.random.default_rng(jax.process_index())
     size = model.image_size
