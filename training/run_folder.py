@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jaxmodels
+from jaxmodels.weights.checkpoint_io import MODEL_JSON
 from training.config import RunConfig, RunError
 
 CONFIG_JSON = "config.json"
@@ -196,13 +197,46 @@ def load_run(folder: str | os.PathLike, *, weights: bool = True) -> Run | list[R
     folder = pathlib.Path(folder)
     if not folder.is_dir():
         raise RunError(f"run folder {str(folder)!r} does not exist")
-    sweep = read_json(folder / SWEEP_JSON)
-    if sweep is not None:
-        runs = sweep.get("runs") if isinstance(sweep, dict) else None
-        if not runs:
-            raise RunError(f"sweep {str(folder)!r} lists no runs in {SWEEP_JSON}")
-        return [_load_one(folder / entry["folder"], weights) for entry in runs]
+    runs = sweep_runs(folder)
+    if runs is not None:
+        return [_load_one(run, weights) for run, _ in runs]
     return _load_one(folder, weights)
+
+
+def sweep_runs(folder: str | os.PathLike) -> list[tuple[pathlib.Path, bool]] | None:
+    """The runs a sweep folder's ``sweep.json`` lists, in order, each as (its run folder,
+    whether the sweep recorded it finished); None where `folder` holds no ``sweep.json``.
+
+    Raises:
+      RunError: an unreadable ``sweep.json``, or one that lists no runs.
+    """
+    folder = pathlib.Path(folder)
+    sweep = read_json(folder / SWEEP_JSON)
+    if sweep is None:
+        return None
+    try:
+        runs = [(folder / str(e["folder"]), bool(e.get("finished"))) for e in sweep["runs"]]
+    except (KeyError, TypeError) as err:
+        raise RunError(f"sweep {str(folder)!r} has no readable run list ({err!r})") from None
+    if not runs:
+        raise RunError(f"sweep {str(folder)!r} lists no runs in {SWEEP_JSON}")
+    return runs
+
+
+def unfinished(folder: str | os.PathLike) -> bool:
+    """Whether `folder` is a run folder (it holds ``config.json``) whose run has not finished:
+    no final model yet, or a ``result.json`` that is missing, unreadable or not finished. A
+    folder that holds no run is not an unfinished one."""
+    folder = pathlib.Path(folder)
+    if not (folder / CONFIG_JSON).is_file():
+        return False
+    if not (folder / MODEL_DIR / MODEL_JSON).is_file():
+        return True
+    try:
+        result = read_json(folder / RESULT_JSON)
+    except RunError:
+        return True
+    return not (isinstance(result, dict) and result.get("finished"))
 
 
 def _load_one(folder: pathlib.Path, weights: bool) -> Run:

@@ -9,8 +9,8 @@ computed once per (member, data set) with `jaxmodels.predict` or read from the
   * references: ``[LABEL:]NAME[=CHECKPOINT]``, a model folder, a fine-tuning run folder, or a
     sweep folder (its ``sweep.json``), which stands for all its runs, labelled by run folder
     (``LABEL/RUN`` under a label). A run that has not finished, a sweep listing one, and two
-    members with one label are user errors. (The run and sweep folder layout is
-    `training.run_folder`'s; jaxmodels reads its JSON files and never imports training.)
+    members with one label are user errors. Run and sweep folders are read through
+    `training.run_folder` (`sweep_runs`, `unfinished`), which owns their layout.
   * checks: the members agree on their class count and every label of the held-out and test
     data is one of their classes — from the references alone where they tell (names, model
     folders), again from the logits; logits must be finite.
@@ -28,7 +28,6 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 from collections.abc import Callable, Sequence
 
@@ -41,12 +40,8 @@ from jaxmodels.inference import prepared as prepared_lib
 from jaxmodels.inference.artefact_cache import LogitsCache, ModelFacts
 from jaxmodels.weights import model_refs
 from jaxmodels.weights.model_refs import ModelRef
-
-# A fine-tuning run folder and a sweep folder, as `training.run_folder` writes them.
-RUN_CONFIG_JSON = "config.json"
-RUN_RESULT_JSON = "result.json"
-RUN_MODEL_JSON = "model/model.json"
-SWEEP_JSON = "sweep.json"
+from training import run_folder
+from training.config import RunError
 
 
 class CascadeInputError(ValueError):
@@ -56,37 +51,21 @@ class CascadeInputError(ValueError):
 # ----------------------------------------------------------------------------- references
 
 
-def _unfinished(folder: pathlib.Path) -> bool:
-    """Whether `folder` is a fine-tuning run folder without its final model and result."""
-    if not (folder / RUN_CONFIG_JSON).is_file():
-        return False
-    if not (folder / RUN_MODEL_JSON).is_file():
-        return True
-    try:
-        result = json.loads((folder / RUN_RESULT_JSON).read_text())
-    except (OSError, ValueError):
-        return True
-    return not (isinstance(result, dict) and result.get("finished"))
-
-
 def _sweep_runs(folder: pathlib.Path, label: str | None) -> list[ModelRef]:
-    """The runs a sweep folder lists, each a reference labelled by its run folder."""
+    """The runs a sweep folder lists (`training.run_folder.sweep_runs`), each a reference
+    labelled by its run folder."""
     try:
-        sweep = json.loads((folder / SWEEP_JSON).read_text())
-        entries = sweep["runs"]
-        names = [str(entry["folder"]) for entry in entries]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CascadeInputError(f"sweep {str(folder)!r} has no readable run list ({err})") from err
-    if not names:
-        raise CascadeInputError(f"sweep {str(folder)!r} lists no runs in {SWEEP_JSON}")
+        runs = run_folder.sweep_runs(folder)
+    except RunError as err:
+        raise CascadeInputError(str(err)) from None
     refs = []
-    for name, entry in zip(names, entries, strict=True):
-        run = folder / name
-        if not entry.get("finished") or _unfinished(run) or not run.is_dir():
+    for run, finished in runs:
+        if not finished or not run.is_dir() or run_folder.unfinished(run):
             raise CascadeInputError(
                 f"run {str(run)!r} of sweep {str(folder)!r} has not finished; wait for the "
                 "sweep, or list its finished runs one by one"
             )
+        name = str(run.relative_to(folder))
         ref = model_refs.parse_model_ref(str(run))
         refs.append(dataclasses.replace(ref, label=f"{label}/{name}" if label else name))
     return refs
@@ -104,10 +83,10 @@ def parse_members(texts: Sequence[str]) -> list[ModelRef]:
     for text in texts:
         label, body = model_refs._split_label(text)
         path = pathlib.Path(body.partition("=")[2] if "=" in body else body)
-        if "=" not in body and (path / SWEEP_JSON).is_file():
+        if "=" not in body and (path / run_folder.SWEEP_JSON).is_file():
             refs.extend(_sweep_runs(path, label))
             continue
-        if _unfinished(path):
+        if run_folder.unfinished(path):
             raise CascadeInputError(
                 f"run {str(path)!r} has not finished (no final model in it yet); wait for it or "
                 "resume it with hubtune tune"
