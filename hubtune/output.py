@@ -28,12 +28,20 @@ import pathlib
 from typing import Any
 
 from jaxmodels.atomic_files import write_atomic
+from training import run_folder
 
 RECORD = "hubtune.json"
 # what each tool writes, to recognise folders written before hubtune.json existed
 TOOL_FILES = {
     "rank": ("ranking.json", "ground_truth.json"),
-    "tune": ("config.json", "sweep.json", "result.json", "lock", "checkpoints", "metrics.jsonl"),
+    "tune": (
+        run_folder.CONFIG_JSON,
+        run_folder.SWEEP_JSON,
+        run_folder.RESULT_JSON,
+        run_folder.LOCK,
+        run_folder.CHECKPOINT_DIR,
+        run_folder.METRICS_JSONL,
+    ),
     "soup": ("soup.json",),
     "serve": ("cascade.json",),
     "demo": ("report.json", "select", "tune"),  # (an interrupted demo leaves its steps)
