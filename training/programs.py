@@ -95,6 +95,10 @@ def run_programs(
         flat: the flat sharded state for ``shard_params``: ``None`` where flat collectives pay
             (`flat_reduce.flat_reduce_pays`, as a run chooses), True or False to force it.
 
+    Returns:
+        The `RunPrograms`: the same object for every call with the same compile key, so the
+        runs of a sweep share its compilations.
+
     Raises:
         ValueError: a mode whose mask selects nothing (`masks.trainable_mask`).
     """
