@@ -1,6 +1,7 @@
 """Benchmark fine-tuning modes (full, linear, bitfit, ssf) and SSF folding.
 
-For each mode, on one model and input size (and, as a baseline, full fine-tuning written the
+For each mode, the train step a run of that mode compiles (`training.programs.run_programs`, on
+one device), on one model and input size (and, as a baseline, full fine-tuning written the
 textbook way: gradient of the whole tree, optax AdamW over it): median train-step time, trainable parameter count,
 optimizer-state bytes and the step's peak memory as XLA plans it (``compiled.memory_analysis()``:
 arguments + outputs + temporaries − aliased, the number JAX exposes on every backend, CPU
@@ -27,10 +28,10 @@ import numpy as np
 import optax
 
 import jaxmodels
-from jaxmodels.models import paths
+from jaxmodels import sharding
 from training import masks, optim
-from training import step as step_lib
 from training.config import TrainConfig
+from training.programs import run_programs
 
 MODES = ("full", "linear", "bitfit", "ssf")
 
@@ -77,16 +78,20 @@ def bench_mode(
         **({} if name.startswith("resnet") else {"image_size": size}),
     )
     variables = _init(model, size)
-    head = masks.head_name_for(name)
-    mask = masks.trainable_mask(variables["params"], mode, head)
-    trainable, frozen = masks.split_params(variables["params"], mask)
-    decay = paths.flatten(masks.weight_decay_mask(variables["params"]))
     config = TrainConfig(mode=mode, bf16=compute_dtype == "bfloat16", augmentation="none")
-    optimizer, _ = optim.init_optimizer(config, trainable, decay)
-    state = step_lib.init_train_state(variables, mask, optimizer)
-    step = jax.jit(step_lib.make_train_step(model.apply, optimizer, config, num_classes),
-                   donate_argnums=0)  # fmt: skip
-    batch = _batch(batch_size, size, num_classes)
+    # the programs a run of this mode compiles (`training.programs`), on one device
+    mesh = sharding.data_mesh(jax.devices()[:1])
+    programs = run_programs(
+        model, variables, config, num_classes=num_classes,
+        preprocessing=jaxmodels.spec_of(model).preprocessing,
+        head_name=masks.head_name_for(name), mesh=mesh,
+    )  # fmt: skip
+    # the schedule of a run of 10 epochs of 100 steps (data: any length times alike)
+    state = programs.initial_state(variables, optim.schedule_state(config, 100))
+    trainable_params = masks.count_params(state.trainable)  # before the step donates them
+    total_params = trainable_params + masks.count_params(state.frozen)
+    step = programs.train_step
+    batch = sharding.shard_local_batch(_batch(batch_size, size, num_classes), mesh)
     key = jax.random.key(0)
     start = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
@@ -103,8 +108,8 @@ def bench_mode(
         "mode": mode,
         "step_s": statistics.median(times),
         "compile_s": compile_s,
-        "trainable_params": masks.count_params(trainable),
-        "total_params": masks.count_params(trainable) + masks.count_params(frozen),
+        "trainable_params": trainable_params,
+        "total_params": total_params,
         "opt_state_bytes": optim.tree_bytes(state.opt_state),
         "xla_peak_bytes": _peak_bytes(compiled),
     }
