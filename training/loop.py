@@ -8,9 +8,9 @@ device holds about 1/n of them; XLA all-gathers the weights for the forward and 
 and reduce-scatters the gradients. Where flat collectives pay (CPU, several processes:
 `flat_reduce.flat_reduce_pays`), the sharded state is flat instead (`training.flat_sharded`:
 one all-gather and one reduce-scatter per step), in the pytree layout again for checkpoints,
-evaluations and the result. The train state is built by one ``jax.jit`` whose
-``out_shardings`` place every array where it lives from then on (never a full copy per device
-first), and each global batch is split along the mesh with ``NamedSharding``. Batches come from the
+evaluations and the result. The train state is built by one ``jax.jit`` (`training.programs`,
+with the step and the optimizer) whose ``out_shardings`` place every array where it lives from
+then on (never a full copy per device first), and each global batch is split along the mesh with ``NamedSharding``. Batches come from the
 grain pipeline of `jaxmodels.data.pipeline` as uint8 and are normalised on the device; each process
 loads only its slice of a batch and the global array is assembled with
 ``jax.make_array_from_process_local_data``, so the same code runs on one CPU, eight fake CPU
