@@ -10,9 +10,9 @@ and reduce-scatters the gradients. Where flat collectives pay (CPU, several proc
 one all-gather and one reduce-scatter per step), in the pytree layout again for checkpoints,
 evaluations and the result. The train state is built by one ``jax.jit`` (`training.programs`,
 with the step and the optimizer) whose ``out_shardings`` place every array where it lives from
-then on (never a full copy per device first), and each global batch is split along the mesh with ``NamedSharding``. Batches come from the
-grain pipeline of `jaxmodels.data.pipeline` as uint8 and are normalised on the device; each process
-loads only its slice of a batch and the global array is assembled with
+then on (never a full copy per device first), and each global batch is split along the mesh
+with ``NamedSharding``. Batches come from the grain pipeline of `jaxmodels.data.pipeline` as
+uint8 and are normalised on the device; each process loads only its slice of a batch and the global array is assembled with
 ``jax.make_array_from_process_local_data``, so the same code runs on one CPU, eight fake CPU
 devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and evaluated
 every ``eval_every`` epochs and at the end with `jaxmodels.evaluate`. A run checkpoints every N
