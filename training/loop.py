@@ -12,9 +12,9 @@ evaluations and the result. The train state is built by one ``jax.jit`` (`traini
 with the step and the optimizer) whose ``out_shardings`` place every array where it lives from
 then on (never a full copy per device first), and each global batch is split along the mesh
 with ``NamedSharding``. Batches come from the grain pipeline of `jaxmodels.data.pipeline` as
-uint8 and are normalised on the device; each process loads only its slice of a batch and the global array is assembled with
-``jax.make_array_from_process_local_data``, so the same code runs on one CPU, eight fake CPU
-devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and evaluated
+uint8 and are normalised on the device; each process loads only its slice of a batch and the
+global array is assembled with ``jax.make_array_from_process_local_data``, so the same code
+runs on one CPU, eight fake CPU devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and evaluated
 every ``eval_every`` epochs and at the end with `jaxmodels.evaluate`. A run checkpoints every N
 steps and at the end (the data position follows from the step), and a run started again with the
 same settings resumes from the newest readable checkpoint — under any process count, replicated
