@@ -2,23 +2,23 @@
 
 Parameters and optimizer state live on a 1-D ``Mesh`` of all devices (axis ``data``,
 `jaxmodels.sharding`): replicated (the default; XLA inserts the gradient all-reduce), or with
-``shard_params`` fully sharded — parameters, gradients, optimizer moments and EMA each split
-along their largest dimension divisible by the device count (`sharding.param_shardings`), so a
-device holds about 1/n of them; XLA all-gathers the weights for the forward and backward passes
-and reduce-scatters the gradients. Where flat collectives pay (CPU, several processes:
-`flat_reduce.flat_reduce_pays`), the sharded state is flat instead (`training.flat_sharded`:
-one all-gather and one reduce-scatter per step), in the pytree layout again for checkpoints,
-evaluations and the result. The train state is built by one ``jax.jit`` (`training.programs`,
-with the step and the optimizer) whose ``out_shardings`` place every array where it lives from
-then on (never a full copy per device first), and each global batch is split along the mesh
-with ``NamedSharding``. Batches come from the grain pipeline of `jaxmodels.data.pipeline` as
-uint8 and are normalised on the device; each process loads only its slice of a batch and the
-global array is assembled with ``jax.make_array_from_process_local_data``, so the same code
-runs on one CPU, eight fake CPU devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and evaluated
-every ``eval_every`` epochs and at the end with `jaxmodels.evaluate`. A run checkpoints every N
-steps and at the end (the data position follows from the step), and a run started again with the
-same settings resumes from the newest readable checkpoint — under any process count, replicated
-or sharded — and ends with the same parameters as an uninterrupted one.
+``shard_params`` fully sharded — parameters, gradients, optimizer moments and EMA each split along
+their largest dimension divisible by the device count (`sharding.param_shardings`), so a device
+holds about 1/n of them; XLA all-gathers the weights for the forward and backward passes and
+reduce-scatters the gradients. Where flat collectives pay (CPU, several processes:
+`flat_reduce.flat_reduce_pays`), the sharded state is flat instead (`training.flat_sharded`: one
+all-gather and one reduce-scatter per step), in the pytree layout again for checkpoints,
+evaluations and the result. The train state is built by one ``jax.jit`` (`training.programs`, with
+the step and the optimizer) whose ``out_shardings`` place every array where it lives from then on
+(never a full copy per device first), and each global batch is split along the mesh with
+``NamedSharding``. Batches come from the grain pipeline of `jaxmodels.data.pipeline` as uint8 and
+are normalised on the device; each process loads only its slice of a batch and the global array is
+assembled with ``jax.make_array_from_process_local_data``, so the same code runs on one CPU, eight
+fake CPU devices, or many hosts. The evaluation set is decoded once (`jaxmodels.prepare`) and
+evaluated every ``eval_every`` epochs and at the end with `jaxmodels.evaluate`. A run checkpoints
+every N steps and at the end (the data position follows from the step), and a run started again
+with the same settings resumes from the newest readable checkpoint — under any process count,
+replicated or sharded — and ends with the same parameters as an uninterrupted one.
 """
 
 from __future__ import annotations
