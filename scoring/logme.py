@@ -166,6 +166,23 @@ def _fixed_point(eig_K, proj_K, res_out, log_scale2, num_samples, eps, tol, max_
     return log_alpha + log_scale2, log_beta, log_t, evidence
 
 
+def _from_spectrum(spectrum: Spectrum, num_samples, eps, tol, max_iter) -> LogMEResult:
+    """Runs the fixed point for all C columns at once (`vmap`) and assembles the result.
+
+    The scalars are cast first (N, eps and tol to the spectrum's dtype, max_iter to int32), so
+    that a Python int, a float64 array or a weak-typed float compiles one program, not one each.
+    The values are the same: the program cast them to these types where it used them.
+    """
+    dtype = spectrum.eig_K.dtype
+    return _solve_spectrum(
+        spectrum,
+        jnp.asarray(num_samples, dtype),
+        jnp.asarray(eps, dtype),
+        jnp.asarray(tol, dtype),
+        jnp.asarray(max_iter, jnp.int32),
+    )
+
+
 # The spectrum and the fixed point are compiled apart: the fixed point's program depends on the
 # spectrum's shapes (D, K, C) and dtype only, so both methods, every N ≥ D and the streamed forms
 # (`logme_from_gram`, `logme_from_factor`) of one task share it, and it is over half of the
@@ -173,12 +190,11 @@ def _fixed_point(eig_K, proj_K, res_out, log_scale2, num_samples, eps, tol, max_
 # programs, about 1.05× the time of one (docs/benchmarks.md, "The test suite"). Under a caller's
 # `jax.jit` both are inlined.
 @jax.jit
-def _from_spectrum(spectrum: Spectrum, num_samples, eps, tol, max_iter) -> LogMEResult:
-    """Runs the fixed point for all C columns at once (`vmap`) and assembles the result."""
+def _solve_spectrum(spectrum: Spectrum, num_samples, eps, tol, max_iter) -> LogMEResult:
+    """`_from_spectrum`'s program: N, eps and tol in the spectrum's dtype, max_iter int32."""
     eig_K, lift_DK, proj_KC, res_out_C, scale_exp = spectrum
     dtype = eig_K.dtype
     log_scale2 = (2 * math.log(2)) * scale_exp.astype(dtype)
-    num_samples = jnp.asarray(num_samples).astype(dtype)
     per_column = functools.partial(
         _fixed_point,
         log_scale2=log_scale2,
