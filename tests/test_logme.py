@@ -272,6 +272,27 @@ def test_logme_from_gram_equals_logme(x64):
             np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_every_form_shares_one_compiled_fixed_point(x64):
+    """`logme` passes N as a Python int, the streamed forms as an array, a caller's eps may be a
+    float or an array: one fixed-point program between them for one shape (a shape no other test
+    uses, so that the first call compiles here)."""
+    solver = sys.modules["scoring.logme"]._solve_spectrum
+    rng = np.random.default_rng(7)
+    feats, targets_NC = rng.normal(size=(41, 7)), rng.normal(size=(41, 2))
+    before = solver._cache_size()
+    results = [
+        scoring.logme(feats, targets_NC, regression=True, method="gram"),
+        scoring.logme_from_gram(
+            feats.T @ feats, feats.T @ targets_NC, np.sum(targets_NC**2, 0), np.float64(41),
+            eps=np.float64(1e-5),
+        ),  # fmt: skip
+        scoring.logme_from_factor(np.hstack([feats, targets_NC]), 7, 41, max_iter=np.int64(100)),
+    ]
+    assert solver._cache_size() - before == 1
+    for result in results[1:]:
+        np.testing.assert_allclose(result.score, results[0].score, rtol=1e-9)
+
+
 def test_integer_features_are_scored_in_float32():
     rng = np.random.default_rng(0)
     feats = rng.integers(-5, 5, size=(50, 4))
