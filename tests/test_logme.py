@@ -283,9 +283,12 @@ def test_every_form_shares_one_compiled_fixed_point(x64):
     results = [
         scoring.logme(feats, targets_NC, regression=True, method="gram"),
         scoring.logme_from_gram(
-            feats.T @ feats, feats.T @ targets_NC, np.sum(targets_NC**2, 0), np.float64(41),
+            feats.T @ feats,
+            feats.T @ targets_NC,
+            np.sum(targets_NC**2, 0),
+            np.float64(41),
             eps=np.float64(1e-5),
-        ),  # fmt: skip
+        ),
         scoring.logme_from_factor(np.hstack([feats, targets_NC]), 7, 41, max_iter=np.int64(100)),
     ]
     assert solver._cache_size() - before == 1
