@@ -439,7 +439,8 @@ def test_greedy_soup_of_real_fine_tunes_is_at_least_the_best_run():
     runs = []
     for seed, lr in [(0, 0.003), (1, 0.01), (2, 0.01), (3, 0.03), (4, 0.1)]:
         variables, opt_state = start, optimizer.init(start["params"])
-        opt_state.hyperparams["learning_rate"] = lr  # weak-typed like the initial value
+        # a strong float32, as the jitted step hands it back: one compile for every step
+        opt_state.hyperparams["learning_rate"] = jnp.asarray(lr, jnp.float32)
         rng = np.random.default_rng(seed)
         for _ in range(30):
             rows = rng.choice(96, 32, replace=False)
