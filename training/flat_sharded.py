@@ -167,16 +167,16 @@ def _tree_converter(layout: FlatLayout, state_shardings, mesh: Mesh) -> Callable
         return jax.jit(unflatten, out_shardings={k: leaf_shardings[k] for k, _ in members})
 
     programs = {g: group_program(g, members) for g, members in layout.groups}
+    trainable_groups = set(layout.names(trainable=True))
 
     def tree(flat: Mapping) -> dict:
         return {k: v for g, vector in flat.items() for k, v in programs[g](vector).items()}
 
     def to_tree(state):
-        keys = set(layout.names(trainable=True))
         state = state.replace(
             trainable=tree(state.trainable),
             frozen=tree(state.frozen),
-            opt_state=_map_param_dicts(state.opt_state, keys, tree),
+            opt_state=_map_param_dicts(state.opt_state, trainable_groups, tree),
             ema=tree(state.ema) if state.ema else {},
         )
         # the step, the counts, the schedule and the statistics are placed alike in both
