@@ -7,7 +7,7 @@
 - `jaxmodels.committees`: ensembles and cascades (Wang et al., ICLR 2022), their fitting and timing;
 
 with the basics every layer may use at the root: `sharding`, `distributed`, `atomic_files`,
-`jit_cache`. This module curates the names most callers need.
+`jit_cache`, `host`. This module curates the names most callers need.
 """
 
 from jaxmodels import committees, data, inference, models, weights

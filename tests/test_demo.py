@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import platform
 import re
 import subprocess
 import sys
@@ -151,31 +150,14 @@ def test_help_explains_the_steps():
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 NUMBER = re.compile(r"\d[\d,]*\.?\d*(?:e-?\d+)?")
-# The quick demo's excerpt as each kind of CPU writes it, and the kind the README quotes: the
-# development box's, read as an Intel CPU with AVX-512 (its 2-core matmul rate, 186–282 GFLOP/s,
-# is above what AVX2 reaches; /proc/cpuinfo was not recorded there).
+# The quick demo's excerpt as each kind of CPU (`jaxmodels.host`) writes it: another kind rounds
+# differently, and the demo's small training runs carry that into its picks (at c4d76eb an AMD
+# EPYC without AVX-512 trained resnet-w16-noisy to 0.776 instead of 0.815, so LogME picked
+# resnet-w16 and every later figure followed). The README quotes the development box's, read as
+# an Intel CPU with AVX-512: its 2-core matmul rate, 186–282 GFLOP/s, is above what AVX2 reaches
+# (its /proc/cpuinfo was not recorded).
 EXCERPTS = pathlib.Path(__file__).parent / "fixtures" / "demo_excerpts"
 README_CPU = "x86_64-GenuineIntel-avx512"
-
-
-def cpu_kind() -> str:
-    """The kind of CPU, as far as it moves the demo's figures: architecture, vendor and widest
-    vector instructions, e.g. 'x86_64-AuthenticAMD-avx2'.
-
-    XLA compiles for the CPU it runs on, so CPUs of another kind round differently, and the
-    demo's small training runs carry the difference into its picks: at c4d76eb a 2-core AMD
-    EPYC without AVX-512 trained resnet-w16-noisy to 0.776 instead of 0.815, LogME picked
-    resnet-w16 instead, and every later figure follows.
-    """
-    fields = {}
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    width = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else "base"
-    return "-".join(filter(None, (platform.machine(), fields.get("vendor_id"), width)))
 
 
 def quoted_excerpt() -> str:
@@ -196,11 +178,12 @@ def test_the_quick_demo_reports_the_excerpt_recorded_for_this_cpu(demo_run):
     figures may differ only by rounding-level noise (two test images in an accuracy, 1e-4 in a
     tiny difference), so a stale record — another pick, another accuracy — fails."""
     produced = (demo_run[1] / "out" / "excerpt.md").read_text()
-    recorded = EXCERPTS / f"{cpu_kind()}.md"
+    kind = demo_run[4]["setup"]["cpu"]["kind"]  # `jaxmodels.host`: how this CPU rounds
+    recorded = EXCERPTS / f"{kind}.md"
     # a kind with no record is held to the README's: it may round as that machine does
     quoted = (recorded if recorded.exists() else EXCERPTS / f"{README_CPU}.md").read_text()
     assert NUMBER.sub("#", quoted) == NUMBER.sub("#", produced), (
-        f"the demo excerpt recorded for this kind of CPU ({cpu_kind()}, README's: {README_CPU}) "
+        f"the demo excerpt recorded for this kind of CPU ({kind}, README's: {README_CPU}) "
         f"differs from what `hubtune demo --quick` writes to excerpt.md; if the new run is right, "
         f"record it as {recorded} (and, for {README_CPU}, in README.md):\n{produced}"
     )

@@ -63,6 +63,11 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def _cpu(setup: dict) -> str:
+    cpu = setup.get("cpu")  # absent from reports written before hubtune recorded it
+    return f"{cpu['model']} ({cpu['kind']})" if cpu else "an unrecorded CPU"
+
+
 def markdown(report: dict) -> str:
     setup, sections = report["setup"], []
     sizes = setup["data"]
@@ -72,8 +77,9 @@ def markdown(report: dict) -> str:
         f"({sizes['source_train']} images); target task digits 5–9 with "
         f"{sizes['target_train']} labelled training images, {sizes['target_heldout']} held-out "
         f"and {sizes['target_test']} test images. {'Quick' if setup['quick'] else 'Full'} run, "
-        f"seed {setup['seed']}; every accuracy below is on the test split unless it says "
-        "held-out."
+        f"seed {setup['seed']}, on {_cpu(setup)}; every accuracy below is on the test split "
+        "unless it says held-out (another kind of CPU rounds differently, and at this scale that "
+        "can change the picks)."
     )
     sections.append(_select(report["select"]))
     sections.append(_tune(report["tune"]))

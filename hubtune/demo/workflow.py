@@ -45,6 +45,7 @@ from hubtune.demo import combine_serve as demo_combine_serve
 from hubtune.demo import report as demo_report
 from hubtune.demo import steps as demo_steps
 from hubtune.parsing import Parser, interruptible
+from jaxmodels import host
 from jaxmodels.models import registry
 
 SIZE = 32  # the hub's input side; the 8×8 digits are upsampled ×4
@@ -261,6 +262,7 @@ def run(
             "members": [m.label for m in members],
             "data": demo_steps.data_sizes(splits),
             "devices": [str(d) for d in jax.devices()],
+            "cpu": host.cpu_description(),
         },
         "select": select["report"],
         "tune": tune["report"],
