@@ -1,11 +1,12 @@
 """scoring: numbers about models without training them — LogME and its peers, rank metrics."""
 
 from scoring import stats
+from scoring.evidence import LogMEResult
 from scoring.gbc import gbc
 from scoring.hscore import hscore
 from scoring.inputs import LabelWarning
 from scoring.leep import leep
-from scoring.logme import LogMEResult, logme, logme_from_factor, logme_from_gram, logme_predict
+from scoring.logme import logme, logme_from_factor, logme_from_gram, logme_predict
 from scoring.nce import nce
 from scoring.nleep import nleep
 from scoring.rank_correlation import (

@@ -40,9 +40,10 @@ import jax.numpy as jnp
 
 from scoring import inputs
 from scoring.class_moments import HIGHEST
+from scoring.evidence import LogMEResult
 from scoring.hscore import hscore_from_factor
 from scoring.leep import conditional_from_joint
-from scoring.logme import LogMEResult, logme_from_factor
+from scoring.logme import logme_from_factor
 from scoring.nce import nce_from_joint
 
 

@@ -10,8 +10,8 @@ import pytest
 import scipy.stats
 
 import scoring
-from scoring import spectrum
-from scoring.logme import MAX_ITER, REFERENCE_STOP, TOL, _from_spectrum
+from scoring import evidence, spectrum
+from scoring.evidence import MAX_ITER, REFERENCE_STOP, TOL, from_spectrum
 
 FIXTURES = np.load(pathlib.Path(__file__).parent / "fixtures" / "logme_reference.npz")
 CASES = sorted({k.split("/")[0] for k in FIXTURES.files if not k.startswith("src")})
@@ -276,7 +276,7 @@ def test_every_form_shares_one_compiled_fixed_point(x64):
     """`logme` passes N as a Python int, the streamed forms as an array, a caller's eps may be a
     float or an array: one fixed-point program between them for one shape (a shape no other test
     uses, so that the first call compiles here)."""
-    solver = sys.modules["scoring.logme"]._solve_spectrum
+    solver = evidence._solve_spectrum
     rng = np.random.default_rng(7)
     feats, targets_NC = rng.normal(size=(41, 7)), rng.normal(size=(41, 2))
     before = solver._cache_size()
@@ -479,7 +479,7 @@ def test_float32_step_where_the_backend_lacks_float64(span, monkeypatch):
     for available in (True, False):
         monkeypatch.setattr(spectrum, "float64_step_available", lambda a=available: a)
         spectra[available] = spectrum.factor_spectrum(feats32, jnp.asarray(labels), c)
-    got = {k: float(_from_spectrum(s, len(labels), 1e-5, TOL, MAX_ITER).score)
+    got = {k: float(from_spectrum(s, len(labels), 1e-5, TOL, MAX_ITER).score)
            for k, s in spectra.items()}  # fmt: skip
     np.testing.assert_allclose(got[True], exact, rtol=1e-6)
     np.testing.assert_allclose(got[False], exact, rtol=1e-6 if span >= 1e-4 else 1e-2)
