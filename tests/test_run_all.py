@@ -222,3 +222,16 @@ def test_suite_compiles_knows_jax_own_single_ops_from_programs():
     own = module.jax_own_names()
     assert {"add", "_reduce_sum", "isfinite", "broadcast_in_dim", "_truncated_normal"} <= own
     assert not {"<lambda>", "_logme", "train_step", "step", "init"} & own
+
+
+def test_the_block_names_the_cpu_the_figures_came_from():
+    """CPUs of one architecture differ twofold in speed (docs/benchmarks.md): each run records
+    its CPU, and the generated block names it (results recorded before that name none)."""
+    from jaxmodels import host
+
+    run_all = _run_all()
+    assert run_all.provenance()["cpu"] == host.cpu_description()
+    results = fake_results(1.0)
+    results["meta"]["cpu"] = {"kind": "x86_64-AuthenticAMD-avx2", "model": "AMD EPYC"}
+    assert "x86_64 (AMD EPYC, x86_64-AuthenticAMD-avx2), 2 cores" in run_all.markdown(results)
+    assert "AMD EPYC" not in run_all.markdown(fake_results(1.0))
