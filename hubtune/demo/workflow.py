@@ -1,6 +1,6 @@
 """The whole workflow on real data, offline, in minutes: select, tune, combine, serve.
 
-    hubtune demo --quick          # ~1.5 min on 2 CPU cores
+    hubtune demo --quick          # 1.5–3.5 min on 2 CPU cores, by the CPU
     hubtune demo                  # the full run: more members, epochs and runs
 
 Data: scikit-learn's handwritten digits (1,797 8×8 images, shipped with the package), upsampled to
@@ -190,7 +190,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the small recipe: about 1-2 min on 2 CPU cores (the hub is cached for later runs)",
+        help="the small recipe: about 1.5–3.5 min on 2 CPU cores, by the CPU (the hub is cached "
+        "for later runs)",
     )
     parser.add_argument(
         "--cache",
