@@ -2,7 +2,7 @@
 
 Given the spectrum of features F [N, D] and the coordinates of the target columns Y [N, C] on
 it (`scoring.spectrum.Spectrum`), the evidence p(y | F, α, β) of y ~ N(F w, 1/β), w ~ N(0, 1/α)
-is maximised over α, β by MacKay's fixed point (You et al., JMLR 2022, Algorithm 2), a few O(K)
+is maximised over α, β by MacKay's fixed point (the one of You et al., JMLR 2022), a few O(K)
 steps per column, in logarithms, batched over the columns with `vmap`. `scoring.logme` computes
 the spectrum in each of its forms and calls `from_spectrum`.
 
