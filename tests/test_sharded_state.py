@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec
 
 import jaxmodels
 from jaxmodels import sharding
-from jaxmodels.weights.checkpoint_io import restore_as_numpy
+from jaxmodels.weights.orbax_files import restore_as_numpy
 from training import loop, optim
 from training.config import TrainConfig
 

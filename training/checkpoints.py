@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from jaxmodels import sharding
-from jaxmodels.weights.checkpoint_io import quiet_orbax
+from jaxmodels.weights.orbax_files import quiet_orbax
 from training.config import RunError
 
 

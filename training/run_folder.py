@@ -264,7 +264,7 @@ def _checkpoint_variables(folder: pathlib.Path, step: int) -> dict:
     """The variables a checkpoint holds (SSF unfolded; EMA weights when EMA was on), as NumPy:
     the checkpoint may come from a sharded or multi-process run."""
     from jaxmodels.models import paths
-    from jaxmodels.weights.checkpoint_io import restore_as_numpy
+    from jaxmodels.weights.orbax_files import restore_as_numpy
 
     # orbax wants absolute paths
     state = restore_as_numpy((folder / CHECKPOINT_DIR / str(step) / "state").absolute())
