@@ -21,6 +21,7 @@ from session_folders import made_once
 import jaxmodels
 from hubtune.serve import members as cascade_members
 from hubtune.serve import output as cascade_output
+from jaxmodels import host
 from jaxmodels.inference import evaluate as inference
 from jaxmodels.inference import prepared as prepared_lib
 from jaxmodels.inference.artefact_cache import LogitsCache, ModelFacts
@@ -280,6 +281,7 @@ def test_report_equals_recomputation_from_the_cached_logits(hub, first):
     assert timing["ensemble_ms_per_image"] > 0 and timing["images"] == NUM_IMAGES
     assert timing["executor"]["agreement_with_simulation"] >= 0.95
     assert timing["executor"]["gflops"] == pytest.approx(chosen["test"]["gflops"], rel=0.05)
+    assert report["cpu"] == host.cpu_description()  # whose timings they are
     for text in ("Pareto frontier", "ensemble of all 3", "cascade ", "ms/image", "speedup"):
         assert text in stdout
 

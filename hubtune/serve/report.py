@@ -9,11 +9,11 @@ accuracy at a fraction of its average cost. Given member references, a held-out 
      (`jaxmodels.spec` FLOPs per image);
   2. the accuracy/average-cost Pareto frontier over ordered subsets of up to `max_stages`
      members is searched on held-out logits (`search_cascades`);
-  3. the cascade is chosen for a goal — by default the costliest member's held-out accuracy
-     (the paper's), or a target accuracy, or an average-FLOPs budget: the frontier point that
-     meets it at the lowest cost (target) or with the highest accuracy (budget), its thresholds
-     then refitted for that goal on its members (`fit_cascade`, exact for two stages) if that
-     does better. A goal no cascade meets is a message, and the best found is reported;
+  3. the cascade is chosen for a goal (`hubtune.serve.choice`) — by default the costliest
+     member's held-out accuracy (the paper's), or a target accuracy, or an average-FLOPs budget:
+     the frontier point that meets it at the lowest cost (target) or with the highest accuracy
+     (budget), its thresholds then refitted for that goal on its members (`fit_cascade`, exact
+     for two stages) if that does better. A goal no cascade meets is a message, and the best found is reported;
   4. every single model, the ensemble of all and the chosen cascade are scored on the test set
      from their logits (`simulate_cascade`, the executor's arithmetic), and, unless timing is
      off, timed on the test images with the adaptive executor (`jaxmodels.committees.timing`).
@@ -34,55 +34,29 @@ import dataclasses
 import math
 import os
 import platform
-import warnings
 from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
 from hubtune.serve import members as cascade_members
+from hubtune.serve.choice import GIGA, Goal, choose_cascade, thin_frontier
 from hubtune.serve.members import CascadeInputError
+from jaxmodels import host
 from jaxmodels.committees import deploy
 from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees import timing as cascade_timing
 from jaxmodels.committees.executors import Member
-from jaxmodels.committees.fit import MAX_STAGES, Objective, fit_cascade, search_cascades
+from jaxmodels.committees.fit import MAX_STAGES
 from jaxmodels.data import sources as data_lib
 from jaxmodels.inference.artefact_cache import LogitsCache
 from jaxmodels.weights import model_refs
 
 FORMAT = "hubtune-cascade-v1"
 HELDOUT, TEST = "held-out", "test"
-GIGA = 1e9
 # The held-out frontier moves in steps of one example (thousands of points for a large set);
 # the report keeps this many, spread evenly over its accuracy range.
 MAX_FRONTIER_POINTS = 40
-
-
-@dataclasses.dataclass(frozen=True)
-class Goal:
-    """What the chosen cascade must do on held-out data: exactly one of the two.
-
-    Attributes:
-      target_accuracy: reach this accuracy at the lowest average cost.
-      flops_budget: stay within this average cost (FLOPs per image), most accurately.
-      reason: where the goal came from, for the report.
-    """
-
-    target_accuracy: float | None
-    flops_budget: float | None
-    reason: str
-
-    def rank(self, correct: int, cost: float, num_examples: int) -> tuple:
-        """A key to maximise (`fit.Objective.rank`, the one ranking `fit_cascade` also uses);
-        `cost` is the average per example."""
-        objective = Objective(num_examples, self.target_accuracy, self.flops_budget)
-        return objective.rank(correct, cost * num_examples)
-
-    def describe(self) -> str:
-        if self.target_accuracy is not None:
-            return f"held-out accuracy ≥ {self.target_accuracy:.4f} ({self.reason})"
-        return f"average ≤ {self.flops_budget / GIGA:.4g} GFLOPs per image ({self.reason})"
 
 
 def check_options(
@@ -114,72 +88,6 @@ def check_options(
         raise CascadeInputError(
             f"--batch-size must be a positive multiple of the {devices} devices; got {batch_size}"
         )
-
-
-# ----------------------------------------------------------------------------- choosing
-
-
-def choose_cascade(logits_PNK, labels_N, costs_P, goal: Goal, *, rule, confidence, max_stages):
-    """The frontier on held-out logits and the cascade chosen from it for `goal` (module doc).
-
-    Returns:
-      (frontier: list of `FrontierPoint`, members: tuple of pool indices by cost,
-      thresholds [len(members) − 1], held-out `CascadeOutput` of the choice).
-    """
-    num_examples = len(labels_N)
-    frontier = search_cascades(
-        logits_PNK,
-        labels_N,
-        costs_P,
-        max_members=min(max_stages, len(costs_P)),
-        rule=rule,
-        confidence=confidence,
-    )
-    best = max(
-        frontier,
-        key=lambda p: goal.rank(round(p.accuracy * num_examples), p.avg_cost, num_examples),
-    )
-    members = tuple(best.members)
-    candidates = [best.thresholds]
-    if len(members) > 1:
-        with warnings.catch_warnings():  # an unmet goal is reported by the caller, once
-            warnings.simplefilter("ignore")
-            fit = fit_cascade(
-                logits_PNK[list(members)],
-                labels_N,
-                costs_P[list(members)],
-                target_accuracy=goal.target_accuracy,
-                flops_budget=goal.flops_budget,
-                rule=rule,
-                confidence=confidence,
-            )
-        candidates.append(fit.thresholds)
-
-    def score(thresholds):
-        out = cascade_rules.simulate_cascade(
-            logits_PNK[list(members)],
-            thresholds,
-            confidence=confidence,
-            rule=rule,
-            costs=costs_P[list(members)],
-        )
-        return goal.rank(int((out.predictions == labels_N).sum()), out.avg_flops, num_examples), out
-
-    scored = [score(t) for t in candidates]
-    pick = max(range(len(candidates)), key=lambda i: scored[i][0])
-    return frontier, members, np.asarray(candidates[pick], np.float64), scored[pick][1]
-
-
-def thin_frontier(frontier: Sequence, max_points: int) -> list:
-    """At most `max_points` of a frontier (sorted by rising cost and accuracy), spread evenly
-    over its accuracy range: for each of `max_points` equally spaced accuracy levels, the
-    cheapest point reaching it. The cheapest and the most accurate points are always kept."""
-    if len(frontier) <= max_points:
-        return list(frontier)
-    accuracy = np.array([p.accuracy for p in frontier])
-    levels = np.linspace(accuracy[0], accuracy[-1], max_points)
-    keep = np.unique(np.searchsorted(accuracy, levels - 1e-12, side="left"))
-    return [frontier[i] for i in keep]
 
 
 def _summary(out: cascade_rules.CascadeOutput, labels_N) -> dict:
@@ -387,6 +295,7 @@ def run_report(
         "timing": None,
         "devices": [str(d) for d in jax.devices()],
         "machine": platform.platform(),
+        "cpu": host.cpu_description(),  # the timings are this CPU's
         "jax": jax.__version__,
     }
     if timing:
