@@ -2,6 +2,8 @@
 
 import platform
 
+import pytest
+
 from jaxmodels import host
 
 _INFO = """processor\t: 0
@@ -14,33 +16,32 @@ vendor_id\t: SomeoneElse
 """
 
 
-def _described(monkeypatch, tmp_path, **fields):
+@pytest.fixture
+def cpuinfo(monkeypatch, tmp_path):
+    """Points `host` at a file of this test's (missing until written); the memo is cleared
+    around the test so no other test sees a made-up CPU."""
     path = tmp_path / "cpuinfo"
-    path.write_text(_INFO.format(**fields))
     monkeypatch.setattr(host, "_CPUINFO", path)
     host.cpu_description.cache_clear()
-    try:
-        return host.cpu_description()
-    finally:
-        host.cpu_description.cache_clear()
+    yield path
+    host.cpu_description.cache_clear()
 
 
-def test_the_kind_is_architecture_vendor_and_widest_vectors(monkeypatch, tmp_path):
+def _described(path, **fields):
+    path.write_text(_INFO.format(**fields))
+    host.cpu_description.cache_clear()
+    return host.cpu_description()
+
+
+def test_the_kind_is_architecture_vendor_and_widest_vectors(cpuinfo):
     arch = platform.machine()
-    amd = _described(monkeypatch, tmp_path, vendor="AuthenticAMD", model="AMD EPYC",
-                     flags="avx avx2 fma")  # fmt: skip
+    amd = _described(cpuinfo, vendor="AuthenticAMD", model="AMD EPYC", flags="avx avx2 fma")
     assert amd == {"kind": f"{arch}-AuthenticAMD-avx2", "model": "AMD EPYC"}
-    intel = _described(monkeypatch, tmp_path, vendor="GenuineIntel", model="Xeon",
-                       flags="avx2 avx512f avx512bw")  # fmt: skip
+    intel = _described(cpuinfo, vendor="GenuineIntel", model="Xeon", flags="avx2 avx512f avx512bw")
     assert intel["kind"] == f"{arch}-GenuineIntel-avx512"
-    old = _described(monkeypatch, tmp_path, vendor="GenuineIntel", model="Core", flags="sse4_2")
+    old = _described(cpuinfo, vendor="GenuineIntel", model="Core", flags="sse4_2")
     assert old["kind"] == f"{arch}-GenuineIntel"
 
 
-def test_without_cpuinfo_the_kind_is_the_architecture(monkeypatch, tmp_path):
-    monkeypatch.setattr(host, "_CPUINFO", tmp_path / "missing")
-    host.cpu_description.cache_clear()
-    try:
-        assert host.cpu_description()["kind"] == platform.machine()
-    finally:
-        host.cpu_description.cache_clear()
+def test_without_cpuinfo_the_kind_is_the_architecture(cpuinfo):
+    assert host.cpu_description()["kind"] == platform.machine()
