@@ -33,16 +33,16 @@ import math
 import pathlib
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmodels import jit_cache, sharding
+from jaxmodels import sharding
 from jaxmodels.atomic_files import write_atomic
 from jaxmodels.models import paths, registry
 from jaxmodels.weights import from_npz as load_npz
 from jaxmodels.weights import from_torch as load_torch
+from jaxmodels.weights import key_check
 from jaxmodels.weights.orbax_files import quiet_orbax, restore_as_numpy
 
 MODEL_JSON = "model.json"
@@ -50,7 +50,6 @@ _VARIABLES_DIR = "variables"
 _FORMAT = "hubtune-variables-v2"
 _FORMATS = ("hubtune-variables-v1", _FORMAT)
 _POS_EMBEDDING = "params/Transformer/posembed_input/pos_embedding"
-_MAX_LISTED = 12
 
 
 def load(
@@ -129,7 +128,7 @@ def load(
     if family == "vit":
         config.setdefault("image_size", _checkpoint_image_size(flat, name, config))
     model = registry.create(name, num_classes=ckpt_classes or num_classes or 1, **config)
-    _check_against_model(
+    key_check.check_against_model(
         model, flat, sources, unknown, path, head_optional=f"params/{head}/" if headless else None
     )
 
@@ -407,70 +406,6 @@ def _checkpoint_image_size(flat: dict, name: str, config: dict) -> int:
     if grid * grid + 1 != pos.shape[1]:
         raise ValueError(f"position embedding {pos.shape} is not 1 + g² tokens of a square grid")
     return grid * patch
-
-
-def _expected_shapes(model) -> dict[str, tuple[int, ...]]:
-    """``{flat key: shape}`` of `model`'s variables, traced once per architecture (memoised in
-    `jit_cache` with the compiled initialisers): a soup loads one architecture many times, and
-    tracing `init` takes a second or more for a ViT-B."""
-    return dict(jit_cache.cached(("variable_shapes", model), lambda: _trace_shapes(model)))
-
-
-def _trace_shapes(model) -> dict[str, tuple[int, ...]]:
-    size = getattr(model, "image_size", 32)
-    abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
-    return {k: tuple(v.shape) for k, v in paths.flatten(flax.core.unfreeze(abstract)).items()}
-
-
-def _check_against_model(model, flat, sources, unknown, path, head_optional=None) -> None:
-    """Raises ValueError naming unknown, missing and mis-shaped keys (all of them).
-
-    `head_optional`: a key prefix (the head of a headless checkpoint) not reported as missing.
-    """
-    expected = _expected_shapes(model)
-    missing = sorted(
-        k
-        for k in set(expected) - set(flat)
-        if head_optional is None or not k.startswith(head_optional)
-    )
-    unexpected = sorted(
-        f"{sources[k]} (→ {k})" if sources[k] != k else k for k in set(flat) - set(expected)
-    )
-    misshaped = sorted(
-        f"{sources[k]}: checkpoint {tuple(flat[k].shape)} → {k} expects {expected[k]}"
-        for k in set(flat) & set(expected)
-        if tuple(flat[k].shape) != expected[k]
-    )
-    problems = []
-    for title, items in (
-        ("unknown keys", sorted(unknown) + unexpected),
-        ("missing keys", missing),
-        ("mis-shaped keys", misshaped),
-    ):
-        if items:
-            listed = ", ".join(items[:_MAX_LISTED])
-            more = f" and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
-            problems.append(f"{len(items)} {title}: {listed}{more}")
-    if problems:
-        raise ValueError(
-            f"checkpoint {str(path)!r} does not fit {model.__class__.__name__}"
-            f"({_describe(model)}): " + "; ".join(problems)
-        )
-
-
-def _describe(model) -> str:
-    fields = (
-        "num_classes",
-        "stage_sizes",
-        "block",
-        "width",
-        "image_size",
-        "patch_size",
-        "depth",
-        "num_heads",
-        "mlp_dim",
-    )
-    return ", ".join(f"{f}={getattr(model, f)!r}" for f in fields if hasattr(model, f))
 
 
 def _fresh_head(model, head: str, seed: int):
