@@ -1,9 +1,20 @@
 """Committees of models (Wisdom of Committees, Wang et al., ICLR 2022): ensembles and adaptive
 cascades on a device mesh (`executors`, `cascade`), their members (`members`), the decision rules
-(`rules`), fitting thresholds on held-out logits (`fit`), measured wall time (`timing`) and the choice of
-what to deploy by that time (`deploy`), and requests of a few images in one call (`online`)."""
+(`rules`), fitting thresholds on held-out logits (`fit`, on the exact sweeps of `sweeps`), measured
+wall time (`timing`) and the choice of what to deploy by that time (`deploy`), and requests of a
+few images in one call (`online`)."""
 
-from jaxmodels.committees import cascade, deploy, executors, fit, members, online, rules, timing
+from jaxmodels.committees import (
+    cascade,
+    deploy,
+    executors,
+    fit,
+    members,
+    online,
+    rules,
+    sweeps,
+    timing,
+)
 from jaxmodels.committees.executors import (
     Cascade,
     CascadeFit,
@@ -33,5 +44,6 @@ __all__ = [
     "rules",
     "search_cascades",
     "simulate_cascade",
+    "sweeps",
     "timing",
 ]

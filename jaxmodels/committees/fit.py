@@ -13,7 +13,8 @@ cumulative sum gives the exact accuracy and cost of every distinct threshold (a 
 O(N) after one sort per stage). Two stages: one sweep is the exact optimum. Three or four:
 a grid over the first M − 2 thresholds (quantiles of each stage's confidence) with an exact
 sweep of the last, then coordinate descent, one exact sweep per threshold, until nothing
-improves. Accuracy is counted in integers, so targets are compared exactly.
+improves. Accuracy is counted in integers, so targets are compared exactly. The sweeps are
+`jaxmodels.committees.sweeps.Stages`.
 
 Shapes: M members (stages), P models in a pool, N examples, C classes, T candidate thresholds.
 
@@ -25,13 +26,13 @@ References:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import warnings
 
 import numpy as np
 
 from jaxmodels.committees import rules as cascade_rules
+from jaxmodels.committees import sweeps
 
 MAX_STAGES = 4
 
@@ -76,71 +77,6 @@ class FrontierPoint:
     accuracy: float
     avg_cost: float
     worst_case_cost: float
-
-
-class _Stages:
-    """Per-stage confidences and correctness of one cascade, with exact threshold sweeps.
-
-    Candidate thresholds of a stage are the midpoints between its consecutive distinct
-    confidences (each splits the examples where a gap is, with float32 rounding far away),
-    plus the lowest and highest thresholds of the confidence (everyone / no one exits).
-    """
-
-    def __init__(self, conf_MN, correct_MN, costs_M, lower: float, upper: float):
-        self.conf_MN = conf_MN  # float32, compared with float64 thresholds like the executor
-        self.correct_MN = correct_MN.astype(np.int64)
-        self.cum_cost_M = np.cumsum(costs_M)
-        self.num_examples = conf_MN.shape[1]
-        self.rows_N = np.arange(self.num_examples)
-        # Per stage: examples by falling confidence, candidate thresholds t_T (ascending) and
-        # how many examples pass each (conf > t), i.e. the length of the exiting prefix.
-        self.order, self.candidates, self.passing = [], [], []
-        for conf_N in conf_MN[:-1].astype(np.float64):
-            self.order.append(np.argsort(-conf_N, kind="stable"))
-            values_D = np.unique(conf_N)
-            midpoints = (values_D[:-1] + values_D[1:]) / 2
-            t_T = np.unique(np.concatenate([[lower], midpoints, [max(upper, values_D[-1])]]))
-            self.candidates.append(t_T)
-            passing_T = self.num_examples - np.searchsorted(np.sort(conf_N), t_T, "right")
-            self.passing.append(passing_T)
-
-    def cost(self, counts_XM):
-        """Summed cost of exit counts [..., M]; a function of the integer counts alone, so one
-        threshold setting reached along different paths gets bit-identical costs."""
-        return np.sum(counts_XM * self.cum_cost_M, axis=-1)
-
-    def totals(self, thresholds_K):
-        """(correct count, summed cost, exit_N) of one threshold vector."""
-        exit_N = cascade_rules.exit_stages(self.conf_MN, thresholds_K)
-        correct = int(self.correct_MN[exit_N, self.rows_N].sum())
-        counts_M = np.bincount(exit_N, minlength=len(self.cum_cost_M))
-        return correct, float(self.cost(counts_M)), exit_N
-
-    def sweep(self, stage: int, thresholds_K):
-        """Exact (t_T, correct_T, cost_T) over every threshold of `stage`, others fixed.
-
-        Examples that reach `stage` and pass t exit there; the others go where the fixed
-        thresholds send them ("down"). Sorted by falling conf_stage, the examples that pass
-        form a prefix, so prefix sums give every candidate's totals at once.
-        """
-        num_stages = len(self.cum_cost_M)
-        never_K = np.array(thresholds_K, dtype=np.float64)
-        never_K[stage] = np.inf  # where examples go when they do not exit at `stage`
-        reach_N = cascade_rules.exit_stages(self.conf_MN[:stage], never_K[:stage]) >= stage
-        down_N = cascade_rules.exit_stages(self.conf_MN, never_K)
-        down_correct_N = self.correct_MN[down_N, self.rows_N]
-        gain_N = np.where(reach_N, self.correct_MN[stage] - down_correct_N, 0)
-        # moved_NM[n] = one-hot of the stage example n leaves when it exits at `stage` instead
-        moved_NM = np.eye(num_stages, dtype=np.int64)[down_N] * reach_N[:, None]
-        order, j_T = self.order[stage], self.passing[stage]
-        gain_prefix = np.concatenate([[0], np.cumsum(gain_N[order])])
-        moved_prefix = np.concatenate(
-            [np.zeros((1, num_stages), np.int64), np.cumsum(moved_NM[order], axis=0)]
-        )
-        counts_TM = np.bincount(down_N, minlength=num_stages)[None, :] - moved_prefix[j_T]
-        counts_TM[:, stage] += moved_prefix[j_T].sum(axis=1)
-        correct_T = int(down_correct_N.sum()) + gain_prefix[j_T]
-        return self.candidates[stage], correct_T, self.cost(counts_TM)
 
 
 class Objective:
@@ -210,30 +146,11 @@ def _check_grid_size(grid_size) -> int:
     return grid_size
 
 
-def _grid(stages: _Stages, stage: int, grid_size: int) -> np.ndarray:
-    """About `grid_size` of `stage`'s candidate thresholds, at quantiles of its confidences."""
-    t_T = stages.candidates[stage]
-    levels = np.linspace(0.0, 1.0, grid_size - 1)
-    quantiles = np.quantile(stages.conf_MN[stage].astype(np.float64), levels)
-    picks = np.clip(np.searchsorted(t_T, quantiles), 0, len(t_T) - 1)
-    return np.unique(np.append(t_T[picks], t_T[0]))
-
-
-def _grid_sweeps(stages: _Stages, grid_size: int):
-    """Yields (thresholds_K without the last, t_T, correct_T, cost_T): a grid over the first
-    M − 2 thresholds, each with an exact sweep of the last."""
-    num_free = stages.conf_MN.shape[0] - 1
-    grids = [_grid(stages, k, grid_size) for k in range(num_free - 1)]
-    for head in itertools.product(*grids):
-        t_K = np.array([*head, np.inf])
-        yield t_K, *stages.sweep(num_free - 1, t_K)
-
-
-def _fit_stages(stages: _Stages, objective: Objective, grid_size: int):
+def _fit_stages(stages: sweeps.Stages, objective: Objective, grid_size: int):
     """The best threshold vector for `objective`; exact for M = 2."""
     num_free = stages.conf_MN.shape[0] - 1
     best_t, best = None, None
-    for t_K, t_T, correct_T, cost_T in _grid_sweeps(stages, grid_size):
+    for t_K, t_T, correct_T, cost_T in sweeps.grid_sweeps(stages, grid_size):
         i = objective.best(correct_T, cost_T)
         if best is None or objective.better((correct_T[i], cost_T[i]), best):
             best_t, best = np.append(t_K[:-1], t_T[i]), (correct_T[i], cost_T[i])
@@ -307,7 +224,7 @@ def fit_cascade(
     grid_size = _check_grid_size(grid_size)
     combined_MNC, conf_MN = cascade_rules.stage_outputs(logits, rule=rule, confidence=confidence)
     bounds = cascade_rules.lowest_threshold(confidence), cascade_rules.highest_threshold(confidence)
-    stages = _Stages(conf_MN, np.argmax(combined_MNC, axis=-1) == labels, costs, *bounds)
+    stages = sweeps.Stages(conf_MN, np.argmax(combined_MNC, axis=-1) == labels, costs, *bounds)
     objective = Objective(num_examples, target_accuracy, flops_budget)
     t_K = _fit_stages(stages, objective, grid_size) if num_members > 1 else np.zeros(0)
     correct, cost, exit_N = stages.totals(t_K)
@@ -344,13 +261,13 @@ def _pareto(correct_T, cost_T) -> np.ndarray:
     return order[keep]
 
 
-def _subset_points(stages: _Stages, grid_size: int):
+def _subset_points(stages: sweeps.Stages, grid_size: int):
     """Pareto-optimal (correct, cost, thresholds_K) of one cascade's threshold settings."""
     if stages.conf_MN.shape[0] == 1:
         correct, cost, _ = stages.totals(np.zeros(0))
         return [(correct, cost, np.zeros(0))]
     points = []
-    for t_K, t_T, correct_T, cost_T in _grid_sweeps(stages, grid_size):
+    for t_K, t_T, correct_T, cost_T in sweeps.grid_sweeps(stages, grid_size):
         for i in _pareto(correct_T, cost_T):
             points.append((int(correct_T[i]), float(cost_T[i]), np.append(t_K[:-1], t_T[i])))
     keep = _pareto([p[0] for p in points], [p[1] for p in points])
@@ -428,7 +345,9 @@ def search_cascades(
             )
             confs = [*conf_stack, np.asarray(conf_N)]
             corrects = [*correct_stack, np.argmax(np.asarray(combined_NC), -1) == labels]
-            stages = _Stages(np.stack(confs), np.stack(corrects), costs[list(members)], *bounds)
+            stages = sweeps.Stages(
+                np.stack(confs), np.stack(corrects), costs[list(members)], *bounds
+            )
             for correct, cost, t_K in _subset_points(stages, grid_size):
                 points.append((correct, cost, members, t_K))
             if len(members) < max_members:
