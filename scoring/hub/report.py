@@ -90,8 +90,9 @@ def format_table(ranking: Ranking) -> str:
 def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
     """Score vs fine-tuned accuracy, one panel per score, one colour and marker per model.
 
-    Models are told apart by a shared legend below the panels (labels written next to points
-    overlap once a hub has more than a handful of models).
+    Models are told apart by one shared legend (labels written next to points overlap once a hub
+    has more than a handful of models): in the grid's empty slots after the last panel when
+    there are any, else below the panels.
     """
     import matplotlib
 
@@ -101,9 +102,13 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
     n = len(ranking.scores)
     cols = min(n, 4)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows + 0.9), squeeze=False)
+    empty = rows * cols - n  # slots after the last panel: the legend goes there
+    below = 0.0 if empty else 0.3 + 0.2 * -(-len(ranking.models) // 4)  # inches for a legend
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(3.6 * cols, 3.2 * rows + 0.4 + below), squeeze=False
+    )
     for ax in axes.flat[n:]:
-        ax.set_visible(False)
+        ax.axis("off")
     markers = "os^Dv<>pP*Xh"
     colors = plt.get_cmap("tab10" if len(ranking.models) <= 10 else "tab20").colors
     accs = [ranking.accuracies[m] for m in ranking.models]
@@ -122,14 +127,21 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
             title = "all models tie" if a is None else f"weighted τ = {a.weighted_tau:.2f}"
             ax.set_title(title, fontsize=9)
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(
-        handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False
-    )
+    if empty:  # about 12 entries fit a slot's height; more go in columns across the slots
+        axes.flat[n].legend(
+            handles, labels, loc="center left", ncol=min(-(-len(labels) // 12), 2 * empty),
+            fontsize=8, frameon=False, title="model", title_fontsize=8,
+        )  # fmt: skip
+    else:
+        fig.legend(
+            handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
+            frameon=False,
+        )  # fmt: skip
     # a file's name, not its path: the title must stay one readable line
     data = ranking.data if ranking.data.startswith("tfds:") else pathlib.Path(ranking.data).name
     fig.suptitle(f"transferability scores vs fine-tuned accuracy on {data}", fontsize=10)
-    legend_rows = -(-len(labels) // 4)
-    fig.tight_layout(rect=(0, 0.05 + 0.035 * legend_rows, 1, 0.96))
+    height = fig.get_figheight()
+    fig.tight_layout(rect=(0, below / height, 1, 1 - 0.35 / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
