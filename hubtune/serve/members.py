@@ -17,6 +17,8 @@ computed once per (member, data set) with `jaxmodels.predict` or read from the
   * data: each set is decoded and prepared once per distinct preprocessing (`PreparedSets`);
     members of equal preprocessing share the prepared arrays, in the logits passes and in the
     adaptive executor, which takes one array per member.
+  * the pool: the candidates by rising cost, their logits stacked per set, with the
+    accuracies and simulated cascades the report is made of (`Pool`).
 
 Shapes: N examples, K classes, S image side.
 
@@ -33,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.data import sources as data_lib
 from jaxmodels.data.preprocess import Preprocessing
 from jaxmodels.inference import evaluate as inference
@@ -208,6 +211,51 @@ class CandidateLogits:
     cache_files: dict[str, pathlib.Path]
     from_cache: dict[str, bool]
     weights_key: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """The candidate models, by rising cost, with their logits and the labels of every set
+    (a committee's `jaxmodels.Member`s are built from the chosen ones, for timing).
+
+    Attributes:
+      candidates: the `cascade_members.CandidateLogits`, cheapest first.
+      logits: {role: logits_PNK float32}.
+      labels: {role: labels_N}.
+      costs: [P] FLOPs per image.
+      rule, confidence: how cascades of them decide.
+    """
+
+    candidates: list
+    logits: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+    costs: np.ndarray
+    rule: str
+    confidence: str
+
+    @property
+    def names(self) -> list[str]:
+        return [m.ref.label for m in self.candidates]
+
+    def single_accuracy(self, role: str) -> list[float]:
+        """Each member's accuracy on `role`."""
+        hits_PN = np.argmax(self.logits[role], axis=-1) == self.labels[role][None, :]
+        return [float(x) for x in hits_PN.mean(axis=1)]
+
+    def ensemble_accuracy(self, role: str, members) -> float:
+        """Accuracy of the mean logits of `members` (the paper's ensemble) on `role`."""
+        mean_NK = cascade_rules.mean_logits(self.logits[role][list(members)])
+        return float(np.mean(np.argmax(mean_NK, axis=-1) == self.labels[role]))
+
+    def cascade(self, role: str, members, thresholds) -> cascade_rules.CascadeOutput:
+        """A cascade of `members` (pool indices by cost) simulated on `role`'s logits."""
+        return cascade_rules.simulate_cascade(
+            self.logits[role][list(members)],
+            thresholds,
+            confidence=self.confidence,
+            rule=self.rule,
+            costs=self.costs[list(members)],
+        )
 
 
 def random_init_classes(facts: Sequence[ModelFacts | None], heldout) -> int:

@@ -41,7 +41,7 @@ import numpy as np
 
 from hubtune.serve import members as cascade_members
 from hubtune.serve.choice import GIGA, Goal, choose_cascade, thin_frontier
-from hubtune.serve.members import CascadeInputError
+from hubtune.serve.members import CascadeInputError, Pool
 from jaxmodels import host
 from jaxmodels.committees import deploy
 from jaxmodels.committees import rules as cascade_rules
@@ -98,51 +98,6 @@ def _summary(out: cascade_rules.CascadeOutput, labels_N) -> dict:
         "worst_case_gflops": out.worst_case_flops / GIGA,
         "exit_fractions": [float(f) for f in out.exit_fractions],
     }
-
-
-@dataclasses.dataclass(frozen=True)
-class Pool:
-    """The candidate models, by rising cost, with their logits and the labels of every set
-    (a committee's `jaxmodels.Member`s are built from the chosen ones, for timing).
-
-    Attributes:
-      candidates: the `cascade_members.CandidateLogits`, cheapest first.
-      logits: {role: logits_PNK float32}.
-      labels: {role: labels_N}.
-      costs: [P] FLOPs per image.
-      rule, confidence: how cascades of them decide.
-    """
-
-    candidates: list
-    logits: dict[str, np.ndarray]
-    labels: dict[str, np.ndarray]
-    costs: np.ndarray
-    rule: str
-    confidence: str
-
-    @property
-    def names(self) -> list[str]:
-        return [m.ref.label for m in self.candidates]
-
-    def single_accuracy(self, role: str) -> list[float]:
-        """Each member's accuracy on `role`."""
-        hits_PN = np.argmax(self.logits[role], axis=-1) == self.labels[role][None, :]
-        return [float(x) for x in hits_PN.mean(axis=1)]
-
-    def ensemble_accuracy(self, role: str, members) -> float:
-        """Accuracy of the mean logits of `members` (the paper's ensemble) on `role`."""
-        mean_NK = cascade_rules.mean_logits(self.logits[role][list(members)])
-        return float(np.mean(np.argmax(mean_NK, axis=-1) == self.labels[role]))
-
-    def cascade(self, role: str, members, thresholds) -> cascade_rules.CascadeOutput:
-        """A cascade of `members` (pool indices by cost) simulated on `role`'s logits."""
-        return cascade_rules.simulate_cascade(
-            self.logits[role][list(members)],
-            thresholds,
-            confidence=self.confidence,
-            rule=self.rule,
-            costs=self.costs[list(members)],
-        )
 
 
 # ----------------------------------------------------------------------------- the report
