@@ -7,6 +7,8 @@ Three things argparse and Python do not do by default, the same for every comman
   which then says what is wrong with it (argparse took ``-1e-3`` for an option and answered
   "expected one argument");
 * Ctrl-C ends the command with one line and exit status 130, not a traceback (`interruptible`).
+
+Options that mean the same in several commands are declared here once (`add_distributed_option`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,18 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_distributed_option(parser: argparse.ArgumentParser) -> None:
+    """``--distributed``: the commands that run on several hosts join them first
+    (`jaxmodels.distributed.initialize`)."""
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: join the other hosts' processes first (jax.distributed.initialize() "
+        "with JAX's cluster detection: Cloud TPU, SLURM, ...); start the same command on every "
+        "host",
+    )
 
 
 def interruptible(prog: str):

@@ -45,7 +45,7 @@ import jax
 
 import jaxmodels
 from hubtune import output
-from hubtune.parsing import Parser, interruptible
+from hubtune.parsing import Parser, add_distributed_option, interruptible
 from jaxmodels import distributed
 from scoring.hub import ranking as hub_ranking
 from scoring.hub.features import default_cache_dir
@@ -94,13 +94,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, help="global batch (default 32 per device)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random-init models")
     parser.add_argument("--tfds-data-dir", help="TFDS data directory")
-    parser.add_argument(
-        "--distributed",
-        action="store_true",
-        help="multi-host: join the other hosts' processes first (jax.distributed.initialize() "
-        "with JAX's cluster detection: Cloud TPU, SLURM, ...); start the same command on every "
-        "host",
-    )
+    add_distributed_option(parser)
     args = parser.parse_args(argv)
     distributed.initialize(args.distributed)
 

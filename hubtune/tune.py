@@ -11,7 +11,7 @@ import sys
 import jax
 
 from hubtune import output
-from hubtune.parsing import Parser, interruptible
+from hubtune.parsing import Parser, add_distributed_option, interruptible
 from jaxmodels import ModelRefError, distributed
 from jaxmodels.data.sources import DataError
 from training import loop, sweep
@@ -226,13 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "of replicating them: for models that do not fit one device",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.add_argument(
-        "--distributed",
-        action="store_true",
-        help="multi-host: join the other hosts' processes first (jax.distributed.initialize() "
-        "with JAX's cluster detection: Cloud TPU, SLURM, ...); start the same command on every "
-        "host",
-    )
+    add_distributed_option(parser)
     return parser.parse_args(argv)
 
 
