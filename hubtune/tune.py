@@ -72,22 +72,22 @@ devices: the batch is split over every visible device (data parallel); --batch-s
 """
 
 
-def _floats(text: str) -> list[float]:
-    try:
-        return [float(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated numbers; got {text!r}"
-        ) from None
+def _comma_separated(convert, what: str):
+    """An argparse type: "a,b,c" → [convert(a), convert(b), convert(c)], else one-line error."""
+
+    def parse(text: str) -> list:
+        try:
+            return [convert(x) for x in text.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated {what}; got {text!r}"
+            ) from None
+
+    return parse
 
 
-def _ints(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers; got {text!r}"
-        ) from None
+_floats = _comma_separated(float, "numbers")
+_ints = _comma_separated(int, "integers")
 
 
 def _words(text: str) -> list[str]:
