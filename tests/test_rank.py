@@ -280,3 +280,32 @@ def test_float64_scores_run_pinned_to_the_host_cpu(hub, monkeypatch):
     hub_ranking.rank_hub(hub["models"][:1], hub["data"], **kwargs)
     ((device, dtype),) = seen
     assert device is not None and device.platform == "cpu" and dtype == jnp.float64
+
+
+@pytest.mark.parametrize("num_scores", [1, 8, 9])
+def test_ranking_plot_names_the_data_and_shows_every_model_once(num_scores, tmp_path, monkeypatch):
+    """One panel per score; the models' legend in the grid's empty slots when there are any
+    (nine scores on four columns), else below the panels; the heading names the data."""
+    import matplotlib.figure
+
+    from scoring.hub import report as hub_report
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    models = [f"model-{i}" for i in range(5)]
+    scores = [f"score{j}" for j in range(num_scores)]
+    ranking = hub_report.Ranking(
+        data="/some/folder/target.npz", scores=scores, models=models,
+        values={m: {s: float(i + j) for j, s in enumerate(scores)} for i, m in enumerate(models)},
+        ranks={}, cached={}, accuracies={m: 0.1 * i for i, m in enumerate(models)},
+        agreement=dict.fromkeys(scores),  # every panel titled "all models tie"
+    )  # fmt: skip
+    hub_report.plot_ranking(ranking, tmp_path / "ranking.png")
+    (fig,) = drawn
+    assert "target.npz" in fig._suptitle.get_text() and "/some" not in fig._suptitle.get_text()
+    panels = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_xlabel() for ax in panels] == scores
+    legends = fig.legends + [ax.get_legend() for ax in fig.axes if ax.get_legend()]
+    (legend,) = legends
+    assert [t.get_text() for t in legend.get_texts()] == models
+    assert (legend in fig.legends) == (num_scores in (1, 8))  # no empty slot: below the panels

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import pathlib
+import textwrap
 
 from scoring import rank_correlation
 
@@ -102,11 +103,18 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
     n = len(ranking.scores)
     cols = min(n, 4)
     rows = -(-n // cols)
+    width = 3.6 * cols
     empty = rows * cols - n  # slots after the last panel: the legend goes there
-    below = 0.0 if empty else 0.3 + 0.2 * -(-len(ranking.models) // 4)  # inches for a legend
-    fig, axes = plt.subplots(
-        rows, cols, figsize=(3.6 * cols, 3.2 * rows + 0.4 + below), squeeze=False
+    # else below, in as many columns as the width holds (about 1.8 inches each)
+    legend_cols = max(1, min(len(ranking.models), 4, int(width / 1.8)))
+    below = 0.0 if empty else 0.3 + 0.2 * -(-len(ranking.models) // legend_cols)  # inches
+    # a file's name, not its path; wrapped to the width (about 13 characters an inch)
+    data = ranking.data if ranking.data.startswith("tfds:") else pathlib.Path(ranking.data).name
+    heading = textwrap.fill(
+        f"transferability scores vs fine-tuned accuracy on {data}", int(13 * width)
     )
+    above = 0.2 + 0.2 * (heading.count("\n") + 1)  # inches
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 3.2 * rows + above + below), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
     markers = "os^Dv<>pP*Xh"
@@ -133,15 +141,10 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
             fontsize=8, frameon=False, title="model", title_fontsize=8,
         )  # fmt: skip
     else:
-        fig.legend(
-            handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
-            frameon=False,
-        )  # fmt: skip
-    # a file's name, not its path: the title must stay one readable line
-    data = ranking.data if ranking.data.startswith("tfds:") else pathlib.Path(ranking.data).name
-    fig.suptitle(f"transferability scores vs fine-tuned accuracy on {data}", fontsize=10)
+        fig.legend(handles, labels, loc="lower center", ncol=legend_cols, fontsize=8, frameon=False)
+    fig.suptitle(heading, fontsize=10)
     height = fig.get_figheight()
-    fig.tight_layout(rect=(0, below / height, 1, 1 - 0.35 / height))
+    fig.tight_layout(rect=(0, below / height, 1, 1 - above / height))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
