@@ -219,7 +219,7 @@ class Pool:
     (a committee's `jaxmodels.Member`s are built from the chosen ones, for timing).
 
     Attributes:
-      candidates: the `cascade_members.CandidateLogits`, cheapest first.
+      candidates: the `CandidateLogits`, cheapest first.
       logits: {role: logits_PNK float32}.
       labels: {role: labels_N}.
       costs: [P] FLOPs per image.
