@@ -309,3 +309,27 @@ def test_ranking_plot_names_the_data_and_shows_every_model_once(num_scores, tmp_
     (legend,) = legends
     assert [t.get_text() for t in legend.get_texts()] == models
     assert (legend in fig.legends) == (num_scores in (1, 8))  # no empty slot: below the panels
+
+
+def test_a_score_on_which_all_models_tie_gets_plain_ticks_around_its_value(tmp_path, monkeypatch):
+    """Values equal up to rounding (1 and 1 + 1e-12) drew ticks 9, 10 and an offset
+    "1e-12+10e-1"; the panel now spans the value with its own ticks."""
+    import matplotlib.figure
+
+    from scoring.hub import report as hub_report
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    ranking = hub_report.Ranking(
+        data="d.npz", scores=["hscore"], models=["a", "b"],
+        values={"a": {"hscore": 1.0}, "b": {"hscore": 1.0 + 1e-12}}, ranks={}, cached={},
+        accuracies={"a": 0.5, "b": 0.4}, agreement={"hscore": None},
+    )  # fmt: skip
+    hub_report.plot_ranking(ranking, tmp_path / "ranking.png")
+    (fig,) = drawn
+    fig.canvas.draw()
+    (panel,) = [ax for ax in fig.axes if ax.axison]
+    assert panel.get_title() == "all models tie"
+    low, high = panel.get_xlim()
+    assert low < 1.0 < high and high - low > 0.01
+    assert panel.xaxis.get_offset_text().get_text() == ""

@@ -10,6 +10,8 @@ import json
 import pathlib
 import textwrap
 
+import numpy as np
+
 from scoring import rank_correlation
 
 
@@ -113,7 +115,7 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
     heading = textwrap.fill(
         f"transferability scores vs fine-tuned accuracy on {data}", int(13 * width)
     )
-    above = 0.2 + 0.2 * (heading.count("\n") + 1)  # inches
+    above = 0.05 + 0.2 * (heading.count("\n") + 1)  # inches
     fig, axes = plt.subplots(rows, cols, figsize=(width, 3.2 * rows + above + below), squeeze=False)
     for ax in axes.flat[n:]:
         ax.axis("off")
@@ -134,6 +136,11 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
             a = ranking.agreement[name]
             title = "all models tie" if a is None else f"weighted τ = {a.weighted_tau:.2f}"
             ax.set_title(title, fontsize=9)
+            if a is None:  # one value up to rounding: its own ticks, not an offset of 1e-12
+                value = float(np.mean([ranking.values[m][name] for m in ranking.models]))
+                pad = 0.05 * max(abs(value), 1.0)
+                ax.set_xlim(value - pad, value + pad)
+                ax.ticklabel_format(axis="x", useOffset=False)
     handles, labels = axes.flat[0].get_legend_handles_labels()
     if empty:  # about 12 entries fit a slot's height; more go in columns across the slots
         axes.flat[n].legend(
@@ -144,7 +151,7 @@ def plot_ranking(ranking: Ranking, path: str | pathlib.Path) -> None:
         fig.legend(handles, labels, loc="lower center", ncol=legend_cols, fontsize=8, frameon=False)
     fig.suptitle(heading, fontsize=10)
     height = fig.get_figheight()
-    fig.tight_layout(rect=(0, below / height, 1, 1 - above / height))
+    fig.tight_layout(rect=(0, below / height, 1, 1))  # the heading: tight_layout leaves its room
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
