@@ -68,7 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     module = importlib.import_module(STEPS[step][0])
-    sys.argv[0] = f"hubtune {step}"  # argparse's prog in usage lines and errors
     return module.main(rest)
 
 

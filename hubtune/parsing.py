@@ -32,6 +32,18 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
+    @classmethod
+    def from_doc(cls, prog: str, doc: str) -> Parser:
+        """A parser whose --help is `doc`: its first paragraph above the options, the rest below
+        them as written (examples, notes)."""
+        summary, _, details = doc.partition("\n\n")
+        return cls(
+            prog=prog,
+            description=summary,
+            epilog=details,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
 
 def add_distributed_option(parser: argparse.ArgumentParser) -> None:
     """``--distributed``: the commands that run on several hosts join them first

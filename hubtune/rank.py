@@ -36,7 +36,6 @@ Example:
         --out runs/rank
 """
 
-import argparse
 import json
 import pathlib
 import sys
@@ -52,6 +51,8 @@ from scoring.hub.features import default_cache_dir
 from training import run_folder
 from training.config import RunError
 
+PROG = "hubtune rank"  # in usage lines, errors and warnings, also as scripts/*.py
+
 USER_ERRORS = (
     hub_ranking.SpecError,
     jaxmodels.DataError,
@@ -62,14 +63,10 @@ USER_ERRORS = (
 GROUND_TRUTH_JSON = "ground_truth.json"
 
 
-@interruptible("rank.py")
+@interruptible(PROG)
 def main(argv=None) -> int:
     doc = __doc__.format(names=", ".join(jaxmodels.MODEL_NAMES), cache=default_cache_dir())
-    parser = Parser(
-        description=doc.split("\n\n")[0],
-        epilog="\n\n".join(doc.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = Parser.from_doc(PROG, doc)
     parser.add_argument("--models", nargs="+", required=True, metavar="MODEL")
     parser.add_argument("--data", required=True, metavar="DATA_SPEC")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -99,7 +96,7 @@ def main(argv=None) -> int:
     distributed.initialize(args.distributed)
 
     def fail(message: str) -> int:
-        print(f"rank.py: error: {message}", file=sys.stderr)
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return 2
 
     out = pathlib.Path(args.out)

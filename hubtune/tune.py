@@ -18,6 +18,8 @@ from training import loop, sweep
 from training import run as run_lib
 from training.config import AUGMENTATIONS, RunConfig, RunError
 
+PROG = "hubtune tune"  # in usage lines, errors and warnings, also as scripts/*.py
+
 EXAMPLES = """
 examples:
   # SSF on CIFAR-10 from an imported ViT-S/16 checkpoint (TFDS data prepared beforehand)
@@ -96,6 +98,7 @@ def _words(text: str) -> list[str]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = Parser(
+        prog=PROG,
         description=(
             "Fine-tune an image classifier from jaxmodels on your data with one of four "
             "methods (full, linear, bitfit, ssf). Comma-separated values for --lr, --seed, "
@@ -230,7 +233,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@interruptible("finetune.py")
+@interruptible(PROG)
 def main(argv=None) -> int:
     args = parse_args(argv)
     # orbax and absl log every retry of a broken checkpoint; hubtune reports them in one line
@@ -289,12 +292,12 @@ def main(argv=None) -> int:
             folders = [c.out_dir for c in configs]
     except (RunError, DataError, ModelRefError, distributed.DistributedError,
             output.OutputError) as err:  # fmt: skip
-        print(f"finetune.py: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     except loop.Interrupted as stop:
         saved = "saved a checkpoint there" if stop.saved else "the newest checkpoint is earlier"
         print(
-            f"finetune.py: interrupted at step {stop.step} ({saved}); the same command resumes "
+            f"{PROG}: interrupted at step {stop.step} ({saved}); the same command resumes "
             "the run from its newest checkpoint",
             file=sys.stderr,
         )

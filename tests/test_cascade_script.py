@@ -533,7 +533,7 @@ def test_user_errors_exit_2_with_one_line(hub, bad, case, tmp_path, monkeypatch)
     lines = [line for line in stderr.splitlines() if "error" in line.lower()]
     assert code == 2 and stdout == "", stderr
     assert len(lines) == 1 and lines[0] == stderr.strip().splitlines()[-1], stderr
-    assert lines[0].startswith("cascade.py: error: ")
+    assert lines[0].startswith("hubtune serve: error: ")
     assert re.search(pattern, lines[0]), lines[0]
     assert not (tmp_path / "out" / "cascade.json").exists()
 
@@ -550,7 +550,9 @@ def test_bad_options_are_one_line_and_exit_2(hub, tmp_path, argv, pattern):
         _script().main([str(a) for a in _argv(hub, tmp_path / "out") + argv])
     assert exit_.value.code == 2
     assert len(err.getvalue().splitlines()) == 1, err.getvalue()
-    assert err.getvalue().startswith("cascade.py: error: ") and re.search(pattern, err.getvalue())
+    assert err.getvalue().startswith("hubtune serve: error: ") and re.search(
+        pattern, err.getvalue()
+    )
 
 
 def test_help_answers_a_newcomer():

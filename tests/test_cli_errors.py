@@ -1,7 +1,6 @@
-"""Every hubtune command answers a bad option in one line and exit 2, and takes negative numbers
-as values (so the command itself can say what is wrong with them)."""
-
-import sys
+"""Every hubtune command answers a bad option in one line and exit 2, under its own name
+(``hubtune STEP: error: ...``, whether argparse or the command itself finds the fault), and takes
+negative numbers as values (so the command itself can say what is wrong with them)."""
 
 import numpy as np
 import pytest
@@ -10,13 +9,9 @@ from hubtune import cli
 
 
 def run(capsys, argv):
-    saved = sys.argv[0]
-    try:
-        with pytest.raises(SystemExit) as stop:
-            status = cli.main(argv)
-            raise SystemExit(status)
-    finally:
-        sys.argv[0] = saved
+    with pytest.raises(SystemExit) as stop:
+        status = cli.main(argv)
+        raise SystemExit(status)
     return stop.value.code, capsys.readouterr().err.strip().splitlines()
 
 
@@ -24,7 +19,7 @@ def run(capsys, argv):
 def test_an_unknown_option_is_one_line_and_exit_2(capsys, step):
     code, err = run(capsys, [step, "--no-such-option", "1"])
     assert code == 2 and len(err) == 1, err
-    assert ": error: " in err[0] and err[0].endswith("(see --help)")
+    assert err[0].startswith(f"hubtune {step}: error: ") and err[0].endswith("(see --help)")
 
 
 @pytest.mark.parametrize(
@@ -50,3 +45,4 @@ def test_a_negative_number_in_exponent_form_is_a_value(
     code, err = run(capsys, [step, *(a.format(data=data) for a in argv)])
     assert code == 2 and len(err) == 1, err
     assert "expected one argument" not in err[0] and message in err[0], err
+    assert err[0].startswith(f"hubtune {step}: error: "), err  # the name the user typed

@@ -265,7 +265,7 @@ def test_every_bad_argument_is_one_line_and_exit_2_before_training(pretrained, t
         assert script.main(argv) == 2, extra
         elapsed = time.perf_counter() - tick
         err = capsys.readouterr().err
-        assert match in err and err.startswith("finetune.py: error:"), (extra, err)
+        assert match in err and err.startswith("hubtune tune: error:"), (extra, err)
         assert err.count("\n") == 1, err
         assert elapsed < 10, (extra, elapsed)
         assert not out.exists() or not any(out.rglob("*")), extra  # nothing trained or written
@@ -392,7 +392,7 @@ def test_ctrl_c_saves_a_checkpoint_exits_130_and_the_same_command_resumes(
     assert _script().main(argv) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
-        "finetune.py: interrupted at step 2 (saved a checkpoint there); the same command "
+        "hubtune tune: interrupted at step 2 (saved a checkpoint there); the same command "
         "resumes the run from its newest checkpoint"
     ]
     assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
@@ -461,4 +461,4 @@ def test_rank_takes_its_ground_truth_from_run_folders(ssf_run, pretrained, tmp_p
     assert rank.main(["--models", f"vit_tiny={pretrained['pre']}", "vit_tiny", "--data",
                       str(pretrained["data"]), "--ground-truth", str(tmp_path / "ranking"),
                       "--out", str(tmp_path / "r2")]) == 2  # fmt: skip
-    assert "rank.py: error:" in capsys.readouterr().err and not (tmp_path / "r2").exists()
+    assert "hubtune rank: error:" in capsys.readouterr().err and not (tmp_path / "r2").exists()

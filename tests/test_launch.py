@@ -200,7 +200,7 @@ def test_cluster_errors_are_one_line_on_every_process(two_processes):
         for case, text in expected.items():
             status, message = report[case]
             assert status == 2 and len(message.strip().splitlines()) == 1, (case, message)
-            assert message.startswith("finetune.py: error: ") and text in message, (case, message)
+            assert message.startswith("hubtune tune: error: ") and text in message, (case, message)
     first, second = (r["locked"][1] for r in two_processes["reports"])
     assert "in use by pid" in first and "process 0 could not lock it" in second
     assert not (out / "batch").exists() and not (out / "mismatch").exists()

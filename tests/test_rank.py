@@ -224,7 +224,7 @@ def test_every_bad_input_is_one_line_and_exit_2(hub, tmp_path, capsys):
         argv = [x for flag, values in args.items() for x in (flag, *values)]
         assert _script().main(argv) == 2, change
         lines = capsys.readouterr().err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("rank.py: error:"), (change, lines)
+        assert len(lines) == 1 and lines[0].startswith("hubtune rank: error:"), (change, lines)
         assert message in lines[0], (change, lines[0])
         assert not (tmp_path / "o").exists()  # nothing written before the error
 
@@ -238,7 +238,7 @@ def test_a_failing_score_keeps_the_finished_ones(hub, tmp_path, monkeypatch, cap
             "--out", str(tmp_path / "o"), "--cache-dir", str(hub["root"] / "cache")]  # fmt: skip
     assert _script().main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # (after the progress bars)
-    assert err.startswith("rank.py: error: score 'gbc' failed on model 'r'")
+    assert err.startswith("hubtune rank: error: score 'gbc' failed on model 'r'")
     report = json.loads((tmp_path / "o" / "ranking.json").read_text())
     assert report["scores"] == ["logme"] and "zero variance" in report["error"]
     assert [sorted(m["scores"]) for m in report["models"]] == [["logme"], ["logme"]]
@@ -263,7 +263,9 @@ def test_script_exits_2_without_traceback(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
-    assert proc.stderr.startswith("rank.py: error: model 'resnet_nope' is neither a known name")
+    assert proc.stderr.startswith(
+        "hubtune rank: error: model 'resnet_nope' is neither a known name"
+    )
 
 
 def test_float64_scores_run_pinned_to_the_host_cpu(hub, monkeypatch):

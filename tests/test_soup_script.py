@@ -361,7 +361,7 @@ def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(sweep, tmp_path):
         code, stdout, stderr = _main(["--runs", *runs, "--heldout", str(sweep["heldout"]),
                                       *out, *extra])  # fmt: skip
         assert code == 2, (message, stderr)
-        assert stderr.startswith("soup.py: error: ") and stderr.count("\n") == 1, stderr
+        assert stderr.startswith("hubtune soup: error: ") and stderr.count("\n") == 1, stderr
         assert message in stderr, (message, stderr)
         assert stdout == ""
         assert sorted(tmp_path.rglob("*")) == before, message  # nothing written, nothing left

@@ -29,7 +29,6 @@ DIR-2, DIR-3, ... Fixed seeds make two runs write the same accuracies (times dif
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -47,6 +46,8 @@ from hubtune.demo import steps as demo_steps
 from hubtune.parsing import Parser, interruptible
 from jaxmodels import host
 from jaxmodels.models import registry
+
+PROG = "hubtune demo"  # in usage lines, errors and warnings, also as scripts/*.py
 
 SIZE = 32  # the hub's input side; the 8×8 digits are upsampled ×4
 
@@ -179,13 +180,9 @@ def _out_folder(requested: pathlib.Path) -> pathlib.Path:
     return output.free_sibling(requested) if (requested / "report.json").exists() else requested
 
 
-@interruptible("demo.py")
+@interruptible(PROG)
 def main(argv=None) -> int:
-    parser = Parser(
-        description=__doc__.split("\n\n")[0],
-        epilog="\n\n".join(__doc__.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = Parser.from_doc(PROG, __doc__)
     parser.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     parser.add_argument(
         "--quick",
@@ -207,7 +204,7 @@ def main(argv=None) -> int:
     try:  # a new demo folder, never another tool's (an earlier demo's goes to OUT-2, OUT-3...)
         output.check(out, "demo", None)
     except output.OutputError as err:
-        print(f"demo.py: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     if out != pathlib.Path(args.out):
         print(f"{args.out} holds an earlier report; writing to {out}")

@@ -73,17 +73,14 @@ from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees.fit import MAX_STAGES
 from jaxmodels.inference.artefact_cache import default_cache_dir
 
+PROG = "hubtune serve"  # in usage lines, errors and warnings, also as scripts/*.py
+
 USER_ERRORS = (CascadeInputError, jaxmodels.DataError, jaxmodels.ModelRefError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     doc = __doc__.format(names=", ".join(jaxmodels.MODEL_NAMES), cache=default_cache_dir())
-    parser = Parser(
-        prog="cascade.py",
-        description=doc.split("\n\n")[0],
-        epilog="\n\n".join(doc.split("\n\n")[1:]),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = Parser.from_doc(PROG, doc)
     parser.add_argument("--models", nargs="+", required=True, metavar="MODEL")
     parser.add_argument("--heldout", required=True, metavar="DATA", help="fits the thresholds")
     parser.add_argument("--test", required=True, metavar="DATA", help="scores and times")
@@ -129,7 +126,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@interruptible("cascade.py")
+@interruptible(PROG)
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = lambda text: print(text, file=sys.stderr, flush=True)
@@ -159,7 +156,7 @@ def main(argv=None) -> int:
             log=log,
         )
     except (*USER_ERRORS, output.OutputError) as err:
-        print(f"cascade.py: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     print(cascade_output.format_report(report))
     out = pathlib.Path(args.out)

@@ -26,7 +26,7 @@ soup is chosen on it), against each run alone and the logit ensemble of all runs
 forward passes per image).
 
 What makes a soup work: every run fine-tuned from the same weights, head included. Start each
-run from one linear-probe run (LP-FT: --model NAME=LP_RUN/model in finetune.py); runs whose
+run from one linear-probe run (LP-FT: --model NAME=LP_RUN/model in hubtune tune); runs whose
 starting weights differ get a warning, runs of different architectures or base checkpoints are
 refused. Keep learning rates modest: a run carried out of the shared basin drags the average.
 
@@ -82,16 +82,13 @@ from hubtune.soup import plan as soup_plan  # noqa: E402
 from training.config import RunError  # noqa: E402
 from training.soups import averaging as soups  # noqa: E402
 
+PROG = "hubtune soup"  # in usage lines, errors and warnings, also as scripts/*.py
+
 USER_ERRORS = (RunError, jaxmodels.DataError, jaxmodels.ModelRefError)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    summary, _, details = __doc__.partition("\n\n")
-    parser = Parser(
-        description=summary,
-        epilog=details,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = Parser.from_doc(PROG, __doc__)
     parser.add_argument(
         "--runs", nargs="+", required=True, metavar="DIR", help="a sweep folder and/or run folders"
     )
@@ -138,7 +135,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-@interruptible("soup.py")
+@interruptible(PROG)
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.getLogger("absl").setLevel(logging.ERROR)
@@ -147,7 +144,7 @@ def main(argv=None) -> int:
     try:
         stored = output.check(args.out, "soup", settings)
     except output.OutputError as err:
-        print(f"soup.py: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     if stored is not None:
         print(f"{args.out}: souped before with these settings; nothing recomputed. Stored result:")
@@ -171,10 +168,10 @@ def main(argv=None) -> int:
             data_dir=args.tfds_data_dir,
         )
         for warning in plan.warnings:
-            print(f"soup.py: warning: {warning}", file=sys.stderr)
+            print(f"{PROG}: warning: {warning}", file=sys.stderr)
         report = soup_cook.cook(plan, progress=progress)
     except USER_ERRORS as err:
-        print(f"soup.py: error: {err}", file=sys.stderr)
+        print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     output.mark(plan.out, "soup", settings)
     print(soup_output.format_table(report))
