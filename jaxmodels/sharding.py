@@ -153,10 +153,14 @@ def bytes_per_device(tree) -> int:
 def host_copy(tree):
     """NumPy copy of a pytree of global arrays, identical on every process.
 
-    A replicated array's local replica is the whole value; a sharded one is read whole when this
-    process holds it all, else all-gathered from the processes (then every process must call
-    this: it is a collective). Non-array leaves are passed through `np.asarray`.
+    In one process the leaves are fetched together (`jax.device_get`: one batched transfer).
+    Multi-host, a replicated array's local replica is the whole value; a sharded one is read
+    whole when this process holds it all, else all-gathered from the processes (then every
+    process must call this: it is a collective). Non-array leaves are passed through
+    `np.asarray`.
     """
+    if jax.process_count() == 1:
+        return jax.tree.map(np.asarray, jax.device_get(tree))
 
     def one(x):
         if not isinstance(x, jax.Array):

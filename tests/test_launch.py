@@ -1,10 +1,10 @@
 """Real multi-process runs: `training.launch` starts 2 JAX processes × 4 CPU devices joined over
 gloo, and what they compute equals one process with 8 devices (tests/conftest.py's).
 
-One launch of tests/two_process_worker.py checks inference, ranking (in memory and --stream),
-fine-tuning (uninterrupted; killed while fully sharded, resumed replicated), saving and loading,
-and three one-line errors; each test below reads one part of it. Two cheap launches check the
-launcher itself and a process that cannot reach its coordinator.
+One launch of tests/two_process_worker.py checks inference, an ensemble and a cascade, ranking
+(in memory and --stream), fine-tuning (uninterrupted; killed while fully sharded, resumed
+replicated), saving and loading, and three one-line errors; each test below reads one part of
+it. Two cheap launches check the launcher itself and a process that cannot reach its coordinator.
 """
 
 import json
@@ -85,6 +85,18 @@ def test_inference_outputs_in_input_order_equal_one_process(two_processes, data)
             # the same per-device programs on the same rows: identical bits
             np.testing.assert_array_equal(arrays[name], want, err_msg=name)
     assert reference["predict"].shape == (20, 4)
+
+
+def test_ensemble_and_cascade_outputs_equal_one_process(two_processes, data):
+    strategies = {r["ensemble_strategy"] for r in two_processes["reports"]}
+    assert len(strategies) == 1  # "auto": every process runs the strategy process 0 measured
+    _, reference = worker.committee_outputs(data, strategy=strategies.pop())
+    exits = reference["cascade_exit_stage"]
+    assert 0 < exits.sum() < len(exits)  # some rows answered at stage 0, some went on
+    for arrays in two_processes["arrays"]:  # every process returns all rows
+        for name, want in reference.items():
+            # each device runs the same programs on the same rows as in one process
+            np.testing.assert_array_equal(arrays[name], want, err_msg=name)
 
 
 def _scores(path: pathlib.Path) -> dict:

@@ -1,7 +1,7 @@
 """What tests/test_launch.py runs as 2 processes × 4 CPU devices under `training.launch`.
 
 One launch checks many things, because starting JAX processes and compiling are the slow parts:
-inference outputs, both ranking modes, fine-tuning (an uninterrupted run; a run killed while
+inference outputs, an ensemble and an adaptive cascade, both ranking modes, fine-tuning (an uninterrupted run; a run killed while
 fully sharded and resumed replicated), and the one-line errors a cluster user meets. Compiled
 programs are cached on disk (OUT/xla-cache), so the resumed run reuses the uninterrupted one's. Every process writes what it
 saw to OUT/p<i>.json and OUT/p<i>.npz; the test compares them with one process of 8 devices.
@@ -80,6 +80,40 @@ def inference_outputs(data: pathlib.Path) -> dict:
     return {"predict": predicted, "features": feats, "feature_logits": logits}
 
 
+def committee_outputs(data: pathlib.Path, strategy: str = "auto") -> tuple[dict, dict]:
+    """(facts, arrays): an ensemble of two seeded vit_tiny members and an adaptive cascade of
+    them over eval.npz's 20 images (every process passes all rows and gets all outputs). The
+    cascade's threshold is the median of stage 0's confidences, so about half the rows go on."""
+    from jaxmodels.committees.executors import Cascade, Ensemble, Member
+
+    members = []
+    for seed in (5, 6):
+        ref = jaxmodels.parse_model_ref("vit_tiny")
+        built = jaxmodels.build(ref, num_classes=4, init_seed=seed)
+        rng = np.random.default_rng(seed)  # a random head: a fresh one is zeros, logits all 0
+        params = dict(built.variables["params"])
+        params["head"] = jax.tree.map(
+            lambda x, rng=rng: rng.standard_normal(x.shape).astype(np.float32), params["head"]
+        )
+        spec = jaxmodels.spec_of(built.model)
+        members.append(Member(built.model, {**built.variables, "params": params},
+                              spec.flops_per_image, spec.preprocessing, f"vit{seed}"))  # fmt: skip
+    images = np.load(data / "eval.npz")["images"]
+    ensemble = Ensemble(members, batch_size=8, strategy=strategy)
+    member_logits = ensemble.member_logits(images)
+    first = member_logits[0] - member_logits[0].max(axis=1, keepdims=True)
+    confidence = np.exp(first).max(axis=1) / np.exp(first).sum(axis=1)
+    cascade = Cascade(members, [float(np.median(confidence))], batch_size=8)
+    answered = cascade.run(images)
+    arrays = {
+        "ensemble_logits": ensemble.logits(images),
+        "member_logits": member_logits,
+        "cascade_logits": answered.logits,
+        "cascade_exit_stage": answered.exit_stage,
+    }
+    return {"ensemble_strategy": ensemble.chosen_strategy}, arrays
+
+
 def main(out: pathlib.Path, data: pathlib.Path) -> None:
     index = jax.process_index()
     report = {
@@ -111,6 +145,10 @@ def main(out: pathlib.Path, data: pathlib.Path) -> None:
     report["seconds"]["errors"] = time.perf_counter() - START
     arrays = inference_outputs(data)
     report["seconds"]["inference"] = time.perf_counter() - START
+    facts, committee = committee_outputs(data)
+    report.update(facts)
+    arrays.update(committee)
+    report["seconds"]["committees"] = time.perf_counter() - START
 
     rank_args = [*rank_models(data), "--data", train, "--cache-dir", str(out / "cache")]
     report["rank"] = rank.main([*rank_args, "--scores", RANK_SCORES, "--out", str(out / "rank")])

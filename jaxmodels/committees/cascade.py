@@ -182,10 +182,9 @@ class Cascade:
         inputs = members_lib.member_inputs(images, self.members)
         rows = row_batches.DeviceRows(inputs, self.mesh, self.buckets)
         num_classes = self._num_classes(rows)
-        by_device = sharding.batch_sharding(self.mesh)
         # The pending lists have room for one padded call past the last row.
         room = rows.capacity + rows.local_buckets[-1]
-        counts = jax.device_put(rows.counts_S, by_device)
+        counts = rows.per_device(rows.counts_S)
         state = _CascadeState(
             pending=rows.local_indices(room),
             count=counts,
@@ -193,8 +192,8 @@ class Cascade:
             answer=rows.zeros((num_classes,), jnp.float32),
             exit_stage=rows.zeros((), jnp.int32),
             next_pending=rows.zeros((), jnp.int32, rows_per_device=room),
-            next_count=jax.device_put(np.zeros_like(rows.counts_S), by_device),
-            bad=jax.device_put(np.zeros(rows.shards, bool), by_device),
+            next_count=rows.per_device(np.zeros_like(rows.counts_S)),
+            bad=rows.per_device(np.zeros(rows.shards, bool)),
         )
         return rows, state
 
@@ -246,7 +245,6 @@ class Cascade:
         Raises:
           TypeError / ValueError: malformed images; a member producing NaN/inf logits.
         """
-        members_lib.check_single_process()
         start_time = time.perf_counter()
         rows, state = self._start(images)
         counts_S = rows.counts_S
@@ -258,7 +256,7 @@ class Cascade:
                 idx_b, valid_b, images_b, sums_b = take(images, state, rows.scalar(start))
                 outs = step(variables, images_b, sums_b)
                 state = record(state, idx_b, valid_b, *outs, threshold, k)
-            counts_S, bad_S = jax.device_get((state.next_count, state.bad))
+            counts_S, bad_S = sharding.host_copy((state.next_count, state.bad))
             if bad_S.any():
                 name = self.members[stage].name or f"member {stage}"
                 raise ValueError(f"stage {stage} ({name}) produced non-finite logits or confidence")

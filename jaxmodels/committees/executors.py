@@ -25,7 +25,8 @@ Both split the rows over the 'data' axis of a `Mesh` (all devices by default) wi
 variables replicated, and keep one compiled step per (model, bucket, input shape). Images are
 one array [N, H, W, 3] for all members or one array per member (members with different input
 sizes); uint8 images are normalised on the device with the member's `Preprocessing`, float
-images are used as given. Single-process only (multi-host runs raise NotImplementedError).
+images are used as given. Multi-host: every process passes the same images and gets all
+the outputs (`row_batches.DeviceRows`).
 
 Shapes: M members, N images, B rows of one device batch, K classes, H, W image side.
 
@@ -43,6 +44,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from jaxmodels import sharding
 from jaxmodels.committees import members as members_lib
@@ -206,7 +208,6 @@ class Ensemble:
         return np.argmax(self.logits(images), axis=-1).astype(np.int32)
 
     def _run(self, images, combined: bool):
-        members_lib.check_single_process()
         inputs = members_lib.member_inputs(images, self.members)
         if self.strategy == "auto":
             return self._measured(inputs)._run(inputs, combined)
@@ -236,7 +237,9 @@ class Ensemble:
                     start = _clock()
                     self._with_strategy(strategy).logits(batch)  # NumPy: includes the fetch
                     seconds[strategy] = min(seconds[strategy], _clock() - start)
-            _AUTO_WINNERS[key] = min(STRATEGIES, key=seconds.__getitem__)
+            fastest = STRATEGIES.index(min(STRATEGIES, key=seconds.__getitem__))
+            # multi-host: process 0's measurement decides, so every process runs one program
+            _AUTO_WINNERS[key] = STRATEGIES[int(multihost_utils.broadcast_one_to_all(fastest))]
         winner = self._with_strategy(_AUTO_WINNERS[key])
         self.groups, self.chosen_strategy = winner.groups, winner.strategy
         return winner

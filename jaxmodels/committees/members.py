@@ -98,14 +98,6 @@ def check_members(members) -> tuple[Member, ...]:
     return tuple(members)
 
 
-def check_single_process() -> None:
-    """Committees gather rows on one host; multi-process runs are not supported (yet)."""
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            f"ensembles and cascades run in a single process; got {jax.process_count()} processes"
-        )
-
-
 def member_inputs(images, members: tuple[Member, ...]) -> list[np.ndarray]:
     """One host array [N, H, W, 3] per member (the same object where images are shared).
 

@@ -104,8 +104,11 @@ class DeviceRows:
     quarter, as `jaxmodels.committees.deploy` times them), and larger ones at most twice the
     rows. Arrays given as one object several times are uploaded once and shared.
 
+    Multi-host: every process passes the same host arrays, all N rows, and uploads the blocks of
+    its own devices; `fetch` returns all rows on every process.
+
     Args:
-      host_arrays: arrays [N, ...] with one N.
+      host_arrays: arrays [N, ...] with one N (the same on every process).
       mesh: the data mesh.
       buckets: ascending global bucket sizes (`mesh_and_buckets`).
 
@@ -163,13 +166,17 @@ class DeviceRows:
 
     def scalar(self, value, dtype=np.int32) -> jax.Array:
         """`value` on every device (an explicit upload of one number)."""
-        return jax.device_put(np.asarray(value, dtype), sharding.replicated_sharding(self.mesh))
+        return sharding.replicate(np.asarray(value, dtype), self.mesh)
+
+    def per_device(self, host_S: np.ndarray) -> jax.Array:
+        """[S] host values, one on each device of 'data' (the same array on every process)."""
+        return sharding.put(np.asarray(host_S), sharding.batch_sharding(self.mesh))
 
     def fetch(self, *buffers: jax.Array) -> tuple[np.ndarray, ...]:
-        """The real rows of device buffers [S·C, ...] as NumPy [N, ...], in input order (one
-        transfer for all)."""
+        """The real rows of device buffers [S·C, ...] as NumPy [N, ...], in input order, on
+        every process (one transfer for all; all-gathered across processes, a collective)."""
         n, out = self.rows_per_device, []
-        for x in jax.device_get(buffers):
+        for x in sharding.host_copy(buffers):
             blocks = np.asarray(x).reshape(self.shards, self.capacity, *x.shape[1:])[:, :n]
             out.append(blocks.reshape(self.shards * n, *x.shape[1:])[: self.num_rows])
         return tuple(out)
