@@ -1,10 +1,11 @@
 """What tests/test_launch.py runs as 2 processes × 4 CPU devices under `training.launch`.
 
 One launch checks many things, because starting JAX processes and compiling are the slow parts:
-inference outputs, an ensemble and an adaptive cascade, both ranking modes, fine-tuning (an uninterrupted run; a run killed while
-fully sharded and resumed replicated), and the one-line errors a cluster user meets. Compiled
-programs are cached on disk (OUT/xla-cache), so the resumed run reuses the uninterrupted one's. Every process writes what it
-saw to OUT/p<i>.json and OUT/p<i>.npz; the test compares them with one process of 8 devices.
+inference outputs, an ensemble and an adaptive cascade, both ranking modes, fine-tuning (an
+uninterrupted run; a run killed while fully sharded and resumed replicated), and the one-line
+errors a cluster user meets. Compiled programs are cached on disk (OUT/xla-cache), so the resumed
+run reuses the uninterrupted one's. Every process writes what it saw to OUT/p<i>.json and
+OUT/p<i>.npz; the test compares them with one process of 8 devices.
 
 Usage: python tests/two_process_worker.py OUT DATA   (DATA holds train.npz, eval.npz, vit_b/)
 """
@@ -84,8 +85,6 @@ def committee_outputs(data: pathlib.Path, strategy: str = "auto") -> tuple[dict,
     """(facts, arrays): an ensemble of two seeded vit_tiny members and an adaptive cascade of
     them over eval.npz's 20 images (every process passes all rows and gets all outputs). The
     cascade's threshold is the median of stage 0's confidences, so about half the rows go on."""
-    from jaxmodels.committees.executors import Cascade, Ensemble, Member
-
     members = []
     for seed in (5, 6):
         ref = jaxmodels.parse_model_ref("vit_tiny")
@@ -96,14 +95,16 @@ def committee_outputs(data: pathlib.Path, strategy: str = "auto") -> tuple[dict,
             lambda x, rng=rng: rng.standard_normal(x.shape).astype(np.float32), params["head"]
         )
         spec = jaxmodels.spec_of(built.model)
-        members.append(Member(built.model, {**built.variables, "params": params},
-                              spec.flops_per_image, spec.preprocessing, f"vit{seed}"))  # fmt: skip
+        variables = {**built.variables, "params": params}
+        members.append(jaxmodels.Member(
+            built.model, variables, spec.flops_per_image, spec.preprocessing, f"vit{seed}"
+        ))  # fmt: skip
     images = np.load(data / "eval.npz")["images"]
-    ensemble = Ensemble(members, batch_size=8, strategy=strategy)
+    ensemble = jaxmodels.Ensemble(members, batch_size=8, strategy=strategy)
     member_logits = ensemble.member_logits(images)
     first = member_logits[0] - member_logits[0].max(axis=1, keepdims=True)
     confidence = np.exp(first).max(axis=1) / np.exp(first).sum(axis=1)
-    cascade = Cascade(members, [float(np.median(confidence))], batch_size=8)
+    cascade = jaxmodels.Cascade(members, [float(np.median(confidence))], batch_size=8)
     answered = cascade.run(images)
     arrays = {
         "ensemble_logits": ensemble.logits(images),
