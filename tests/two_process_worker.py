@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils  # noqa: E402
 
 import jaxmodels  # noqa: E402
 from jaxmodels import distributed  # noqa: E402
+from jaxmodels.committees import rules  # noqa: E402
 
 INFERENCE_BATCH = 16
 FINETUNE_ARGS = [
@@ -102,8 +103,8 @@ def committee_outputs(data: pathlib.Path, strategy: str = "auto") -> tuple[dict,
     images = np.load(data / "eval.npz")["images"]
     ensemble = jaxmodels.Ensemble(members, batch_size=8, strategy=strategy)
     member_logits = ensemble.member_logits(images)
-    first = member_logits[0] - member_logits[0].max(axis=1, keepdims=True)
-    confidence = np.exp(first).max(axis=1) / np.exp(first).sum(axis=1)
+    # stage 0's confidence as the cascade computes it (rule "ensemble", max_prob)
+    confidence = np.asarray(rules.stage_confidence(member_logits[0], rules.max_prob))
     cascade = jaxmodels.Cascade(members, [float(np.median(confidence))], batch_size=8)
     answered = cascade.run(images)
     arrays = {
