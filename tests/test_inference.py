@@ -15,6 +15,7 @@ from tiny_classifier import random_variables
 import jaxmodels
 from jaxmodels import jit_cache
 from jaxmodels.data import pipeline
+from jaxmodels.inference import row_batches
 
 N = 37  # divisible neither by the batch (16) nor by the 8 devices
 NUM_CLASSES = 3
@@ -53,6 +54,44 @@ def test_predict_equals_a_plain_apply_loop(task, placement, monkeypatch):
                                progress=False)  # fmt: skip
     assert logits.shape == (N, NUM_CLASSES) and logits.dtype == np.float32
     np.testing.assert_allclose(logits, task["reference"], rtol=1e-5, atol=1e-5)
+
+
+def test_prepared_rows_hold_each_devices_rows_of_every_batch(task):
+    """Device s holds rows t·B + s·b + j of every batch t at t·b + j (the batch layout the
+    engine's calls read), with its real-row count; a pass's calls are the global batches."""
+    prep = task["prep"]
+    prepared = jaxmodels.prepare((task["images"], task["labels"]), prep, batch_size=16,
+                                 progress=False)  # fmt: skip
+    rows, expected = (
+        prepared.rows,
+        np.stack([jaxmodels.prepare_for_eval(im, prep) for im in task["images"]]),
+    )
+    steps, b = 3, 2  # 37 rows in batches of 16 on 8 devices
+    assert (rows.rows_per_device, rows.capacity, prepared.num_batches) == (steps * b,) * 2 + (
+        steps,
+    )
+    index_TSb = np.arange(steps * 16).reshape(steps, 8, b)
+    real_TSb = index_TSb < N
+    np.testing.assert_array_equal(rows.counts_S, real_TSb.sum((0, 2)))
+    images, labels, valid = rows.arrays
+    for shard in images.addressable_shards:
+        s = shard.index[0].start // rows.capacity
+        for t in range(steps):
+            for j in range(b):
+                row = index_TSb[t, s, j]
+                got = np.asarray(shard.data)[t * b + j]
+                np.testing.assert_array_equal(got, expected[row] if row < N else 0 * got)
+    np.testing.assert_array_equal(prepared.host_images(), expected)
+    np.testing.assert_array_equal(rows.fetch(labels)[0], task["labels"])
+    np.testing.assert_array_equal(rows.fetch(valid)[0], np.ones(N, bool))
+    calls = list(row_batches.device_batches(rows))
+    assert len(calls) == steps
+    for t, (_, size, (x_B, y_B, ok_B)) in enumerate(calls):
+        assert size == b  # rows per device
+        np.testing.assert_array_equal(np.asarray(ok_B), index_TSb[t].ravel() < N)
+        real = np.asarray(ok_B)
+        np.testing.assert_array_equal(np.asarray(x_B)[real], expected[t * 16 : t * 16 + 16])
+        np.testing.assert_array_equal(np.asarray(y_B)[real], task["labels"][t * 16 : t * 16 + 16])
 
 
 def test_evaluate_matches_numpy_on_every_placement(task):
@@ -146,7 +185,7 @@ def test_every_path_feeds_the_same_pixels(task, tmp_path):
     np.testing.assert_array_equal(pixels, host_pixels)
     # the uint8 pixels on the device are exactly the host pipeline's resize + crop
     one = jaxmodels.prepare_for_eval(task["images"][5], prep)
-    np.testing.assert_array_equal(np.asarray(prepared.images).reshape(-1, 16, 16, 3)[5], one)
+    np.testing.assert_array_equal(prepared.host_images()[5], one)
     batches = list(pipeline.eval_dataset(jaxmodels.open_source(spec), prep, global_batch=8))
     np.testing.assert_array_equal(batches[0]["image"][5], one)
 

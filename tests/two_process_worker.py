@@ -68,8 +68,9 @@ def run_quietly(main, args: list[str]) -> tuple[int, str]:
 
 
 def inference_outputs(data: pathlib.Path) -> dict:
-    """predict and extract_features of a seeded vit_tiny (the prepared, device-resident path of
-    `evaluate` runs in every fine-tuning evaluation)."""
+    """predict and extract_features of a seeded vit_tiny, streamed from the source and on a
+    device-resident prepared set (each process uploads its slice of every batch), and that
+    set's `evaluate` (the path of every fine-tuning evaluation)."""
     built = jaxmodels.build(jaxmodels.parse_model_ref("vit_tiny"), num_classes=4, init_seed=3)
     model, variables = built.model, built.variables
     source = jaxmodels.open_source(str(data / "eval.npz"))
@@ -79,7 +80,17 @@ def inference_outputs(data: pathlib.Path) -> dict:
     predicted = jaxmodels.predict(
         model, variables, source, batch_size=INFERENCE_BATCH, progress=False
     )
-    return {"predict": predicted, "features": feats, "feature_logits": logits}
+    prepared = jaxmodels.prepare(
+        source, jaxmodels.spec_of(model).preprocessing, batch_size=INFERENCE_BATCH,
+        placement="device", progress=False,
+    )  # fmt: skip
+    result = jaxmodels.evaluate(model, variables, prepared)
+    return {
+        "predict": predicted, "features": feats, "feature_logits": logits,
+        "prepared_predict": jaxmodels.predict(model, variables, prepared),
+        "prepared_features": jaxmodels.extract_features(model, variables, prepared),
+        "prepared_evaluate": np.array([result.accuracy, result.loss, result.count]),
+    }  # fmt: skip
 
 
 def committee_outputs(data: pathlib.Path, strategy: str = "auto") -> tuple[dict, dict]:

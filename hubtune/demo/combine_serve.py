@@ -105,14 +105,10 @@ def serve(finetuned, data, recipe, out) -> dict:
                          for m, x in zip(members, images_M, strict=True)])  # fmt: skip
 
     def images(sets):
-        """Each member's uint8 images [N, S, S, 3], as the executor takes them."""
-        size = len(next(iter(sets.values())).labels)
-        return [
-            np.asarray(sets[m.preprocessing].images).reshape(
-                -1, *sets[m.preprocessing].images.shape[2:]
-            )[:size]
-            for m in members
-        ]
+        """Each member's uint8 images [N, S, S, 3], as the executor takes them (one array per
+        preprocessing, shared by its members)."""
+        host = {prep: prepared.host_images() for prep, prepared in sets.items()}
+        return [host[m.preprocessing] for m in members]
 
     held_images, test_images = images(heldout), images(test)
     held_MNC, test_MNC = logits_MNC(held_images), logits_MNC(test_images)

@@ -178,9 +178,7 @@ class PreparedSets:
         per (role, preprocessing), so members of equal preprocessing share it)."""
         key = (role, prep)
         if key not in self._host:
-            prepared = self.get(role, prep)
-            images = np.asarray(prepared.images)  # [T, B, S, S, 3]: rows t·B + b, in order
-            self._host[key] = images.reshape((-1, *images.shape[2:]))[: prepared.num_examples]
+            self._host[key] = self.get(role, prep).host_images()
         return self._host[key]
 
     def member_inputs(self, role: str, preps: Sequence[Preprocessing]) -> list[np.ndarray]:

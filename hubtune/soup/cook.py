@@ -202,13 +202,9 @@ def _merge(method: str, p: SoupPlan, model, loaders, sets, finish):
 
 
 def _image_batches(prepared) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``(uint8 images [b, S, S, 3], labels [b])`` per batch of a prepared set, real rows only
-    (single process)."""
-    if prepared.on_host:
-        return [(b.images[b.valid], b.labels[b.valid]) for b in prepared.host_batches()]
-    images, valid = np.asarray(prepared.images), np.asarray(prepared.valid)
-    labels = np.asarray(prepared.labels_TB)
-    return [(x[ok], y[ok]) for x, y, ok in zip(images, labels, valid, strict=True) if ok.any()]
+    """``(uint8 images [b, S, S, 3], labels [b])`` per batch of a prepared set, real rows only."""
+    images_N, labels_N, size = prepared.host_images(), prepared.labels, prepared.batch_size
+    return [(images_N[i : i + size], labels_N[i : i + size]) for i in range(0, len(images_N), size)]
 
 
 def _bn_finisher(p: SoupPlan, model, prep) -> Callable[[dict], dict]:

@@ -13,13 +13,15 @@ How a pass runs:
     path: ranking, fine-tuning's evaluation, soups and committees;
   * the batch is split over the 'data' axis of a `Mesh` of all devices, variables are replicated,
     the last batch is padded and marked by `valid`, so one shape compiles once;
-  * a device-resident `Prepared` set runs as one jitted `lax.map` over its [T, B] batches (one
-    dispatch per pass, `whole_set`); a streamed set (a source, or a host-resident `Prepared`)
-    goes batch by batch with the next batch transferred while the current one computes
-    (`run_batches`);
+  * a device-resident `Prepared` set runs on the committees' row engine
+    (`jaxmodels.inference.row_batches`): one call per global batch on rows that stay on the
+    devices, its outputs scattered into buffers there and fetched once (`predict`), or folded
+    into three sums on the devices (`evaluate`); a streamed set (a source, or a host-resident
+    `Prepared`) goes batch by batch with the next batch transferred while the current one
+    computes (`run_batches`);
   * multi-host: each process decodes and feeds only its slice of every global batch (the
     contiguous rows [p·B/P, (p+1)·B/P)); outputs are gathered so every process returns all N rows
-    in input order (`all_rows`, `gather_steps`).
+    in input order (`DeviceRows.fetch`, `prepared.gather_steps`).
 
 Shapes: N examples, T batches, B global batch, L = B / process count, S image side, K classes.
 """
@@ -33,12 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from jaxmodels import sharding
 from jaxmodels.data import preprocess
-from jaxmodels.inference import compute_dtype, image_batches
+from jaxmodels.inference import compute_dtype, image_batches, row_batches
 from jaxmodels.inference import prepared as prepared_lib
 from jaxmodels.jit_cache import cached
 
@@ -86,13 +87,13 @@ def predict(
     )
     variables = sharding.replicate(compute_dtype.cast_floating(variables, dtype), prepared.mesh)
     if not prepared.on_host:
-        logits_TBK = whole_set(step, prepared.mesh)(variables, prepared.images)
-        return all_rows(logits_TBK, prepared.num_examples)
+        logits = lambda v, images, labels, valid: (step.forward(v, images),)
+        return row_batches.map_rows(logits, (variables,), prepared.rows, ("predict", step))[0]
     outs, _ = run_batches(
         step, variables, prepared.host_batches(), prepared.mesh, progress,
         num_batches=prepared.num_batches,
     )  # fmt: skip
-    return gather_steps(outs[0], prepared.num_examples)
+    return prepared_lib.gather_steps(outs[0], prepared.num_examples)
 
 
 def evaluate(
@@ -108,8 +109,9 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy, mean cross-entropy and count of `model` on labelled `data`.
 
-    Arguments as `predict`. On a device-resident `Prepared` set this is one jitted call that
-    returns three scalars: the cost of one forward pass over the set.
+    Arguments as `predict`. On a device-resident `Prepared` set each batch's forward pass adds
+    to three sums on the devices and only they come back: the cost of one forward pass over
+    the set.
 
     Raises:
       ValueError: the data has no labels, or labels outside [0, K).
@@ -123,10 +125,11 @@ def evaluate(
     if prepared.on_host:
         logits_NK = predict(model, variables, prepared, dtype=dtype, progress=progress)
         return evaluate_logits(logits_NK, prepared.labels)
-    sums = _whole_set_sums(step, prepared.mesh)(
-        variables, prepared.images, prepared.labels_TB, prepared.valid
-    )
-    correct, loss_sum, classes = (float(x) for x in _host_scalars(sums))
+    sums = _zero_sums(prepared.mesh)
+    add = _sums_step(step, prepared.mesh)
+    for _, _, batch in row_batches.device_batches(prepared.rows):
+        sums = add(sums, variables, *batch)
+    correct, loss_sum, classes = (float(x) for x in sharding.host_copy(sums))
     _check_labels_within(prepared.labels, int(classes))
     count = prepared.num_examples
     return EvalResult(correct / max(count, 1), loss_sum / max(count, 1), count)
@@ -252,52 +255,40 @@ def normalized_forward(apply_fn, prep: preprocess.Preprocessing | None, dtype=No
     return forward
 
 
-def whole_set(step, mesh):
-    """jit(variables, images [T, B, ...]) → `step.forward`'s outputs [T, B, ...], one dispatch.
+def _sums_step(step, mesh):
+    """jit(sums, variables, images [B], labels [B], valid [B]) -> sums + this batch's:
+    (correct count, loss sum, K), replicated (the cross-device sums are XLA's)."""
 
-    `lax.map` runs the per-batch forward over the T batches of a device-resident set inside one
-    compiled function, so a pass over the set costs one call, whatever T is.
-    """
-    layout = NamedSharding(mesh, PartitionSpec(None, sharding.DATA_AXIS))
-
-    def build():
-        return jax.jit(
-            lambda v, x_TB: jax.lax.map(lambda x_B: step.forward(v, x_B), x_TB),
-            out_shardings=layout,
-        )
-
-    return cached(("whole-set", step), build)
-
-
-def _whole_set_sums(step, mesh):
-    """jit(variables, images, labels [T, B], valid [T, B]) -> (correct, loss sum, K)."""
-
-    def sums(v, images_TB, labels_TB, valid_TB):
-        def one(carry, batch):
-            x_B, y_B, ok_B = batch
-            logits_BK = step.forward(v, x_B)
-            classes = logits_BK.shape[1]
-            y_B = jnp.clip(y_B, 0, classes - 1)  # padding rows carry label 0; masked below
-            hit_B = (jnp.argmax(logits_BK, axis=1) == y_B) & ok_B
-            loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BK, y_B)
-            correct, loss = carry
-            # explicit dtypes: the carry keeps its type also when 64-bit mode is on
-            correct_sum = hit_B.sum(dtype=jnp.int32)
-            loss_sum = jnp.where(ok_B, loss_B, 0).sum(dtype=jnp.float32)
-            return (correct + correct_sum, loss + loss_sum), classes
-
-        zero = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32))
-        (correct, loss), classes_T = jax.lax.scan(one, zero, (images_TB, labels_TB, valid_TB))
-        return correct, loss, classes_T[0]
+    def add(sums, v, x_B, y_B, ok_B):
+        logits_BK = step.forward(v, x_B)
+        classes = logits_BK.shape[1]
+        y_B = jnp.clip(y_B, 0, classes - 1)  # padding rows carry label 0; masked below
+        hit_B = (jnp.argmax(logits_BK, axis=1) == y_B) & ok_B
+        loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BK, y_B)
+        correct, loss, _ = sums
+        # explicit dtypes: the sums keep their type also when 64-bit mode is on
+        correct_sum = hit_B.sum(dtype=jnp.int32)
+        loss_sum = jnp.where(ok_B, loss_B, 0).sum(dtype=jnp.float32)
+        return correct + correct_sum, loss + loss_sum, jnp.int32(classes)
 
     return cached(
-        ("whole-sums", step),
-        lambda: jax.jit(sums, out_shardings=sharding.replicated_sharding(mesh)),
+        ("eval-sums", step),
+        lambda: jax.jit(add, out_shardings=sharding.replicated_sharding(mesh)),
     )
 
 
+def _zero_sums(mesh):
+    """(correct, loss sum, K) = (0, 0.0, 0) on every device, made there."""
+
+    def build():
+        zeros = lambda: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.int32(0))
+        return jax.jit(zeros, out_shardings=sharding.replicated_sharding(mesh))
+
+    return cached(("eval-zero-sums", mesh), build)()
+
+
 class _Step:
-    """A jitted per-batch step that also exposes its un-jitted forward for whole-set passes."""
+    """A jitted per-batch step that also exposes its un-jitted forward (for passes on device rows)."""
 
     def __init__(self, forward, jitted):
         self.forward, self.jitted = forward, jitted
@@ -322,26 +313,3 @@ def _setup(model, variables, data, preprocessing, batch_size, mesh, dtype, progr
         return _Step(forward, jitted)
 
     return prepared, cached(("logits", run_model, prep, compute_dtype.key(dtype), mesh), build)
-
-
-def all_rows(global_TBX: jax.Array, num_examples: int) -> np.ndarray:
-    """A [T, B, ...] batch-sharded global array → NumPy [N, ...] in input order, every process."""
-    if jax.process_count() == 1:
-        full = np.asarray(global_TBX)
-    else:
-        full = np.asarray(multihost_utils.process_allgather(global_TBX, tiled=True))
-    return full.reshape(-1, *full.shape[2:])[:num_examples]
-
-
-def gather_steps(local_steps: list[np.ndarray], num_examples: int) -> np.ndarray:
-    """Per-step local rows [L, ...] of every process → [N, ...] in input order, every process."""
-    rows_TBX = np.stack(local_steps)  # [T, L, ...]
-    if jax.process_count() > 1:
-        every_PTLX = np.asarray(multihost_utils.process_allgather(rows_TBX))
-        rows_TPLX = np.moveaxis(every_PTLX, 0, 1)  # global batch t = process slices in order
-        rows_TBX = rows_TPLX.reshape(rows_TPLX.shape[0], -1, *rows_TPLX.shape[3:])
-    return rows_TBX.reshape(-1, *rows_TBX.shape[2:])[:num_examples]
-
-
-def _host_scalars(tree):
-    return [np.asarray(x.addressable_data(0)) for x in tree]

@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from jaxmodels import jit_cache, sharding
-from jaxmodels.inference import compute_dtype, image_batches
+from jaxmodels.inference import compute_dtype, image_batches, row_batches
 from jaxmodels.inference import evaluate as inference
 from jaxmodels.inference import prepared as prepared_lib
 
@@ -100,12 +100,12 @@ def extract_features(
                 step, variables, data.host_batches(), data.mesh, progress, "features",
                 num_batches=data.num_batches,
             )  # fmt: skip
-            results = [inference.gather_steps(o, data.num_examples) for o in outs]
+            results = [prepared_lib.gather_steps(o, data.num_examples) for o in outs]
         else:
-            whole = inference.whole_set(step, data.mesh)
-            results = [
-                inference.all_rows(o, data.num_examples) for o in whole(variables, data.images)
-            ]
+            outputs = lambda v, images, labels, valid: step.forward(v, images)
+            results = list(
+                row_batches.map_rows(outputs, (variables,), data.rows, ("extract", step))
+            )
         if return_labels:
             results.append(data.labels)
         return results[0] if len(results) == 1 else tuple(results)
@@ -266,7 +266,7 @@ def _features_and_logits(forward_feats, forward_logits, variables, images_BHWC):
 
 
 class _ExtractStep:
-    """Jitted per-batch extraction, plus its un-jitted form for whole-set passes."""
+    """Jitted per-batch extraction, plus its un-jitted form for passes on device rows."""
 
     def __init__(self, model, prep, dtype, mesh, with_logits):
         feats = inference.forward_fn(model, "features", prep, dtype)
@@ -345,16 +345,14 @@ def _is_uint8_array(x) -> bool:
 
 
 def _device_batches(data: prepared_lib.Prepared):
-    """Batch t of a device-resident set, as (device arrays, host batch) pairs."""
-    labels_TL, valid_TL = prepared_lib.local_layout(
-        data.labels, data.images.shape[0], data.images.shape[1] // jax.process_count()
-    )
-    for t in range(data.images.shape[0]):
-        arrays = {"images": data.images[t], "labels": data.labels_TB[t], "valid": data.valid[t]}
-        host = image_batches.HostBatch(
-            None, labels_TL[t], valid_TL[t], int(valid_TL[t].sum()), True
-        )
-        yield arrays, host
+    """Batch t of a device-resident set, as (device arrays, host batch) pairs (the host batch
+    carries this process's count of real rows, for the progress bar)."""
+    local = data.batch_size // jax.process_count()
+    _, valid_TL = prepared_lib.local_layout(data.labels, data.num_batches, local)
+    batches = row_batches.device_batches(data.rows)
+    for (_, _, (images, labels, valid)), valid_L in zip(batches, valid_TL, strict=True):
+        host = image_batches.HostBatch(None, None, valid_L, int(valid_L.sum()), True)
+        yield {"images": images, "labels": labels, "valid": valid}, host
 
 
 def _check_model(model) -> None:

@@ -1,10 +1,12 @@
 """Evaluation sets as the devices read them: prepared once (`prepare`) or streamed (`stream`).
 
 A `Prepared` set is decoded and preprocessed once (`jaxmodels.data.preprocess.prepare_for_eval`)
-and kept as uint8 images in global batches [T, B, S, S, 3]: on the devices, sharded over B
-(placement 'device'), or as this process's rows in host memory (placement 'host'). A `Streamed`
-set reads its source batch by batch for one pass. Either is what `jaxmodels.inference.evaluate`
-and `jaxmodels.inference.features` run over; `as_dataset` turns any data argument into one.
+and kept as uint8 images in T global batches of B: on the devices with its labels and valid
+flags, as `row_batches.DeviceRows` in batches (placement 'device': device s holds its B/S rows of
+every batch, and the row engine the committees use runs a pass as T calls), or as this process's
+rows [T, L, S, S, 3] in host memory (placement 'host'). A `Streamed` set reads its source batch
+by batch for one pass. Either is what `jaxmodels.inference.evaluate` and
+`jaxmodels.inference.features` run over; `as_dataset` turns any data argument into one.
 
 Multi-host: each process holds (or reads) the contiguous rows [p·L, (p+1)·L) of every global
 batch (`local_layout`).
@@ -19,14 +21,15 @@ from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from jaxmodels import sharding
 from jaxmodels.data import pipeline, preprocess
 from jaxmodels.data import sources as data_lib
 from jaxmodels.data.array_source import ArraySource
-from jaxmodels.inference import image_batches
+from jaxmodels.inference import image_batches, row_batches
 from jaxmodels.models import registry
 
 # Per device: the images of a prepared set stay on the devices up to this size by default.
@@ -39,39 +42,31 @@ class Prepared:
     """An evaluation set decoded and preprocessed once (`prepare`), for many forward passes.
 
     Attributes:
-      images: uint8 [T, B, S, S, 3], a global `jax.Array` sharded over B on `mesh` (placement
-        'device'), or this process's rows as NumPy [T, L, S, S, 3] (placement 'host').
+      images: this process's rows as NumPy uint8 [T, L, S, S, 3] (placement 'host'), else None.
+      rows: placement 'device': `row_batches.DeviceRows` in batches holding the arrays
+        (images uint8 [.., S, S, 3], labels int32, valid bool), padding rows invalid; else None.
       labels: int32 [N] labels of all N examples, in input order (−1 where the data had none).
-      valid: bool [T, B] global array (device placement) marking real rows; padding is False.
-      labels_TB: int32 [T, B] global array of the labels in batch layout (device placement).
       num_examples: N.
       preprocessing: how the images were prepared (`jaxmodels.Preprocessing`).
       mesh: the mesh the set lives on.
       fingerprint: identifies the data and the preprocessing (cache keys).
+      batch_size: B, the global batch of one step.
+      num_batches: T, the global steps of one pass (the same on every process).
     """
 
-    images: Any
+    images: np.ndarray | None
+    rows: row_batches.DeviceRows | None
     labels: np.ndarray
-    valid: Any
-    labels_TB: Any
     num_examples: int
     preprocessing: preprocess.Preprocessing
     mesh: Mesh
     fingerprint: str
-
-    @property
-    def batch_size(self) -> int:
-        """B, the global batch of one step."""
-        return int(self.images.shape[1]) * (jax.process_count() if self.on_host else 1)
+    batch_size: int
+    num_batches: int
 
     @property
     def on_host(self) -> bool:
-        return isinstance(self.images, np.ndarray)
-
-    @property
-    def num_batches(self) -> int:
-        """T, the global steps of one pass (the same on every process)."""
-        return int(self.images.shape[0])
+        return self.rows is None
 
     def host_batches(self):
         """This process's batches as `image_batches.HostBatch`es (for streamed passes)."""
@@ -81,6 +76,13 @@ class Prepared:
         labels_TL, valid_TL = local_layout(self.labels, self.images.shape[0], local)
         for images, labels, valid in zip(self.images, labels_TL, valid_TL, strict=True):
             yield image_batches.HostBatch(images, labels, valid, int(valid.sum()), True)
+
+    def host_images(self) -> np.ndarray:
+        """All N prepared images as NumPy uint8 [N, S, S, 3] in input order, on every process
+        (a copy from the devices, or of every process's host rows)."""
+        if self.on_host:
+            return gather_steps(list(self.images), self.num_examples)
+        return self.rows.fetch(self.rows.arrays[0])[0]
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -214,24 +216,18 @@ def prepare(
     source = streamed.source
     labels_N = np.asarray(source.labels, np.int32)
     fingerprint = f"{source.fingerprint}|{dataclasses.astuple(preprocessing)}"
+    made = dict(
+        labels=labels_N, num_examples=len(labels_N), preprocessing=preprocessing, mesh=mesh,
+        fingerprint=fingerprint, batch_size=batch_size, num_batches=steps,
+    )  # fmt: skip
     per_device = images_TLSS3.nbytes * jax.process_count() / mesh.size
     if placement == "host" or (placement == "auto" and per_device > _DEVICE_BYTES):
-        return Prepared(
-            images_TLSS3, labels_N, None, None, len(labels_N), preprocessing, mesh, fingerprint
-        )
+        return Prepared(images=images_TLSS3, rows=None, **made)
     labels_TL, valid_TL = local_layout(labels_N, steps, local)
-    layout = NamedSharding(mesh, PartitionSpec(None, sharding.DATA_AXIS))
-    put = lambda x: jax.make_array_from_process_local_data(layout, x)
-    return Prepared(
-        put(images_TLSS3),
-        labels_N,
-        put(valid_TL),
-        put(labels_TL),
-        len(labels_N),
-        preprocessing,
-        mesh,
-        fingerprint,
+    rows = row_batches.DeviceRows.in_batches(
+        (images_TLSS3, labels_TL, valid_TL), len(labels_N), mesh
     )
+    return Prepared(images=None, rows=rows, **made)
 
 
 def as_source(data, *, split: str | None = None, data_dir: str | None = None):
@@ -287,6 +283,16 @@ def local_layout(labels_N: np.ndarray, steps: int, local: int):
     valid_TL = rows_TL < len(labels_N)
     labels_TL = np.where(valid_TL, labels_N[np.minimum(rows_TL, len(labels_N) - 1)], 0)
     return labels_TL.astype(np.int32), valid_TL
+
+
+def gather_steps(local_steps: list[np.ndarray], num_examples: int) -> np.ndarray:
+    """Per-step local rows [L, ...] of every process → [N, ...] in input order, every process."""
+    rows_TBX = np.stack(local_steps)  # [T, L, ...]
+    if jax.process_count() > 1:
+        every_PTLX = np.asarray(multihost_utils.process_allgather(rows_TBX))
+        rows_TPLX = np.moveaxis(every_PTLX, 0, 1)  # global batch t = process slices in order
+        rows_TBX = rows_TPLX.reshape(rows_TPLX.shape[0], -1, *rows_TPLX.shape[3:])
+    return rows_TBX.reshape(-1, *rows_TBX.shape[2:])[:num_examples]
 
 
 def progress_bar(total, enabled: bool, desc: str):

@@ -96,19 +96,26 @@ def bucket_chunks(num_rows: int, buckets: tuple[int, ...]):
 
 
 class DeviceRows:
-    """Host arrays [N, ...] uploaded once, in contiguous blocks of n rows, one per device.
+    """Host arrays [N, ...] uploaded once, in blocks of n rows, one block per device.
 
-    Each device holds its n rows in a block of C ≥ n rows, the rest zeros: C is the largest
-    bucket's rows b_max, or b_max times a power of two. Compiled calls depend on C, not on N,
-    so sets of many sizes share them: every set of at most one largest batch (a set and its
-    quarter, as `jaxmodels.committees.deploy` times them), and larger ones at most twice the
-    rows. Arrays given as one object several times are uploaded once and shared.
+    Each device holds its n rows in a block of C ≥ n rows, the rest zeros. Two layouts:
 
-    Multi-host: every process passes the same host arrays, all N rows, and uploads the blocks of
-    its own devices; `fetch` returns all rows on every process.
+      * contiguous (the constructor): device s holds rows [s·n, (s+1)·n). C is the largest
+        bucket's rows b_max, or b_max times a power of two, so compiled calls depend on C, not
+        on N, and sets of many sizes share them: every set of at most one largest batch (a set
+        and its quarter, as `jaxmodels.committees.deploy` times them), and larger ones at most
+        twice the rows. Committees use it.
+      * in batches (`in_batches`): the rows of T global batches of B = S·b rows, device s holding
+        its b rows of every batch (rows t·B + s·b + j at t·b + j; C = n = T·b), so the call at
+        offset t·b is global batch t. A prepared evaluation set uses it: each pass runs the batches
+        a streamed pass would, and multi-host each process uploads the slice of every batch it
+        read (`jaxmodels.inference.prepared`).
+
+    Arrays given as one object several times are uploaded once and shared. Multi-host: every
+    process uploads the blocks of its own devices; `fetch` returns all rows on every process.
 
     Args:
-      host_arrays: arrays [N, ...] with one N (the same on every process).
+      host_arrays: arrays [N, ...] with one N (the same arrays, all N rows, on every process).
       mesh: the data mesh.
       buckets: ascending global bucket sizes (`mesh_and_buckets`).
 
@@ -121,29 +128,74 @@ class DeviceRows:
 
     def __init__(self, host_arrays: Sequence[np.ndarray], mesh: Mesh, buckets: tuple[int, ...]):
         shards = sharding.data_parallel_size(mesh)
-        self.mesh, self.shards = mesh, shards
-        self.num_rows = len(host_arrays[0])
-        self.rows_per_device = n = -(-self.num_rows // shards)
+        n = -(-len(host_arrays[0]) // shards)
+        largest = buckets[-1] // shards
+        capacity = largest * (1 << max(-(-n // largest) - 1, 0).bit_length())
+        self._layout(mesh, buckets, len(host_arrays[0]), n, capacity, batches=None)
+        self.arrays = self._upload_all(host_arrays, lambda x, s: x[s * n : (s + 1) * n])
+
+    @classmethod
+    def in_batches(
+        cls, local_arrays: Sequence[np.ndarray], num_rows: int, mesh: Mesh
+    ) -> DeviceRows:
+        """Rows held as global batches: this process's slice of each, [T, L, ...] per array.
+
+        Args:
+          local_arrays: arrays [T, L, ...]: of every global batch of B = L · process count rows,
+            the contiguous slice [p·L, (p+1)·L) of this process p (padding rows included).
+          num_rows: N, the real rows (B·(T−1) < N ≤ B·T).
+          mesh: the data mesh; B must be a multiple of its 'data' size.
+
+        Returns:
+          Rows in the batch layout (class docstring), with one bucket, B.
+        """
+        steps, local = local_arrays[0].shape[:2]
+        batch = local * jax.process_count()
+        sharding.check_batch_size(batch, mesh)
+        rows = cls.__new__(cls)
+        b = batch // sharding.data_parallel_size(mesh)
+        rows._layout(mesh, (batch,), num_rows, steps * b, steps * b, batches=(steps, b))
+        # this process's slice starts at global column p·L: its first device's first row
+        first = jax.process_index() * local
+
+        def block(x_TL, s):  # device s's b columns of every batch, [T·b, ...]
+            x_Tb = x_TL[:, s * b - first : (s + 1) * b - first]
+            return x_Tb.reshape(steps * b, *x_TL.shape[2:])
+
+        rows.arrays = rows._upload_all(local_arrays, block)
+        return rows
+
+    def _layout(self, mesh, buckets, num_rows, rows_per_device, capacity, batches):
+        shards = sharding.data_parallel_size(mesh)
+        self.mesh, self.shards, self.num_rows = mesh, shards, num_rows
+        self.rows_per_device, self.capacity = rows_per_device, capacity
         self.local_buckets = tuple(size // shards for size in buckets)
-        largest = self.local_buckets[-1]
-        self.capacity = largest * (1 << max(-(-n // largest) - 1, 0).bit_length())
-        self.counts_S = np.clip(self.num_rows - n * np.arange(shards), 0, n).astype(np.int32)
+        self._batches = batches  # None: contiguous; (T, b): in batches
+        if batches is None:
+            counts = num_rows - rows_per_device * np.arange(shards)
+        else:  # device s holds the rows t·B + s·b + j; the last batch is the partial one
+            steps, b = batches
+            last = num_rows - (steps - 1) * b * shards
+            counts = (steps - 1) * b + np.clip(last - b * np.arange(shards), 0, b)
+        self.counts_S = np.clip(counts, 0, rows_per_device).astype(np.int32)
+
+    def _upload_all(self, host_arrays, block_of) -> tuple[jax.Array, ...]:
         uploaded: dict[int, jax.Array] = {}
         for x in host_arrays:
             if id(x) not in uploaded:
-                uploaded[id(x)] = self._upload(np.asarray(x))
-        self.arrays = tuple(uploaded[id(x)] for x in host_arrays)
+                uploaded[id(x)] = self._upload(np.asarray(x), block_of)
+        return tuple(uploaded[id(x)] for x in host_arrays)
 
-    def _upload(self, x_NX: np.ndarray) -> jax.Array:
-        """One explicit transfer per device of its real rows (no host copy); the block's
-        padding is made on its device."""
-        n, capacity = self.rows_per_device, self.capacity
+    def _upload(self, x: np.ndarray, block_of) -> jax.Array:
+        """One explicit transfer per device of its real rows, ``block_of(x, s)`` for device s
+        (no host copy of the whole); the block's padding is made on its device."""
+        capacity = self.capacity
         layout = sharding.batch_sharding(self.mesh)
-        shape = (self.shards * capacity, *x_NX.shape[1:])
+        row_shape = x.shape[2:] if self._batches else x.shape[1:]
+        shape = (self.shards * capacity, *row_shape)
         blocks = []
         for device, index in layout.addressable_devices_indices_map(shape).items():
-            first = (index[0].start or 0) // capacity * n
-            block = jax.device_put(x_NX[first : first + n], device)
+            block = jax.device_put(block_of(x, (index[0].start or 0) // capacity), device)
             blocks.append(_padded(block, capacity) if len(block) < capacity else block)
         return jax.make_array_from_single_device_arrays(shape, layout, blocks)
 
@@ -178,6 +230,8 @@ class DeviceRows:
         n, out = self.rows_per_device, []
         for x in sharding.host_copy(buffers):
             blocks = np.asarray(x).reshape(self.shards, self.capacity, *x.shape[1:])[:, :n]
+            if self._batches is not None:  # [S, T, b] → [T, S, b]: batch t's rows in order
+                blocks = blocks.reshape(self.shards, *self._batches, *x.shape[1:]).swapaxes(0, 1)
             out.append(blocks.reshape(self.shards * n, *x.shape[1:])[: self.num_rows])
         return tuple(out)
 
@@ -223,12 +277,38 @@ def data_parallel(fn: Callable, mesh: Mesh) -> Callable:
     return jax.jit(fn, out_shardings=sharding.batch_sharding(mesh))
 
 
+def device_batches(rows: DeviceRows):
+    """Yields ``(offset, size, batch)`` per call over every row of `rows`, in row order.
+
+    `batch` holds each array's `size` rows per device (b = B/S of a bucket B) from the local
+    `offset` (one small gather on each device, compiled once per size and layout; rows past a
+    block are its last row): what `map_rows` runs its step on, and a fold (`jaxmodels.evaluate`,
+    `jaxmodels.stream_reduce`) folds into its carry.
+    """
+    spec, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+    capacity, calls = rows.capacity, {}  # this pass's gathers by size (looked up once each)
+    for start, _, size in bucket_chunks(rows.rows_per_device, rows.local_buckets):
+
+        def take(arrays, offset, size=size):
+            idx_b = jnp.minimum(offset + jnp.arange(size), capacity - 1)
+            return tuple(x[idx_b] for x in arrays)
+
+        offset = rows.scalar(start)
+        if size not in calls:
+            calls[size] = compiled(
+                ("map-rows-take", size, rows.mesh),
+                lambda take=take: per_device(take, rows.mesh, (spec, replicated), spec),
+                rows.arrays, offset,
+            )  # fmt: skip
+        yield offset, size, calls[size](rows.arrays, offset)
+
+
 def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[np.ndarray, ...]:
     """Runs ``step(*consts, *batch)`` over every row of `rows`; returns its outputs as NumPy.
 
-    Each call takes b rows of each device's block (one small gather), runs the step on them
-    (`data_parallel`: compiled once per bucket, whatever N) and writes the outputs into buffers
-    on the devices (one small scatter); the buffers are fetched once.
+    Each call takes b rows of each device's block (`device_batches`: one small gather), runs
+    the step on them (`data_parallel`: compiled once per bucket, whatever N) and writes the
+    outputs into buffers on the devices (one small scatter); the buffers are fetched once.
 
     Args:
       step: a per-batch function (not jitted) returning a tuple of arrays [B, ...].
@@ -242,11 +322,7 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
     spec, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
     capacity = rows.capacity
     outs, calls = None, {}  # calls: this pass's executables by size (looked up once each)
-    for start, _, size in bucket_chunks(rows.rows_per_device, rows.local_buckets):
-
-        def take(arrays, offset, size=size):  # b rows of each device's block, past it: its last
-            idx_b = jnp.minimum(offset + jnp.arange(size), capacity - 1)
-            return tuple(x[idx_b] for x in arrays)
+    for offset, size, batch in device_batches(rows):
 
         def put(buffers, results, offset, size=size):
             idx_b = offset + jnp.arange(size)
@@ -255,16 +331,9 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
                 o.at[idx_b].set(r, mode="drop") for o, r in zip(buffers, results, strict=True)
             )
 
-        offset = rows.scalar(start)
         if size not in calls:
-            take_call = compiled(
-                ("map-rows-take", size, rows.mesh),
-                lambda take=take: per_device(take, rows.mesh, (spec, replicated), spec),
-                rows.arrays, offset,
-            )  # fmt: skip
-            batch = abstract(take_call.out_info)
             run = compiled(("map-rows", key, rows.mesh), lambda: data_parallel(step, rows.mesh),
-                           *consts, *batch)  # fmt: skip
+                           *consts, *abstract(batch))  # fmt: skip
             if outs is None:  # output buffers shaped like one call's outputs, per row
                 outs = tuple(rows.zeros(r.shape[1:], r.dtype) for r in abstract(run.out_info))
             put_call = compiled(
@@ -273,7 +342,7 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
                                            donate_argnums=0),
                 outs, abstract(run.out_info), offset,
             )  # fmt: skip
-            calls[size] = take_call, run, put_call
-        take_call, run, put_call = calls[size]
-        outs = put_call(outs, run(*consts, *take_call(rows.arrays, offset)), offset)
+            calls[size] = run, put_call
+        run, put_call = calls[size]
+        outs = put_call(outs, run(*consts, *batch), offset)
     return rows.fetch(*outs)

@@ -3,7 +3,8 @@
 A greedy soup scores dozens of candidate variables on one held-out set; each candidate must cost
 one forward pass, not a re-decode. This script prepares a set once (`jaxmodels.prepare`, uint8 on
 the devices), then times `jaxmodels.evaluate` for several candidates against the floor — one jitted
-forward pass over the same device-resident images (normalise + apply, no accuracy or loss) — and
+forward pass over the same device-resident images, each device over its own rows (normalise +
+apply, no accuracy or loss) — and
 against re-reading the set from its source for every candidate (what evaluation did before).
 Everything runs in one process, interleaved, best of `--repeats`; it prints ratios.
 
@@ -24,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxmodels
+from jaxmodels import sharding
 from jaxmodels.inference import evaluate as inference
+from jaxmodels.inference import row_batches
 
 
 def _candidates(model, count: int, size: int):
@@ -38,6 +41,21 @@ def _candidates(model, count: int, size: int):
         jax.tree.map(lambda leaf, s=0.05 * (1 + i / count): fill(leaf, s), abstract)
         for i in range(count)
     ]
+
+
+def _forward_floor(model, prep, prepared):
+    """jit(variables, images) → logits of every batch: each device runs the forward pass over
+    its own rows of the prepared set, batch after batch (`lax.map`), in one call; nothing
+    else (no gather, no scatter, no sums, nothing copied back)."""
+    forward = inference.forward_fn(model, None, prep, None)
+    steps, per_device = prepared.num_batches, prepared.rows.local_buckets[0]
+
+    def run(v, images_nX):  # one device's n = T·b rows
+        images_TbX = images_nX.reshape(steps, per_device, *images_nX.shape[1:])
+        return jax.lax.map(lambda x: forward(v, x), images_TbX)
+
+    spec = jax.sharding.PartitionSpec(sharding.DATA_AXIS)
+    return row_batches.per_device(run, prepared.mesh, (jax.sharding.PartitionSpec(), spec), spec)
 
 
 def _time(fn, repeats: int) -> float:
@@ -76,11 +94,10 @@ def main(argv=None) -> int:
     tick = time.perf_counter()
     prepared = jaxmodels.prepare(data, prep, progress=False)
     prepare_s = time.perf_counter() - tick
-    forward = inference.forward_fn(model, None, prep, None)
-    floor = jax.jit(lambda v, x_TB: jax.lax.map(lambda x: forward(v, x), x_TB))
+    floor = _forward_floor(model, prep, prepared)
 
     def one_forward(v):
-        return floor(v, prepared.images).block_until_ready()
+        return floor(v, prepared.rows.arrays[0]).block_until_ready()
 
     def one_evaluate(v):
         return jaxmodels.evaluate(model, v, prepared)
