@@ -14,11 +14,11 @@ How a pass runs:
   * the batch is split over the 'data' axis of a `Mesh` of all devices, variables are replicated,
     the last batch is padded and marked by `valid`, so one shape compiles once;
   * a device-resident `Prepared` set runs on the committees' row engine
-    (`jaxmodels.inference.row_batches`): one call per global batch on rows that stay on the
-    devices, its outputs scattered into buffers there and fetched once (`predict`), or folded
-    into three sums on the devices (`evaluate`); a streamed set (a source, or a host-resident
-    `Prepared`) goes batch by batch with the next batch transferred while the current one
-    computes (`run_batches`);
+    (`jaxmodels.inference.row_batches.map_rows`): one program per pass, each device mapping the
+    forward over its rows of every batch, the outputs fetched once (`predict`; `evaluate`
+    fetches each row's hit and loss); a streamed set (a source, or a host-resident `Prepared`)
+    goes batch by batch with the next batch transferred while the current one computes
+    (`run_batches`);
   * multi-host: each process decodes and feeds only its slice of every global batch (the
     contiguous rows [p·B/P, (p+1)·B/P)); outputs are gathered so every process returns all N rows
     in input order (`DeviceRows.fetch`, `prepared.gather_steps`).
@@ -109,9 +109,9 @@ def evaluate(
 ) -> EvalResult:
     """Accuracy, mean cross-entropy and count of `model` on labelled `data`.
 
-    Arguments as `predict`. On a device-resident `Prepared` set each batch's forward pass adds
-    to three sums on the devices and only they come back: the cost of one forward pass over
-    the set.
+    Arguments as `predict`. On a device-resident `Prepared` set this is one program over the
+    set that returns each row's hit and loss (summed here, in float64): the cost of one forward
+    pass.
 
     Raises:
       ValueError: the data has no labels, or labels outside [0, K).
@@ -125,14 +125,11 @@ def evaluate(
     if prepared.on_host:
         logits_NK = predict(model, variables, prepared, dtype=dtype, progress=progress)
         return evaluate_logits(logits_NK, prepared.labels)
-    sums = _zero_sums(prepared.mesh)
-    add = _sums_step(step, prepared.mesh)
-    for _, _, batch in row_batches.device_batches(prepared.rows):
-        sums = add(sums, variables, *batch)
-    correct, loss_sum, classes = (float(x) for x in sharding.host_copy(sums))
-    _check_labels_within(prepared.labels, int(classes))
-    count = prepared.num_examples
-    return EvalResult(correct / max(count, 1), loss_sum / max(count, 1), count)
+    hit_N, loss_N, classes_N = row_batches.map_rows(
+        _scored_rows(step), (variables,), prepared.rows, ("evaluate", step)
+    )
+    _check_labels_within(prepared.labels, int(classes_N[0]))
+    return _result(hit_N, loss_N)
 
 
 def evaluate_logits(logits_NK, labels_N) -> EvalResult:
@@ -157,13 +154,16 @@ def evaluate_logits(logits_NK, labels_N) -> EvalResult:
         raise ValueError("evaluate needs labelled data; some examples have no label")
     classes = logits_NK.shape[1]
     _check_labels_within(labels_N, classes)
-    correct = float(np.sum(np.argmax(logits_NK, 1) == labels_N))
-    loss_sum = float(
-        optax.softmax_cross_entropy_with_integer_labels(
-            jnp.asarray(logits_NK, jnp.float32), jnp.asarray(labels_N, jnp.int32)
-        ).sum()
+    loss_N = optax.softmax_cross_entropy_with_integer_labels(
+        jnp.asarray(logits_NK, jnp.float32), jnp.asarray(labels_N, jnp.int32)
     )
-    count = len(labels_N)
+    return _result(np.argmax(logits_NK, 1) == labels_N, np.asarray(loss_N))
+
+
+def _result(hit_N: np.ndarray, loss_N: np.ndarray) -> EvalResult:
+    """Accuracy and mean loss of per-row hits and float32 losses (summed in float64)."""
+    count = len(hit_N)
+    correct, loss_sum = float(np.sum(hit_N)), float(np.sum(loss_N, dtype=np.float64))
     return EvalResult(correct / max(count, 1), loss_sum / max(count, 1), count)
 
 
@@ -255,36 +255,19 @@ def normalized_forward(apply_fn, prep: preprocess.Preprocessing | None, dtype=No
     return forward
 
 
-def _sums_step(step, mesh):
-    """jit(sums, variables, images [B], labels [B], valid [B]) -> sums + this batch's:
-    (correct count, loss sum, K), replicated (the cross-device sums are XLA's)."""
+def _scored_rows(step):
+    """f(variables, images [B], labels [B], valid [B]) → per row: hit (int32), cross-entropy
+    (float32) and K (int32), what `evaluate` sums on the host over the real rows."""
 
-    def add(sums, v, x_B, y_B, ok_B):
+    def scored(v, x_B, y_B, valid_B):
         logits_BK = step.forward(v, x_B)
         classes = logits_BK.shape[1]
-        y_B = jnp.clip(y_B, 0, classes - 1)  # padding rows carry label 0; masked below
-        hit_B = (jnp.argmax(logits_BK, axis=1) == y_B) & ok_B
+        y_B = jnp.clip(y_B, 0, classes - 1)  # padding rows carry label 0 (and are not fetched)
+        hit_B = (jnp.argmax(logits_BK, axis=1) == y_B).astype(jnp.int32)
         loss_B = optax.softmax_cross_entropy_with_integer_labels(logits_BK, y_B)
-        correct, loss, _ = sums
-        # explicit dtypes: the sums keep their type also when 64-bit mode is on
-        correct_sum = hit_B.sum(dtype=jnp.int32)
-        loss_sum = jnp.where(ok_B, loss_B, 0).sum(dtype=jnp.float32)
-        return correct + correct_sum, loss + loss_sum, jnp.int32(classes)
+        return hit_B, loss_B, jnp.full_like(y_B, classes, jnp.int32)
 
-    return cached(
-        ("eval-sums", step),
-        lambda: jax.jit(add, out_shardings=sharding.replicated_sharding(mesh)),
-    )
-
-
-def _zero_sums(mesh):
-    """(correct, loss sum, K) = (0, 0.0, 0) on every device, made there."""
-
-    def build():
-        zeros = lambda: (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.float32), jnp.int32(0))
-        return jax.jit(zeros, out_shardings=sharding.replicated_sharding(mesh))
-
-    return cached(("eval-zero-sums", mesh), build)()
+    return scored
 
 
 class _Step:

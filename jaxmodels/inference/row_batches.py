@@ -124,6 +124,7 @@ class DeviceRows:
       num_rows, rows_per_device, capacity: N, n and C.
       counts_S: [S] how many of each device's n rows are real rows.
       local_buckets: the buckets in rows per device (b = B/S).
+      batches: None (contiguous), or (T, b) for rows in batches.
     """
 
     def __init__(self, host_arrays: Sequence[np.ndarray], mesh: Mesh, buckets: tuple[int, ...]):
@@ -170,7 +171,8 @@ class DeviceRows:
         self.mesh, self.shards, self.num_rows = mesh, shards, num_rows
         self.rows_per_device, self.capacity = rows_per_device, capacity
         self.local_buckets = tuple(size // shards for size in buckets)
-        self._batches = batches  # None: contiguous; (T, b): in batches
+        self.batches = batches  # None: contiguous; (T, b): in batches
+        self._scalars: dict[tuple, jax.Array] = {}
         if batches is None:
             counts = num_rows - rows_per_device * np.arange(shards)
         else:  # device s holds the rows t·B + s·b + j; the last batch is the partial one
@@ -191,7 +193,7 @@ class DeviceRows:
         (no host copy of the whole); the block's padding is made on its device."""
         capacity = self.capacity
         layout = sharding.batch_sharding(self.mesh)
-        row_shape = x.shape[2:] if self._batches else x.shape[1:]
+        row_shape = x.shape[2:] if self.batches else x.shape[1:]
         shape = (self.shards * capacity, *row_shape)
         blocks = []
         for device, index in layout.addressable_devices_indices_map(shape).items():
@@ -217,8 +219,12 @@ class DeviceRows:
         )
 
     def scalar(self, value, dtype=np.int32) -> jax.Array:
-        """`value` on every device (an explicit upload of one number)."""
-        return sharding.replicate(np.asarray(value, dtype), self.mesh)
+        """`value` on every device: uploaded once per value (a set's call offsets are the same
+        every pass)."""
+        key = (value, np.dtype(dtype).name)
+        if key not in self._scalars:
+            self._scalars[key] = sharding.replicate(np.asarray(value, dtype), self.mesh)
+        return self._scalars[key]
 
     def per_device(self, host_S: np.ndarray) -> jax.Array:
         """[S] host values, one on each device of 'data' (the same array on every process)."""
@@ -230,8 +236,8 @@ class DeviceRows:
         n, out = self.rows_per_device, []
         for x in sharding.host_copy(buffers):
             blocks = np.asarray(x).reshape(self.shards, self.capacity, *x.shape[1:])[:, :n]
-            if self._batches is not None:  # [S, T, b] → [T, S, b]: batch t's rows in order
-                blocks = blocks.reshape(self.shards, *self._batches, *x.shape[1:]).swapaxes(0, 1)
+            if self.batches is not None:  # [S, T, b] → [T, S, b]: batch t's rows in order
+                blocks = blocks.reshape(self.shards, *self.batches, *x.shape[1:]).swapaxes(0, 1)
             out.append(blocks.reshape(self.shards * n, *x.shape[1:])[: self.num_rows])
         return tuple(out)
 
@@ -319,6 +325,8 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
     Returns:
       The outputs for all N rows, each [N, ...], in input order.
     """
+    if rows.batches is not None:
+        return _map_batches(step, consts, rows, key)
     spec, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
     capacity = rows.capacity
     outs, calls = None, {}  # calls: this pass's executables by size (looked up once each)
@@ -346,3 +354,25 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
         run, put_call = calls[size]
         outs = put_call(outs, run(*consts, *batch), offset)
     return rows.fetch(*outs)
+
+
+def _map_batches(step: Callable, consts, rows: DeviceRows, key: Hashable):
+    """`map_rows` over rows in batches: one program for the pass, each device mapping the step
+    over its T blocks of b rows (`lax.map`), the outputs left in the rows' layout.
+
+    Every call of such a pass is a full bucket at a known offset, so the T calls fold into one
+    dispatch (on a CPU, T calls cost a quarter more than one program of T steps); each device
+    runs the step on the b rows it would get in call t, so the outputs are those of the calls.
+    """
+    steps, b = rows.batches
+    spec, replicated = PartitionSpec(sharding.DATA_AXIS), PartitionSpec()
+
+    def run(consts, arrays):  # one device: arrays [T·b, ...] → outputs [T·b, ...]
+        blocks = tuple(x[: steps * b].reshape(steps, b, *x.shape[1:]) for x in arrays)
+        outs = jax.lax.map(lambda batch: step(*consts, *batch), blocks)
+        return tuple(o.reshape(steps * b, *o.shape[2:]) for o in outs)
+
+    call = compiled(("map-batches", key, rows.mesh),
+                    lambda: per_device(run, rows.mesh, (replicated, spec), spec),
+                    consts, rows.arrays)  # fmt: skip
+    return rows.fetch(*call(consts, rows.arrays))
