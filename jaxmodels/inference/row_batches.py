@@ -314,7 +314,8 @@ def map_rows(step: Callable, consts, rows: DeviceRows, key: Hashable) -> tuple[n
 
     Each call takes b rows of each device's block (`device_batches`: one small gather), runs
     the step on them (`data_parallel`: compiled once per bucket, whatever N) and writes the
-    outputs into buffers on the devices (one small scatter); the buffers are fetched once.
+    outputs into buffers on the devices (one small scatter); the buffers are fetched once. Rows
+    in batches (a prepared set) run as one program instead (`_map_batches`).
 
     Args:
       step: a per-batch function (not jitted) returning a tuple of arrays [B, ...].
