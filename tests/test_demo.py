@@ -114,11 +114,21 @@ def test_serve_deploys_a_cascade_only_when_it_is_predicted_faster(demo_run):
     serve = report["serve"]
     single = serve["rows"]["fastest single model meeting the goal"]
     baseline = single["members"][0]
-    meeting = [m for m, s in serve["singles"].items()
+    singles = serve["singles"]
+    meeting = [m for m, s in singles.items()
                if s["heldout_accuracy"] >= serve["target_heldout_accuracy"]]  # fmt: skip
-    if meeting:  # the baseline is the one of least measured time among them
-        assert baseline == min(meeting, key=lambda m: serve["singles"][m]["measured_ms_per_image"])
-    assert single["test_accuracy"] == pytest.approx(serve["singles"][baseline]["test_accuracy"])
+    if meeting:  # the baseline: the least measured time among them, then the best held-out
+        assert baseline == min(
+            meeting,
+            key=lambda m: (singles[m]["measured_ms_per_image"], -singles[m]["heldout_accuracy"]),
+        )
+    # the demo's pairs of one architecture (resnet-w16 and resnet-w16-noisy, ...) run one
+    # program, timed once: noise cannot choose between them
+    by_flops = {}
+    for s in singles.values():
+        by_flops.setdefault(s["gflops"], []).append(s["measured_ms_per_image"])
+    assert len(by_flops) == 4 and all(len(set(times)) == 1 for times in by_flops.values())
+    assert single["test_accuracy"] == pytest.approx(singles[baseline]["test_accuracy"])
     if serve["found"]:
         cascade = serve["rows"]["deployed cascade"]
         assert cascade["heldout_accuracy"] >= serve["target_heldout_accuracy"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from jaxmodels.committees import deploy
+from jaxmodels.committees.members import Member
 
 N, C = 50, 4
 
@@ -66,6 +67,17 @@ def test_the_baseline_is_the_fastest_single_model_meeting_the_goal():
     assert chosen.members == (0,) and chosen.single == 0
 
 
+def test_of_equally_fast_single_models_the_more_accurate_is_the_baseline():
+    """Members of one architecture share one measured time (`measure_costs`): the held-out
+    accuracy decides between them, not the order of the pool."""
+    logits, labels = pool_logits()
+    # member 0 (60 % accurate) and member 1 (100 %) both meet 0.5 at the same time
+    chosen = deploy.choose(logits, labels, costs([1.0, 1.0]), target_accuracy=0.5)
+    assert chosen.members == (1,) and chosen.single == 1
+    flipped = deploy.choose(logits[::-1], labels, costs([1.0, 1.0]), target_accuracy=0.5)
+    assert flipped.members == (0,) and flipped.single == 0
+
+
 def test_a_cascade_out_of_flops_order_is_not_deployed():
     logits, labels = pool_logits()
     chosen = deploy.choose(logits, labels, costs([0.5, 1.0]), 1.0, flops_M=[2.0, 1.0])
@@ -79,25 +91,51 @@ def test_predicted_seconds_counts_the_examples_reaching_each_stage():
     assert deploy.predicted_seconds(line, (0, 1), np.zeros(5, int)) == 1 + 0.5 * 5
 
 
-def test_measure_costs_fits_the_line_through_the_two_sizes(monkeypatch):
-    """The timing is replaced by a known line per member: the fit must recover it."""
-    truth = {0: (0.02, 0.001), 1: (0.05, 0.004)}  # member: (fixed, per image)
+def member(apply_fn, width: int, name: str) -> Member:
+    return Member(apply_fn, {"w": np.zeros((width,), np.float32)}, 1.0, name=name)
+
+
+def fake_timing(monkeypatch, truth: dict) -> list:
+    """Replaces the executor and the clock: member `name` takes truth[name] = (fixed, per
+    image) seconds; returns the names of the members run, in order."""
+    ran = []
 
     class FakeCascade:
         def __init__(self, members, thresholds, batch_size=None):
             self.member = members[0]
 
         def run(self, images):
-            return len(images)
-
-    def fake_best(runs, repeats):
-        return {key: truth[key[0]][0] + truth[key[0]][1] * run() for key, run in runs.items()}
+            ran.append(self.member.name)
+            fixed, per_image = truth[self.member.name]
+            return fixed + per_image * len(images)
 
     monkeypatch.setattr(deploy, "Cascade", FakeCascade)
-    monkeypatch.setattr(deploy, "best_seconds", fake_best)
+    monkeypatch.setattr(
+        deploy, "best_seconds", lambda runs, repeats: {k: r() for k, r in runs.items()}
+    )
+    return ran
+
+
+def test_measure_costs_fits_the_line_through_the_two_sizes(monkeypatch):
+    """The timing is replaced by a known line per member: the fit must recover it."""
+    fake_timing(monkeypatch, {"m0": (0.02, 0.001), "m1": (0.05, 0.004)})
+    members = [member(lambda v, x: x, 2, "m0"), member(lambda v, x: x, 2, "m1")]
     inputs = [np.zeros((40, 2, 2, 3), np.uint8)] * 2
-    measured = deploy.measure_costs(["m0", "m1"], inputs, repeats=1)
+    measured = deploy.measure_costs(members, inputs, repeats=1)
     np.testing.assert_allclose(measured.fixed_M, [0.02, 0.05], rtol=1e-9)
     np.testing.assert_allclose(measured.per_image_M, [0.001, 0.004], rtol=1e-9)
     with pytest.raises(ValueError, match="at least 4 images"):
-        deploy.measure_costs(["m0"], [inputs[0][:3]])
+        deploy.measure_costs(members[:1], [inputs[0][:3]])
+
+
+def test_members_of_one_program_are_timed_once_and_share_its_line(monkeypatch):
+    """Two fine-tunes of one architecture (same apply function and variable shapes) run the
+    same program: the first is timed for both, so noise cannot rank them; another width is
+    another program, timed on its own."""
+    ran = fake_timing(monkeypatch, {"a": (0.02, 0.001), "a-noisy": (0.0, 0.5), "b": (0.05, 0.004)})
+    apply_fn = lambda v, x: x
+    members = [member(apply_fn, 2, "a"), member(apply_fn, 3, "b"), member(apply_fn, 2, "a-noisy")]
+    measured = deploy.measure_costs(members, [np.zeros((40, 2, 2, 3), np.uint8)] * 3)
+    assert set(ran) == {"a", "b"}
+    np.testing.assert_allclose(measured.fixed_M, [0.02, 0.05, 0.02], rtol=1e-9)
+    np.testing.assert_allclose(measured.per_image_M, [0.001, 0.004, 0.001], rtol=1e-9)

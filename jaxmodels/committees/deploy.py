@@ -9,7 +9,9 @@ predicted from its held-out reach fractions: stage k runs on the n_k examples th
 
 `choose` deploys the cascade of least predicted time that meets the goal when it is predicted
 at least `min_speedup` (1.1×) faster than the fastest single model that meets it; otherwise that
-single model, with a message that says why.
+single model, with a message that says why. Members that run one program (fine-tunes of one
+architecture: a sweep, a soup's ingredients) are timed once and share the time, so that noise
+does not pick among them: of equally fast members, the more accurate on held-out data serves.
 
 Shapes: M members (cheapest first), N held-out examples, C classes.
 """
@@ -24,6 +26,7 @@ import numpy as np
 from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees.executors import Cascade, Member
 from jaxmodels.committees.fit import MAX_STAGES, search_cascades
+from jaxmodels.committees.members import stacking_signature
 from jaxmodels.committees.timing import best_seconds
 
 MIN_SPEEDUP = 1.1
@@ -59,7 +62,10 @@ def measure_costs(
 
     Every member runs as a one-stage `Cascade` (the executor that serves it: same transfer,
     normalisation and bucketed batches), compiled first; the runs alternate, best of `repeats`
-    (`best_seconds`), so load from other processes hits all alike.
+    (`best_seconds`), so load from other processes hits all alike. Members that run one program
+    (one `stacking_signature`: apply function, variable shapes, preprocessing) differ in weights
+    alone, which do not change the time: the first of them is timed and the others share its
+    line.
 
     Args:
       members: the `Member`s.
@@ -74,16 +80,19 @@ def measure_costs(
     if num_images < 4:
         raise ValueError(f"measuring costs needs at least 4 images; got {num_images}")
     small = num_images // 4
-    singles = [Cascade([m], [], batch_size=batch_size) for m in members]
+    # each member's timed stand-in: the first member of its program
+    first_of: dict = {}
+    timed_M = [first_of.setdefault(stacking_signature(m), i) for i, m in enumerate(members)]
     runs = {}
-    for i, single in enumerate(singles):
+    for i in sorted(set(timed_M)):
+        single = Cascade([members[i]], [], batch_size=batch_size)
         runs[(i, num_images)] = lambda s=single, x=inputs[i]: s.run(x)
         runs[(i, small)] = lambda s=single, x=inputs[i][:small]: s.run(x)
     for run in runs.values():  # compile every shape the timed rounds use
         run()
     seconds = best_seconds(runs, repeats)
-    big_M = np.array([seconds[(i, num_images)] for i in range(len(members))])
-    small_M = np.array([seconds[(i, small)] for i in range(len(members))])
+    big_M = np.array([seconds[(i, num_images)] for i in timed_M])
+    small_M = np.array([seconds[(i, small)] for i in timed_M])
     # Noise can make the small run look slower per image than the large one's slope allows;
     # the line is clipped so neither part is negative.
     per_image_M = np.maximum(big_M - small_M, 0.0) / (num_images - small)
@@ -106,7 +115,8 @@ class Deployment:
     Attributes:
       members: pool indices of the deployed stages (one for a single model).
       thresholds: [len(members) − 1] exit thresholds.
-      single: pool index of the fastest single model meeting the goal (the baseline).
+      single: pool index of the fastest single model meeting the goal (the baseline; of
+        equally fast ones, the most accurate on held-out data).
       predicted_seconds: predicted time of `members` on the N held-out images.
       single_seconds: predicted time of `single` on them.
       heldout_accuracy: the deployed committee's held-out accuracy.
@@ -170,9 +180,12 @@ def choose(
     accuracy_M = (logits.argmax(-1) == labels).mean(axis=1)
     single_seconds_M = np.array([costs.seconds(i, num_examples) for i in range(num_members)])
     meeting = [i for i in range(num_members) if accuracy_M[i] >= target_accuracy]
-    # The baseline: the fastest single model that meets the goal, else the most accurate.
+    # The baseline: the fastest single model that meets the goal (of equally fast ones, the most
+    # accurate), else the most accurate.
     single = (
-        min(meeting, key=lambda i: single_seconds_M[i]) if meeting else int(np.argmax(accuracy_M))
+        min(meeting, key=lambda i: (single_seconds_M[i], -accuracy_M[i]))
+        if meeting
+        else int(np.argmax(accuracy_M))
     )
     frontier = search_cascades(
         logits,
