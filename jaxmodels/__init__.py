@@ -7,7 +7,7 @@
 - `jaxmodels.committees`: ensembles and cascades (Wang et al., ICLR 2022), their fitting and timing;
 
 with the basics every layer may use at the root: `sharding`, `distributed`, `atomic_files`,
-`jit_cache`, `host`. This module curates the names most callers need.
+`file_digests`, `jit_cache`, `host`. This module curates the names most callers need.
 """
 
 from jaxmodels import committees, data, inference, models, weights
@@ -32,12 +32,13 @@ from jaxmodels.data.sources import (
     check_classes_within,
     open_source,
 )
+from jaxmodels.file_digests import content_digest
 from jaxmodels.inference.evaluate import EvalResult, evaluate, evaluate_logits, predict
 from jaxmodels.inference.features import extract_features, stream_reduce
 from jaxmodels.inference.prepared import Prepared, prepare
 from jaxmodels.models import paths, ssf
 from jaxmodels.models.registry import MODEL_NAMES, ModelSpec, create, spec, spec_of
-from jaxmodels.weights.checkpoint_io import content_digest, load, model_info, save
+from jaxmodels.weights.checkpoint_io import load, model_info, save
 from jaxmodels.weights.model_refs import BuiltModel, ModelRef, ModelRefError, build, parse_model_ref
 
 __all__ = [

@@ -37,8 +37,9 @@ import numpy as np
 from jaxmodels.atomic_files import write_atomic
 from jaxmodels.data import sources as data_lib
 from jaxmodels.data.preprocess import Preprocessing
+from jaxmodels.file_digests import content_digest
 from jaxmodels.models import registry
-from jaxmodels.weights.checkpoint_io import MODEL_JSON, content_digest, model_dir, model_info
+from jaxmodels.weights.checkpoint_io import MODEL_JSON, model_dir, model_info
 from jaxmodels.weights.model_refs import ModelRef
 
 # Bump when what a cached file holds, or how logits are computed, changes.

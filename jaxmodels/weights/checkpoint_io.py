@@ -27,7 +27,6 @@ nothing is silently left at its random initialisation. Then, as fine-tuning need
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import pathlib
@@ -38,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmodels import sharding
-from jaxmodels.atomic_files import write_atomic
 from jaxmodels.models import paths, registry
 from jaxmodels.weights import from_npz as load_npz
 from jaxmodels.weights import from_torch as load_torch
@@ -262,46 +260,6 @@ def save(
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(f"jaxmodels.save {path}")
-
-
-def content_digest(path: str | pathlib.Path, *, memo: str | pathlib.Path | None = None) -> str:
-    """SHA-256 of a checkpoint's bytes: a file, or every file of a directory with its relative path.
-
-    Cache keys and run folders use it to tell whether two checkpoints hold the same weights.
-
-    Args:
-      path: the checkpoint file or directory.
-      memo: a JSON file remembering digests by the files' paths, sizes and modification times,
-        so that a cache lookup does not re-read gigabytes of unchanged weights; created or
-        updated atomically. None reads the bytes every time.
-    """
-    path = pathlib.Path(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    if memo is not None:
-        memo = pathlib.Path(memo)
-        stamp = hashlib.sha256(
-            "".join(
-                f"{f.absolute()}|{f.stat().st_size}|{f.stat().st_mtime_ns}\n" for f in files
-            ).encode()
-        ).hexdigest()
-        try:
-            known = json.loads(memo.read_text())
-        except (OSError, ValueError):
-            known = {}
-        if not isinstance(known, dict):
-            known = {}
-        if isinstance(known.get(stamp), str):
-            return known[stamp]
-    digest = hashlib.sha256()
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with open(file, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(block)
-    if memo is not None:
-        known[stamp] = digest.hexdigest()
-        write_atomic(memo, lambda tmp: tmp.write_text(json.dumps(known)))
-    return digest.hexdigest()
 
 
 def resize_position_embedding(pos_1ND, grid: int) -> np.ndarray:

@@ -25,9 +25,10 @@ import zipfile
 import jax
 import jax.numpy as jnp
 
+from jaxmodels.file_digests import content_digest
 from jaxmodels.models import registry
 from jaxmodels.models import ssf as ssf_lib
-from jaxmodels.weights.checkpoint_io import MODEL_JSON, content_digest, load, model_dir, model_info
+from jaxmodels.weights.checkpoint_io import MODEL_JSON, load, model_dir, model_info
 
 
 class ModelRefError(ValueError):
