@@ -1,9 +1,9 @@
 """Digests of files by their content: the identity of a checkpoint or a data file for caches.
 
-Two copies of one checkpoint, or a checkpoint renamed, give one digest; a changed byte gives
-another. Reading gigabytes of weights at every cache lookup would cost more than the lookup
-saves, so a memo file may remember each digest by the files' paths, sizes and modification
-times.
+Two copies of one checkpoint give one digest, wherever they lie (a folder's files count by their
+paths inside it, a file by its name); a changed byte or file name gives another. Reading
+gigabytes of weights at every cache lookup would cost more than the lookup saves, so a memo file
+may remember each digest by the files' paths, sizes and modification times.
 """
 
 from __future__ import annotations
