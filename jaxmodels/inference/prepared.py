@@ -3,9 +3,9 @@
 A `Prepared` set is decoded and preprocessed once (`jaxmodels.data.preprocess.prepare_for_eval`)
 and kept as uint8 images in T global batches of B: on the devices with its labels and valid
 flags, as `row_batches.DeviceRows` in batches (placement 'device': device s holds its B/S rows of
-every batch, and the row engine the committees use runs a pass as T calls), or as this process's
-rows [T, L, S, S, 3] in host memory (placement 'host'). A `Streamed` set reads its source batch
-by batch for one pass. Either is what `jaxmodels.inference.evaluate` and
+every batch, and the row engine the committees use runs a pass as one program), or as this
+process's rows [T, L, S, S, 3] in host memory (placement 'host'). A `Streamed` set reads its
+source batch by batch for one pass. Either is what `jaxmodels.inference.evaluate` and
 `jaxmodels.inference.features` run over; `as_dataset` turns any data argument into one.
 
 Multi-host: each process holds (or reads) the contiguous rows [p·L, (p+1)·L) of every global
