@@ -126,6 +126,8 @@ def test_measure_costs_fits_the_line_through_the_two_sizes(monkeypatch):
     np.testing.assert_allclose(measured.per_image_M, [0.001, 0.004], rtol=1e-9)
     with pytest.raises(ValueError, match="at least 4 images"):
         deploy.measure_costs(members[:1], [inputs[0][:3]])
+    with pytest.raises(TypeError, match=r"members\[1\] must be a Member"):
+        deploy.measure_costs([members[0], "m1"], inputs)
 
 
 def test_members_of_one_program_are_timed_once_and_share_its_line(monkeypatch):

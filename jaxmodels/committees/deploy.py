@@ -26,7 +26,7 @@ import numpy as np
 from jaxmodels.committees import rules as cascade_rules
 from jaxmodels.committees.executors import Cascade, Member
 from jaxmodels.committees.fit import MAX_STAGES, search_cascades
-from jaxmodels.committees.members import stacking_signature
+from jaxmodels.committees.members import check_members, stacking_signature
 from jaxmodels.committees.timing import best_seconds
 
 MIN_SPEEDUP = 1.1
@@ -76,6 +76,7 @@ def measure_costs(
     Returns:
       `StageCosts`.
     """
+    members = check_members(members)  # before the signatures read them
     num_images = len(inputs[0])
     if num_images < 4:
         raise ValueError(f"measuring costs needs at least 4 images; got {num_images}")
